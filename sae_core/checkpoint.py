@@ -1,0 +1,80 @@
+"""Trainer state on disk: what `--resume` needs to continue exactly where a run stopped.
+
+Layout under the run folder:
+
+    <hookpoint>/cfg.json, <hookpoint>/sae.safetensors    the SAEs (EleutherAI's layout; what users load)
+    trainer_state/rank<R>-step<S>.pt                     optimizer, schedule, counters, data position,
+                                                         and a copy of the SAE parameters of rank R
+    run.json                                             config and progress summary (no secrets)
+
+Each file is written atomically. The trainer state is self-contained (it holds the SAE parameters too), so a
+crash between writing the SAE folders and the state never yields an inconsistent resume. A state file is
+removed only after a newer complete one exists on every rank, and resume picks the newest step that every
+rank completed. States load with `torch.load(weights_only=True)`: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .utils import atomic_write_bytes
+
+STATE_DIR = "trainer_state"
+_STATE_RE = re.compile(r"rank(\d+)-step(\d+)\.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not match the run; the message names the file."""
+
+
+def state_path(run_dir: Path, rank: int, step: int) -> Path:
+    return run_dir / STATE_DIR / f"rank{rank}-step{step:09d}.pt"
+
+
+def save_state(run_dir: Path, rank: int, step: int, state: dict[str, Any]) -> Path:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = state_path(run_dir, rank, step)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def prune_states(run_dir: Path, rank: int, keep_step: int) -> None:
+    """Remove this rank's states older than `keep_step` (call after every rank saved `keep_step`)."""
+    for p in (run_dir / STATE_DIR).glob(f"rank{rank}-step*.pt"):
+        m = _STATE_RE.fullmatch(p.name)
+        if m and int(m.group(2)) < keep_step:
+            p.unlink(missing_ok=True)
+
+
+def has_state(run_dir: Path) -> bool:
+    return any((run_dir / STATE_DIR).glob("rank*-step*.pt"))
+
+
+def latest_complete_step(run_dir: Path, writer_ranks: int) -> int | None:
+    """Newest step for which ranks 0..writer_ranks-1 all have a state file."""
+    steps: dict[int, set[int]] = {}
+    for p in (run_dir / STATE_DIR).glob("rank*-step*.pt"):
+        m = _STATE_RE.fullmatch(p.name)
+        if m:
+            steps.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    complete = [s for s, ranks in steps.items() if ranks >= set(range(writer_ranks))]
+    return max(complete) if complete else None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: trainer state missing") from None
+    except Exception as e:  # unpickling errors come in many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: unreadable trainer state (corrupt, truncated or foreign file): {first}") from None
+    if not isinstance(state, dict) or "step" not in state or "saes" not in state:
+        raise CheckpointError(f"{path}: not an sae_core trainer state (keys: {sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
+    return state

@@ -1,0 +1,124 @@
+"""torchrun integration: process group set-up, the collectives the trainer needs, and the layer split.
+
+Everything degrades to no-ops in a single process, so the trainer has one code path. On CPU the gloo
+backend is used (CI runs two real ranks on two cores), on GPU nccl. Every collective has a timeout, and
+ranks ask the kernel to kill them when their parent (torchrun) dies, so a failure never leaves a rank
+waiting forever.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import ConfigError
+
+DEFAULT_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None, backend: str | None = None) -> DistContext:
+    """Join the torchrun process group when launched by torchrun; otherwise a single-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return DistContext(device=dev)
+    _die_with_parent()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but no GPU is available; use --device cpu (gloo backend)")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("backend nccl needs GPUs; on CPU use --backend gloo")
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("SAE_CORE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        dist.init_process_group(backend, timeout=timeout, device_id=dev if use_cuda else None)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: if torchrun is killed (even with SIGKILL), this rank gets SIGTERM."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def gather_to(t: Tensor, owner: int, ctx: DistContext) -> Tensor | None:
+    """Concatenate (along dim 0, in rank order) every rank's `t` on rank `owner`; None elsewhere."""
+    if not ctx.enabled:
+        return t
+    t = t.contiguous()
+    bucket = [torch.empty_like(t) for _ in range(ctx.world_size)] if ctx.rank == owner else None
+    dist.gather(t, bucket, dst=owner)
+    return torch.cat(bucket) if bucket is not None else None
+
+
+def gather_objects(obj, ctx: DistContext) -> list:
+    """Every rank's picklable `obj`, on every rank (small things only: metrics)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def split_layers(hookpoints: list[str], world_size: int) -> list[list[str]]:
+    """Contiguous, balanced shares: sizes differ by at most one; any layer count on any rank count."""
+    if world_size > len(hookpoints):
+        raise ConfigError(
+            f"--distribute_layers with {world_size} ranks but only {len(hookpoints)} layers to train: "
+            "every rank needs at least one layer; use fewer ranks or more layers (or drop --distribute_layers)"
+        )
+    base, extra = divmod(len(hookpoints), world_size)
+    shares, start = [], 0
+    for r in range(world_size):
+        size = base + (1 if r < extra else 0)
+        shares.append(hookpoints[start : start + size])
+        start += size
+    return shares
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

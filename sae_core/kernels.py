@@ -1,0 +1,111 @@
+"""The two products of a TopK SAE, written so that only the encoder's forward is dense.
+
+A TopK SAE step is bounded by one dense product, pre-activations = x @ W_enc.T (N x d by d x M).
+Everything after the top-k touches only k of the M latents per token, so:
+
+- `topk_encode` is an autograd Function whose backward is sparse: the gradients of W_enc, b_enc and x
+  involve only the N*k selected (token, latent) pairs, never an N x M matrix. It also selects, in the same
+  pass over the pre-activations, the AuxK candidates among the dead latents, and routes their gradient
+  into the encoder too (a fused kernel that dropped this gradient was one of the seed library's bugs).
+- `sparse_decode` is an embedding-bag: x_hat[t] = sum_j acts[t, j] * W_dec[idx[t, j]] (+ bias).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class EncoderOutput(NamedTuple):
+    acts: Tensor  # [N, k] activations of the selected latents (post-ReLU, may contain zeros)
+    indices: Tensor  # [N, k] latent indices
+    aux_acts: Tensor  # [N, k_aux] activations of the top dead latents ([N, 0] when AuxK is off)
+    aux_indices: Tensor  # [N, k_aux]
+
+
+def _sparse_rows_times_dense(rows: Tensor, vals: Tensor, dense: Tensor, num_rows: int) -> Tensor:
+    """Compute S @ dense where S [num_rows, N] has entries S[rows[t, j], t] = vals[t, j]."""
+    n, kk = rows.shape
+    if kk == 0:
+        return dense.new_zeros(num_rows, dense.shape[1])
+    cols = torch.arange(n, device=rows.device).repeat_interleave(kk)
+    s = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols]), vals.reshape(-1), (num_rows, n), check_invariants=False)
+    return torch.sparse.mm(s, dense)
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, k, dead_idx, k_aux, compute_dtype):
+        if compute_dtype is not None and compute_dtype != x.dtype:
+            pre = F.linear(x.to(compute_dtype), weight.to(compute_dtype), bias.to(compute_dtype))
+        else:
+            pre = torch.addmm(bias, x, weight.t())
+        pre.relu_()
+        acts, idx = pre.topk(k, dim=1, sorted=False)
+        if dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0:
+            candidates = pre.index_select(1, dead_idx)
+            aux_acts, pos = candidates.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
+            aux_idx = dead_idx[pos]
+        else:
+            aux_acts = x.new_zeros(x.shape[0], 0, dtype=pre.dtype)
+            aux_idx = idx.new_zeros(x.shape[0], 0)
+        del pre
+        acts, aux_acts = acts.to(x.dtype), aux_acts.to(x.dtype)
+        ctx.save_for_backward(x, weight, idx, acts, aux_idx, aux_acts)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return acts, idx, aux_acts, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_acts, _g_idx, g_aux, _g_aux_idx):
+        x, weight, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
+        if g_acts is None:
+            g_acts = torch.zeros_like(acts)
+        if g_aux is None:
+            g_aux = torch.zeros_like(aux_acts)
+        # ReLU: latents whose value was clamped to 0 pass no gradient.
+        g = torch.cat([g_acts * (acts > 0), g_aux * (aux_acts > 0)], dim=1).to(weight.dtype)
+        ids = torch.cat([idx, aux_idx], dim=1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(ids, weight, per_sample_weights=g, mode="sum").to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _sparse_rows_times_dense(ids, g, x.to(weight.dtype), weight.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, ids.reshape(-1), g.reshape(-1))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def topk_encode(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    k: int,
+    dead_idx: Tensor | None = None,
+    k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None,
+) -> EncoderOutput:
+    """ReLU(x @ weight.T + bias), keep the top k per row; optionally also the top k_aux among `dead_idx`.
+
+    `compute_dtype` (e.g. bfloat16) runs the dense product in that dtype; outputs and gradients stay in
+    the parameters' dtype.
+    """
+    return EncoderOutput(*_TopKEncode.apply(x, weight, bias, k, dead_idx, k_aux, compute_dtype))
+
+
+def sparse_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """sum_j acts[t, j] * weight[indices[t, j]] (+ bias), without building an N x M matrix."""
+    if indices.shape[1] == 0:
+        out = acts.new_zeros(acts.shape[0], weight.shape[1])
+    else:
+        out = F.embedding_bag(indices, weight, per_sample_weights=acts.to(weight.dtype), mode="sum")
+    return out + bias if bias is not None else out
+
+
+def dense_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Reference decode through a dense N x M matrix (tests and tiny SAEs only)."""
+    dense = acts.new_zeros(acts.shape[0], weight.shape[0]).scatter_add(1, indices, acts)
+    out = dense @ weight
+    return out + bias if bias is not None else out

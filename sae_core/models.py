@@ -1,0 +1,196 @@
+"""Language models: loading them, naming their hookpoints, and reading the residual stream with hooks.
+
+Hookpoint `layers.<i>` is the output of decoder block i, i.e. the residual stream after block i. The blocks
+live in `model.layers` (Llama, Mistral, Qwen, SmolLM2), `gpt_neox.layers` (Pythia) or `transformer.h` (GPT-2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError
+
+BLOCK_LIST_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or loaded; the message says what to pass instead."""
+
+
+def load_model(
+    name: str | None,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    load_in_8bit: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a causal LM by Hub id, local folder, or the embedded default (None, 'embedded', 'smollm2-135m')."""
+    from transformers import AutoModelForCausalLM
+
+    from .embedded import embedded_model_path, is_embedded_model
+
+    if name is None or is_embedded_model(name):
+        path = str(embedded_model_path())
+    else:
+        path = name
+    kwargs: dict = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = resolve_dtype(dtype)
+    if load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": str(device)}
+    kwargs["dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        where = "a local folder" if os.path.exists(path) else "a local folder nor a reachable Hub model id"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"cannot load model {name!r}: it is not {where} with a config.json and weights ({first}); "
+            "pass a Hub id such as EleutherAI/pythia-160m, a folder written by save_pretrained, or 'smollm2-135m'"
+        ) from None
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
+    if not load_in_8bit:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    dt = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return dt
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The module path and list of the model's transformer blocks."""
+    for path in BLOCK_LIST_PATHS:
+        mod: nn.Module | None = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path, mod
+    # Fallback: the longest ModuleList in the model is almost always the block stack.
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ModelLoadError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return max(lists, key=lambda nm: len(nm[1]))
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    raise ModelLoadError(f"cannot read the hidden size from {type(cfg).__name__}")
+
+
+def max_context(model: nn.Module) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def all_hookpoints(model: nn.Module) -> list[str]:
+    _, blocks = find_blocks(model)
+    return [f"layers.{i}" for i in range(len(blocks))]
+
+
+def select_hookpoints(
+    model: nn.Module, *, layers: Sequence[int] = (), layer_stride: int = 1, hookpoints: Sequence[str] = ()
+) -> list[str]:
+    """Resolve the training selection: explicit layers, glob patterns, or every `layer_stride`-th layer."""
+    names = all_hookpoints(model)
+    n = len(names)
+    if hookpoints:
+        chosen: list[str] = []
+        for pat in hookpoints:
+            matches = [h for h in names if fnmatch.fnmatchcase(h, pat)]
+            if not matches:
+                raise ConfigError(
+                    f"hookpoint {pat!r} matches nothing; this model has hookpoints layers.0 .. layers.{n - 1}"
+                )
+            chosen += [m for m in matches if m not in chosen]
+        return sorted(chosen, key=lambda h: int(h.split(".")[1]))
+    if layers:
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"layer index {bad[0]} out of range: this model has {n} layers (0 .. {n - 1})")
+        return [f"layers.{i}" for i in sorted(set(layers))]
+    return names[::layer_stride]
+
+
+def layer_index(hookpoint: str) -> int:
+    return int(hookpoint.split(".")[1])
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest hooked block: the layers above it are not needed."""
+
+
+@contextlib.contextmanager
+def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: bool = True) -> Iterator[dict]:
+    """Within the context, a forward pass fills the yielded dict {hookpoint: [B, T, d] tensor}.
+
+    With `stop_early`, the forward stops right after the deepest hooked block (use `run_until_captured`).
+    """
+    _, blocks = find_blocks(model)
+    acts: dict[str, Tensor] = {}
+    deepest = max(layer_index(h) for h in hookpoints)
+    handles = []
+
+    def make_hook(name: str, last: bool):
+        def hook(_module, _inputs, output):
+            acts[name] = output[0] if isinstance(output, tuple) else output
+            if last and stop_early:
+                raise _StopForward
+
+        return hook
+
+    for h in hookpoints:
+        i = layer_index(h)
+        handles.append(blocks[i].register_forward_hook(make_hook(h, i == deepest)))
+    try:
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_until_captured(model: nn.Module, input_ids: Tensor, **kwargs) -> None:
+    """Forward `input_ids` through the model, swallowing the early stop of `capture_residuals`."""
+    try:
+        model(input_ids=input_ids, use_cache=False, **kwargs)
+    except _StopForward:
+        pass
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Default tokens excluded from SAE training and metrics: BOS and pad (their residual norms are outliers)."""
+    ids = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
+    return sorted(i for i in ids if i is not None)

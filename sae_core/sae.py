@@ -1,0 +1,333 @@
+"""The TopK sparse autoencoder (Gao et al. 2024): a model that saves and loads itself.
+
+    pre     = ReLU(W_enc (x - b_dec) + b_enc)          # [N, M], the only dense product
+    z       = TopK(pre, k)                             # k (value, index) pairs per token
+    x_hat   = sum_j z_j W_dec[idx_j] + b_dec           # sparse decode, rows of W_dec at unit norm
+
+Losses (definitions in DESIGN.md section 2): FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, and AuxK,
+which reconstructs the detached residual from the top k_aux pre-activations of dead latents (no b_dec)
+so that dead latents receive gradient again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from .config import SaeConfig
+from .kernels import EncoderOutput, sparse_decode, topk_encode
+from .utils import atomic_write_bytes, atomic_write_json, natural_key
+
+SAE_FILE = "sae.safetensors"
+CFG_FILE = "cfg.json"
+TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+
+
+class ForwardOutput(NamedTuple):
+    sae_out: Tensor  # [N, d] reconstruction
+    latent_acts: Tensor  # [N, k] values of the active latents
+    latent_indices: Tensor  # [N, k] their indices
+    fvu: Tensor  # scalar, fraction of variance unexplained (fp32)
+    auxk_loss: Tensor  # scalar, AuxK loss (0 when no latent is dead)
+
+
+class SaeLoadError(ValueError):
+    """A saved SAE is missing, corrupt or inconsistent; the message names the file."""
+
+
+class Sae(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        cfg: SaeConfig | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        decoder: bool = True,
+        hookpoint: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(d_in, int) or d_in <= 0:
+            raise ValueError(f"d_in must be a positive integer (the model's hidden size), got {d_in!r}")
+        self.cfg = cfg = cfg if cfg is not None else SaeConfig()
+        self.d_in = d_in
+        self.hookpoint = hookpoint
+        num_latents = cfg.latents_for(d_in)
+
+        self.encoder = nn.Linear(d_in, num_latents, device=device, dtype=dtype)
+        self.encoder.bias.data.zero_()
+        # Decoder starts as the (row-normalised) transpose of the encoder, as in Gao et al.
+        self.W_dec = nn.Parameter(self.encoder.weight.data.clone()) if decoder else None
+        if decoder and cfg.normalize_decoder:
+            self.set_decoder_norm_to_unit_norm()
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=self.encoder.weight.dtype, device=device))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def num_latents(self) -> int:
+        return self.encoder.out_features
+
+    @property
+    def k_aux(self) -> int:
+        """Number of dead latents used by AuxK per token (Gao et al.: d_in / 2)."""
+        return max(self.d_in // 2, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.weight.dtype
+
+    # ---------------------------------------------------------------- the model
+    def encode(
+        self, x: Tensor, dead_mask: Tensor | None = None, compute_dtype: torch.dtype | None = None
+    ) -> EncoderOutput:
+        """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]); AuxK picks when dead_mask is set."""
+        x = x.reshape(-1, self.d_in).to(self.dtype)
+        dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
+        return topk_encode(
+            x - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, dead_idx, self.k_aux, compute_dtype
+        )
+
+    def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
+        """Reconstruction from sparse latents (acts and indices of shape [N, k])."""
+        if self.W_dec is None:
+            raise RuntimeError("this SAE was loaded with decoder=False; reload it with the decoder to decode")
+        return sparse_decode(acts, indices, self.W_dec, self.b_dec)
+
+    def forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        *,
+        total_variance: Tensor | float | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> ForwardOutput:
+        """Encode, decode and compute the losses.
+
+        `total_variance` is the denominator of FVU and AuxK; by default the variance of x around its own mean.
+        The trainer passes 1.0 (sums of squares) and divides by the variance of the whole global batch at the
+        optimizer step, so that micro-batches, accumulation steps and ranks add up to exactly one big batch.
+        """
+        x = x.reshape(-1, self.d_in).to(self.dtype)
+        enc = self.encode(x, dead_mask, compute_dtype)
+        sae_out = self.decode(enc.acts, enc.indices)
+
+        e = (x - sae_out).float()
+        if total_variance is None:
+            xf = x.float()
+            total_variance = (xf - xf.mean(0)).pow(2).sum()
+        fvu = e.pow(2).sum() / total_variance
+
+        n_aux = enc.aux_indices.shape[1]
+        if n_aux > 0:
+            n_dead = int(dead_mask.sum())
+            aux_out = sparse_decode(enc.aux_acts, enc.aux_indices, self.W_dec)  # no b_dec
+            scale = min(n_dead / self.k_aux, 1.0)
+            auxk_loss = scale * (aux_out.float() - e.detach()).pow(2).sum() / total_variance
+        else:
+            auxk_loss = fvu.new_zeros(())
+        return ForwardOutput(sae_out, enc.acts, enc.indices, fvu, auxk_loss)
+
+    # ---------------------------------------------------------------- decoder constraints
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        assert self.W_dec is not None, "decoder needed"
+        eps = torch.finfo(self.W_dec.dtype).eps
+        norm = torch.norm(self.W_dec.data, dim=1, keepdim=True)
+        self.W_dec.data /= norm + eps
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out the radial part of each decoder row's gradient (the rows stay on the unit sphere)."""
+        assert self.W_dec is not None and self.W_dec.grad is not None, "decoder gradient needed"
+        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec.data
+
+    # ---------------------------------------------------------------- saving and loading
+    def cfg_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        d = {**self.cfg.to_dict(), "d_in": self.d_in}
+        if self.hookpoint is not None:
+            d["hookpoint"] = self.hookpoint
+            d["stream"] = "residual stream after the block (output of the decoder layer)"
+        d["sae_core_version"] = __version__
+        return d
+
+    def save_to_disk(self, path: str | os.PathLike) -> None:
+        """Write `path/cfg.json` and `path/sae.safetensors`, each atomically (temp file, then rename)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "encoder.weight": self.encoder.weight.data,
+            "encoder.bias": self.encoder.bias.data,
+            "b_dec": self.b_dec.data,
+        }
+        if self.W_dec is not None:
+            tensors["W_dec"] = self.W_dec.data
+        blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+        atomic_write_bytes(path / SAE_FILE, blob)
+        atomic_write_json(path / CFG_FILE, self.cfg_dict())
+
+    @classmethod
+    def load_from_disk(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        decoder: bool = True,
+    ) -> "Sae":
+        """Load an SAE folder (cfg.json + sae.safetensors). The stored dtype is kept unless `dtype` is given."""
+        path = Path(path)
+        cfg_path, sae_path = path / CFG_FILE, path / SAE_FILE
+        if not path.is_dir():
+            raise SaeLoadError(f"{path}: no such SAE folder (expected a folder with {CFG_FILE} and {SAE_FILE})")
+        cfg_dict = read_cfg(cfg_path)
+        try:
+            cfg = SaeConfig.from_dict(cfg_dict)
+        except (TypeError, ValueError) as e:
+            raise SaeLoadError(f"{cfg_path}: invalid SAE configuration: {e}") from None
+        d_in = cfg_dict.get("d_in")
+        if not isinstance(d_in, int) or d_in <= 0:
+            raise SaeLoadError(f"{cfg_path}: 'd_in' must be a positive integer, got {d_in!r}")
+        if not sae_path.is_file():
+            raise SaeLoadError(f"{sae_path}: file missing (an SAE folder holds {CFG_FILE} and {SAE_FILE})")
+        try:
+            tensors = load_file(str(sae_path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SaeLoadError(f"{sae_path}: not a valid safetensors file (corrupt or truncated?): {msg}") from None
+
+        m = cfg.latents_for(d_in)
+        expected = {"encoder.weight": (m, d_in), "encoder.bias": (m,), "b_dec": (d_in,)}
+        if decoder:
+            expected["W_dec"] = (m, d_in)
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise SaeLoadError(f"{sae_path}: tensor '{name}' missing (found {sorted(tensors)})")
+            if tuple(tensors[name].shape) != shape:
+                raise SaeLoadError(
+                    f"{sae_path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, but {cfg_path.name} "
+                    f"(d_in={d_in}, {m} latents) implies {shape}"
+                )
+        stored = tensors["encoder.weight"].dtype
+        sae = cls(d_in, cfg, device="meta", dtype=stored, decoder=decoder, hookpoint=cfg_dict.get("hookpoint"))
+        sae.load_state_dict({k: v for k, v in tensors.items() if k in expected}, assign=True)
+        sae = sae.to(device=device, dtype=dtype or stored)
+        return sae
+
+    @classmethod
+    def load_from_hub(
+        cls,
+        name: str,
+        layer: int | None = None,
+        hookpoint: str | None = None,
+        *,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+        endpoint: str | None = None,
+        token: str | None = None,
+    ) -> "Sae":
+        """Load one SAE from a Hub repo (or a local folder of hookpoint folders) by layer or hookpoint name.
+
+        `layer=10` finds `layers.10` or, in EleutherAI's older repos, `layer_10`.
+        """
+        from .hub import download_saes
+
+        if (layer is None) == (hookpoint is None):
+            raise ValueError("give exactly one of layer=<int> or hookpoint=<name>, e.g. layer=10 or hookpoint='layers.10'")
+        candidates = [f"layers.{layer}", f"layer_{layer}"] if layer is not None else [hookpoint]
+        root = download_saes(name, candidates, revision=revision, endpoint=endpoint, token=token)
+        for c in candidates:
+            if (root / c).is_dir():
+                return cls.load_from_disk(root / c, device=device, dtype=dtype, decoder=decoder)
+        raise SaeLoadError(f"{name}: no SAE folder named {' or '.join(candidates)} (found {list_hookpoints(root)})")
+
+    @classmethod
+    def load_many_from_hub(
+        cls,
+        name: str,
+        pattern: str | None = None,
+        *,
+        layers: list[int] | None = None,
+        revision: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+        endpoint: str | None = None,
+        token: str | None = None,
+    ) -> dict[str, "Sae"]:
+        """Load every SAE of a Hub repo or local folder, optionally filtered by a glob `pattern` or `layers`.
+
+        Returns a dict from hookpoint folder name to SAE, in natural order (layers.2 before layers.10).
+        """
+        from .hub import download_saes
+
+        patterns = None
+        if pattern is not None:
+            patterns = [pattern]
+        elif layers is not None:
+            patterns = [p for i in layers for p in (f"layers.{i}", f"layer_{i}")]
+        root = download_saes(name, patterns, revision=revision, endpoint=endpoint, token=token)
+        return cls.load_many_from_disk(root, patterns, device=device, dtype=dtype, decoder=decoder)
+
+    @classmethod
+    def load_many_from_disk(
+        cls,
+        path: str | os.PathLike,
+        patterns: list[str] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        decoder: bool = True,
+    ) -> dict[str, "Sae"]:
+        root = Path(path)
+        names = list_hookpoints(root)
+        if patterns:
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if not names:
+            found = list_hookpoints(root)
+            what = f" matching {patterns}" if patterns else ""
+            raise SaeLoadError(f"{root}: no SAE folders{what} (found {found or 'none'})")
+        return {n: cls.load_from_disk(root / n, device=device, dtype=dtype, decoder=decoder) for n in names}
+
+
+def read_cfg(cfg_path: Path) -> dict[str, Any]:
+    """Read a cfg.json, with one-line errors that name the file."""
+    if not cfg_path.is_file():
+        raise SaeLoadError(f"{cfg_path}: file missing (an SAE folder holds {CFG_FILE} and {SAE_FILE})")
+    try:
+        d = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaeLoadError(f"{cfg_path}: not valid JSON (corrupt or truncated?): {e}") from None
+    if not isinstance(d, dict):
+        raise SaeLoadError(f"{cfg_path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def list_hookpoints(root: Path) -> list[str]:
+    """Names of the sub-folders of `root` that hold an SAE (a cfg.json), in natural order."""
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if (p / CFG_FILE).is_file()), key=natural_key)
+
+
+def hookpoint_layer(name: str) -> int | None:
+    """Layer index of a hookpoint name like 'layers.10' or 'layer_10'."""
+    m = re.fullmatch(r"layers?[._](\d+)", name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+
+# Two cores: keep each test process (and each torchrun rank) from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama (3 layers, d=32) with its tokenizer, loadable by path like a Hub model."""
+    from tests.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory):
+    from tests.tiny import make_text, write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", make_text(300))

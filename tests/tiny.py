@@ -1,0 +1,71 @@
+"""Tiny, randomly initialised language models and a real (trained-in-code) tokenizer for tests.
+
+No downloads: the tokenizer is a byte-level BPE trained on a few sentences; models are built from configs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the cat sat on a mat while dogs ran across green fields and birds sang over quiet rivers near old towns "
+    "where people read books about stars planets oceans mountains trains and small machines"
+).split()
+
+
+def make_text(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20, 80)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words_per_doc))) for _ in range(n_docs)]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(make_text(200, seed=123), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_model(kind: str = "llama", n_layers: int = 3, d: int = 32, vocab: int = 300, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "neox":
+        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                            num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+        model = GPTNeoXForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=4, n_positions=512,
+                         bos_token_id=0, eos_token_id=1)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def save_tiny_model(path: Path, kind: str = "llama", n_layers: int = 3, d: int = 32) -> Path:
+    tiny_model(kind, n_layers, d).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
