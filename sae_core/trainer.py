@@ -206,7 +206,7 @@ class SaeTrainer:
         warm = self.cfg.lr_warmup_steps
         if step < warm:
             return self.lr * (step + 1) / warm
-        return self.lr * (self.total_steps - step) / max(self.total_steps - warm, 1)
+        return self.lr * max(self.total_steps - step, 0) / (self.total_steps - warm + 1)
 
     def _train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -217,13 +217,17 @@ class SaeTrainer:
         dead_masks = {
             h: (self.tokens_since_fired[h] >= cfg.dead_feature_threshold).to(self.ctx.device) for h in self.local
         }
-        for a in range(cfg.grad_acc_steps):
-            batch_index = self.step * cfg.grad_acc_steps + a
-            inputs, _ = self._activations(batch_index)
+        first = self.step * cfg.grad_acc_steps
+        batches = (self._activations(first + a)[0] for a in range(cfg.grad_acc_steps))
+        if not self.b_dec_initialised:
+            # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
+            batches = list(batches)
+            for h in self.local:
+                self._init_b_dec(h, torch.cat([inputs[h] for inputs in batches]))
+            self.b_dec_initialised = True
+        for inputs in batches:
             for h, x in inputs.items():
                 sae = self.saes[h]
-                if not self.b_dec_initialised:
-                    self._init_b_dec(h, x)
                 stats[h].add(x)
                 dead = dead_masks[h] if cfg.auxk_alpha > 0 and dead_masks[h].any() else None
                 for chunk in x.chunk(cfg.micro_acc_steps):
@@ -234,7 +238,6 @@ class SaeTrainer:
                     fired[h][live.cpu()] = True
                     sse[h] += out.fvu.item()
                     aux[h] += out.auxk_loss.item()
-            self.b_dec_initialised = True
 
         lr = self._lr_at(self.step)
         metrics: dict[str, float] = {}
@@ -287,8 +290,11 @@ class SaeTrainer:
         self.saes[h].b_dec.data.copy_((head[1:] / head[0].clamp_min(1)).to(self.saes[h].b_dec.dtype))
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict[str, float]:
-        """Train to the end of the data (or max_tokens), saving every `save_every` steps and at the end."""
+    def fit(self, max_steps: int | None = None) -> dict[str, float]:
+        """Train to the end of the data (or max_tokens), saving every `save_every` steps and at the end.
+
+        `max_steps` stops earlier (after a checkpoint), e.g. to continue later with `resume=True`.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -303,7 +309,8 @@ class SaeTrainer:
         t_start = time.perf_counter()
         wall0 = self.wall_time
         tokens_at_start = self.tokens_seen
-        while self.step < self.total_steps:
+        stop_at = min(max_steps, self.total_steps) if max_steps is not None else self.total_steps
+        while self.step < stop_at:
             metrics = self._train_step()
             self.step += 1
             step_tokens = self._all_metrics(metrics)
@@ -319,7 +326,7 @@ class SaeTrainer:
                     record = {"step": self.step, "tokens": self.tokens_seen, "tokens_per_s": rate, **last}
                     for log in loggers:
                         log(record)
-            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+            if self.step % cfg.save_every == 0 or self.step == stop_at:
                 self.save()
         bar.close()
         return last
@@ -407,6 +414,9 @@ class SaeTrainer:
                 "tokens": self.tokens_seen,
                 "steps": self.step,
                 "total_steps": self.total_steps,
+                # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
+                "train_sequences": self.total_steps * self.cfg.grad_acc_steps * self.cfg.batch_size * self.ctx.world_size,
+                "seq_len": self.seq_len,
                 "wall_time_s": round(self.wall_time, 3),
                 "world_size": self.ctx.world_size,
                 "distribute_layers": self.distributed_layers,

@@ -1,0 +1,139 @@
+"""SaeTrainer on tiny random models: learning, exact accumulation, resume, selection, early stop."""
+
+import json
+
+import pytest
+import torch
+
+from sae_core import ConfigError, SaeConfig, SaeTrainer, TrainConfig
+from sae_core.models import capture_residuals, find_blocks, run_until_captured, select_hookpoints
+from tests.tiny import tiny_model
+
+
+def token_data(n_seq=32, seq_len=16, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n_seq, seq_len), generator=g)
+    ids[:, 0] = 0  # BOS, excluded by default
+    return ids
+
+
+class Tok:
+    bos_token_id, pad_token_id, eos_token_id = 0, 2, 1
+
+
+def make_trainer(tmp_path, model=None, data=None, run_name="run", resume=False, **kw):
+    cfg = TrainConfig(
+        SaeConfig(expansion_factor=4, k=4),
+        **{"batch_size": 4, "lr_warmup_steps": 2, "save_dir": str(tmp_path), "run_name": run_name, **kw},
+    )
+    return SaeTrainer(cfg, data if data is not None else token_data(), model or tiny_model(), tokenizer=Tok(),
+                      resume=resume, progress=False)
+
+
+def params(trainer):
+    return {f"{h}/{n}": p.detach().clone() for h, s in trainer.saes.items() for n, p in s.named_parameters()}
+
+
+def test_training_reduces_fvu_on_a_tiny_model(tmp_path):
+    trainer = make_trainer(tmp_path, data=token_data(n_seq=320, vocab=40), lr=3e-3, log_every=1)
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = lines[0], lines[-1]
+    for h in trainer.hookpoints:
+        assert last[f"fvu/{h}"] < 0.75 * first[f"fvu/{h}"]
+    assert last["tokens"] == 320 * 15  # BOS excluded: 15 of 16 tokens per sequence
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == [
+        "layers.0", "layers.1", "layers.2", "trainer_state"]
+
+
+def test_grad_and_micro_accumulation_equal_one_big_batch(tmp_path):
+    model = tiny_model()
+    big = make_trainer(tmp_path, model, run_name="big", batch_size=8)
+    acc = make_trainer(tmp_path, model, run_name="acc", batch_size=4, grad_acc_steps=2)
+    micro = make_trainer(tmp_path, model, run_name="micro", batch_size=8, micro_acc_steps=3)
+    assert big.total_steps == acc.total_steps == micro.total_steps == 4
+    for t in (big, acc, micro):
+        t.fit()
+    ref = params(big)
+    for other in (acc, micro):
+        for name, p in params(other).items():
+            torch.testing.assert_close(p, ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
+    model = tiny_model()
+    full = make_trainer(tmp_path, model, run_name="full", save_every=100)
+    full.fit()
+    part = make_trainer(tmp_path, model, run_name="part", save_every=100)
+    part.fit(max_steps=3)
+    resumed = make_trainer(tmp_path, model, run_name="part", save_every=100, resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    for name, p in params(full).items():
+        assert torch.equal(p, params(resumed)[name]), name
+    for h in full.hookpoints:
+        assert torch.equal(full.tokens_since_fired[h], resumed.tokens_since_fired[h])
+    # Only the newest state is kept.
+    assert [p.name for p in (tmp_path / "part" / "trainer_state").iterdir()] == ["rank0-step000000008.pt"]
+
+
+def test_existing_checkpoint_is_never_overwritten_and_resume_checks_config(tmp_path):
+    model = tiny_model()
+    make_trainer(tmp_path, model).fit(max_steps=1)
+    with pytest.raises(ConfigError, match="already holds a checkpoint; pass --resume"):
+        make_trainer(tmp_path, model)
+    with pytest.raises(ConfigError, match="differs from the checkpoint's.*batch_size"):
+        make_trainer(tmp_path, model, resume=True, batch_size=2)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        make_trainer(tmp_path, model, run_name="other", resume=True)
+
+
+def test_lr_warms_up_then_decays_to_zero_counting_optimizer_steps(tmp_path):
+    t = make_trainer(tmp_path, data=token_data(n_seq=48), grad_acc_steps=2, lr=1e-3, lr_warmup_steps=2)
+    assert t.total_steps == 6  # 12 batches / 2 accumulation steps
+    lrs = [t._lr_at(s) for s in range(t.total_steps)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+    assert t._lr_at(t.total_steps) == 0.0
+
+
+def test_layer_selection():
+    model = tiny_model(n_layers=6)
+    assert select_hookpoints(model) == [f"layers.{i}" for i in range(6)]
+    assert select_hookpoints(model, layer_stride=2) == ["layers.0", "layers.2", "layers.4"]
+    assert select_hookpoints(model, layers=[4, 1]) == ["layers.1", "layers.4"]
+    assert select_hookpoints(model, hookpoints=["layers.[3-5]"]) == ["layers.3", "layers.4", "layers.5"]
+    with pytest.raises(ConfigError, match="out of range: this model has 6 layers"):
+        select_hookpoints(model, layers=[6])
+    with pytest.raises(ConfigError, match="matches nothing"):
+        select_hookpoints(model, hookpoints=["blocks.*"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2"])
+def test_forward_stops_after_deepest_hooked_block_and_captures_block_outputs(kind):
+    model = tiny_model(kind, n_layers=4)
+    _, blocks = find_blocks(model)
+    calls = []
+    handle = blocks[3].register_forward_hook(lambda *a: calls.append(1))
+    ids = token_data(2, 8)
+    with capture_residuals(model, ["layers.0", "layers.1"]) as acts:
+        run_until_captured(model, ids)
+    handle.remove()
+    assert calls == [] and set(acts) == {"layers.0", "layers.1"}
+    full = model(ids, output_hidden_states=True).hidden_states  # [embeddings, block 0, block 1, ...]
+    torch.testing.assert_close(acts["layers.1"], full[2])
+
+
+def test_dataset_too_small_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="dataset too small for one optimizer step: it has 3 sequences"):
+        make_trainer(tmp_path, data=token_data(n_seq=3))
+
+
+def test_dead_latents_counted_in_tokens_and_auxk_turns_on(tmp_path):
+    # With a threshold below one step's tokens, latents that never fire are dead after step 1 -> AuxK > 0.
+    t = make_trainer(tmp_path, dead_feature_threshold=10, data=token_data(n_seq=16))
+    t.fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(line["auxk/layers.0"] > 0 for line in lines)
+    counters = t.tokens_since_fired["layers.0"]
+    assert counters.max() <= t.tokens_seen and (counters == 0).any()
