@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, SaeConfig, TrainConfig  # noqa: E402
-from .sae import ForwardOutput, Sae, SaeLoadError  # noqa: E402
+from .config import ConfigError, SaeConfig, TrainConfig
+from .sae import ForwardOutput, Sae, SaeLoadError
 
 
 def __getattr__(name: str):

@@ -104,7 +104,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_field(parser: argparse.ArgumentParser, f) -> None:
     help_text = f.metadata.get("help", "")
-    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {})  # noqa: S307 - own annotations
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing), {})
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     optional = origin in (typing.Union, types.UnionType) and type(None) in args
     if optional:

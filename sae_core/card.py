@@ -176,11 +176,12 @@ def _summary_table(names, hookpoints, run, model, dataset) -> str:
 def _load_snippet(repo_id: str | None, names: list[str]) -> str:
     where = repo_id or "path/to/this/folder"
     first = names[0] if names else "layers.0"
+    one = "downloads only that folder" if repo_id and not repo_id.startswith("/") else "one hookpoint"
     return (
         "## Load it\n\n```python\n"
         "from sae_core import Sae\n"
         f'saes = Sae.load_many_from_hub("{where}")  # {{hookpoint: Sae}}\n'
-        f'sae = Sae.load_from_hub("{where}", hookpoint="{first}")  # downloads only that folder\n'
+        f'sae = Sae.load_from_hub("{where}", hookpoint="{first}")  # {one}\n'
         "```\n"
     )
 

@@ -82,7 +82,7 @@ class SaeConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SaeConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SaeConfig:
         """Build from a cfg.json dict, ignoring keys that are not SaeConfig fields (d_in, hookpoint, ...)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

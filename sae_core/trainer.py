@@ -38,13 +38,24 @@ from .distributed import (
     init_distributed,
     split_layers,
 )
-from .models import capture_residuals, hidden_size, layer_index, run_until_captured, select_hookpoints
-from .models import resolve_dtype, special_token_ids
+from .models import (
+    capture_residuals,
+    hidden_size,
+    layer_index,
+    resolve_dtype,
+    run_until_captured,
+    select_hookpoints,
+    special_token_ids,
+)
 from .sae import Sae
 from .utils import atomic_write_json
 
 # Fields that may change between a run and its resume without changing what is computed.
-RESUME_MUTABLE = {"save_every", "log_every", "log_to_wandb", "log_to_tensorboard", "save_dir"}
+# (hf_token is here so that the secret is never written into the trainer state.)
+RESUME_MUTABLE = {
+    "save_every", "log_every", "log_to_wandb", "log_to_tensorboard", "save_dir", "run_name", "resume",
+    "hf_token", "device", "backend", "data_preprocessing_num_proc",
+}
 
 
 class _VarianceStats:
@@ -421,7 +432,7 @@ class SaeTrainer:
                 "world_size": self.ctx.world_size,
                 "distribute_layers": self.distributed_layers,
             }
-            info.setdefault("config", self.cfg.to_dict())
+            info.setdefault("config", {k: v for k, v in self.cfg.to_dict().items() if k != "hf_token"})
             from . import __version__
 
             info["sae_core_version"] = __version__

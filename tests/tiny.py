@@ -11,10 +11,7 @@ from pathlib import Path
 
 import torch
 
-WORDS = (
-    "the cat sat on a mat while dogs ran across green fields and birds sang over quiet rivers near old towns "
-    "where people read books about stars planets oceans mountains trains and small machines"
-).split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "across", "green", "fields", "and", "birds", "sang", "over", "quiet", "rivers", "near", "old", "towns", "where", "people", "read", "books", "about", "stars", "planets", "oceans", "mountains", "trains", "and", "small", "machines"]
 
 
 def make_text(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20, 80)) -> list[str]:
@@ -38,8 +35,14 @@ def tiny_tokenizer():
 
 
 def tiny_model(kind: str = "llama", n_layers: int = 3, d: int = 32, vocab: int = 300, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig
-    from transformers import LlamaForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if kind == "llama":
