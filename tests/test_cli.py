@@ -1,0 +1,84 @@
+"""The command line: flags from the configs, one-line errors for bad input, secrets kept out of outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sae_core.__main__ import build_parser, main, parse_run_config
+
+TINY = ["--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4"]
+
+
+def test_every_config_field_is_a_flag_with_help():
+    text = build_parser().format_help()
+    for flag in ("--expansion_factor", "--k", "--num_latents", "--layers", "--layer_stride", "--grad_acc_steps",
+                 "--micro_acc_steps", "--distribute_layers", "--load_in_8bit", "--auxk_alpha", "--resume",
+                 "--exclude_tokens", "--save_every", "--run_name", "--dead_feature_threshold"):
+        assert flag in text
+    assert "Number of latents kept active per token" in text
+
+
+def test_flag_values_parse_like_the_seed_cli():
+    cfg = parse_run_config(["m", "d", "--layers", "16", "24", "--distribute_layers", "--normalize_decoder", "false",
+                            "--lr", "1e-3", "--k", "64", "--max_tokens", "none"])
+    assert (cfg.model, cfg.dataset, cfg.layers, cfg.distribute_layers) == ("m", "d", [16, 24], True)
+    assert cfg.sae.normalize_decoder is False and cfg.sae.k == 64 and cfg.lr == 1e-3 and cfg.max_tokens is None
+    demo = parse_run_config([])
+    assert demo.model is None and demo.ctx_len == 256 and demo.sae.expansion_factor == 16
+
+
+def test_typo_in_a_flag_is_one_line_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_run_config(["m", "--lyers", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "--lyers (did you mean --layers?)" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--k", "0"], "k must be a positive integer"),
+        (["--expansion_factor", "0"], "expansion_factor must be a positive integer"),
+        (["--k", "100"], "k=100 exceeds the 64 latents"),
+        (["--layers", "7"], "layer index 7 out of range: this model has 3 layers"),
+        (["--ctx_len", "100000"], "ctx_len=100000 exceeds the model's maximum context of 512"),
+        (["--text_column", "body"], "text column 'body' not found"),
+        (["--batch_size", "100000"], "dataset too small for one optimizer step"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, tiny_model_dir, tiny_text_file, args, message):
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_model_dir), str(tiny_text_file), *TINY, "--save_dir", str(tmp_path), *args])
+    text = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert message in text and text.strip().count("\n") == 0, text
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "nope"), "embedded", "--save_dir", str(tmp_path)])
+    assert "cannot load model" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_cli_trains_saves_eleuther_layout_and_never_writes_the_token(tmp_path, tiny_model_dir, tiny_text_file):
+    secret = "hf_SECRETtokenVALUE1234567890"
+    env = dict(os.environ, HF_TOKEN=secret, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    p = subprocess.run([sys.executable, "-m", "sae_core", str(tiny_model_dir), str(tiny_text_file), *TINY,
+                        "--layer_stride", "2", "--max_tokens", "600", "--save_dir", str(tmp_path), "--run_name", "r",
+                        "--hf_token", secret], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "r"
+    assert sorted(x.name for x in run.iterdir()) == ["layers.0", "layers.2", "metrics.jsonl", "run.json",
+                                                      "trainer_state"]
+    cfg = json.loads((run / "layers.2" / "cfg.json").read_text())
+    assert cfg["hookpoint"] == "layers.2" and cfg["d_in"] == 32 and cfg["expansion_factor"] == 2
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"fvu/layers.0", "dead_pct/layers.2", "auxk/layers.0", "lr", "tokens"} <= set(metrics)
+    assert secret not in p.stdout + p.stderr
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f

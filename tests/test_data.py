@@ -1,0 +1,68 @@
+"""chunk_and_tokenize and dataset loading."""
+
+import json
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from sae_core import ConfigError
+from sae_core.data import DatasetLoadError, chunk_and_tokenize, load_text_dataset
+from tests.tiny import make_text, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("batch_size, num_proc", [(7, 1), (50, 2)])
+def test_chunks_keep_every_token_across_map_batches(tok, batch_size, num_proc):
+    docs = make_text(120, seed=1)
+    out = chunk_and_tokenize(Dataset.from_dict({"text": docs}), tok, max_seq_len=33, batch_size=batch_size,
+                             num_proc=num_proc, load_from_cache_file=False)
+    rows = out[:]["input_ids"].tolist()
+    assert all(len(r) == 33 and r[0] == tok.bos_token_id for r in rows)
+    stream = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    body = [t for r in rows for t in r[1:]]
+    assert len(stream) - len(body) < 32  # only the final partial chunk is missing
+    assert body == stream[: len(body)]  # and nothing in the middle was dropped or reordered
+
+
+def test_return_final_batch_pads_the_tail(tok):
+    docs = make_text(10, seed=2)
+    full = chunk_and_tokenize(Dataset.from_dict({"text": docs}), tok, max_seq_len=40, return_final_batch=True)
+    cut = chunk_and_tokenize(Dataset.from_dict({"text": docs}), tok, max_seq_len=40)
+    assert len(full) == len(cut) + 1
+    assert full[len(full) - 1]["input_ids"].tolist()[-1] == tok.pad_token_id
+
+
+def test_missing_text_column_lists_the_columns(tok):
+    with pytest.raises(ConfigError, match=r"text column 'text' not found.*\['body'\]"):
+        chunk_and_tokenize(Dataset.from_dict({"body": ["a b"]}), tok)
+
+
+def test_local_sources(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", "three"]))
+    assert load_text_dataset(str(tmp_path / "a.jsonl"), shuffle_seed=None)["text"] == ["one", "two", "three"]
+
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    (txt / "1.txt").write_text("alpha\nbeta\n")
+    (txt / "2.txt").write_text("gamma\n")
+    assert sorted(load_text_dataset(str(txt))["text"]) == ["alpha", "beta", "gamma"]
+
+    DatasetDict({"train": Dataset.from_dict({"text": ["x"] * 5}), "validation": Dataset.from_dict({"text": ["y"]})}) \
+        .save_to_disk(str(tmp_path / "saved"))
+    assert load_text_dataset(str(tmp_path / "saved"), split="validation")["text"] == ["y"]
+    assert len(load_text_dataset(str(tmp_path / "saved"), max_examples=3)) == 3
+    with pytest.raises(ConfigError, match=r"split 'test' not found; it has splits \['train', 'validation'\]"):
+        load_text_dataset(str(tmp_path / "saved"), split="test")
+    with pytest.raises(ConfigError, match=r"text column 'content' not found .*\['text'\]"):
+        load_text_dataset(str(tmp_path / "a.jsonl"), text_column="content")
+
+
+def test_unknown_dataset_is_one_clear_line():
+    with pytest.raises(DatasetLoadError) as err:
+        load_text_dataset("no-such-user/no-such-dataset-xyz")
+    msg = str(err.value)
+    assert "no-such-user/no-such-dataset-xyz" in msg and "\n" not in msg and "save_to_disk" in msg
