@@ -58,12 +58,12 @@ class RunConfig(TrainConfig):
 # Used when no MODEL is given: a run that finishes in minutes on a laptop CPU. Explicit flags still win.
 DEMO_DEFAULTS = {
     "ctx_len": 256,
-    "batch_size": 16,
+    "batch_size": 8,
     "layer_stride": 8,
     "expansion_factor": 16,
-    "max_tokens": 400_000,
-    "lr_warmup_steps": 10,
-    "save_every": 50,
+    "max_tokens": 120_000,
+    "lr_warmup_steps": 5,
+    "save_every": 20,
     "run_name": "smollm2-135m-demo",
 }
 
