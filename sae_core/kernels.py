@@ -43,11 +43,14 @@ class _TopKEncode(torch.autograd.Function):
             pre = F.linear(x.to(compute_dtype), weight.to(compute_dtype), bias.to(compute_dtype))
         else:
             pre = torch.addmm(bias, x, weight.t())
-        pre.relu_()
+        # ReLU is monotonic, so top-k of ReLU(pre) = ReLU(top-k of pre): apply it to the k survivors only
+        # instead of making a pass over the N x M matrix.
         acts, idx = pre.topk(k, dim=1, sorted=False)
+        acts.relu_()
         if dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0:
             candidates = pre.index_select(1, dead_idx)
             aux_acts, pos = candidates.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
+            aux_acts.relu_()
             aux_idx = dead_idx[pos]
         else:
             aux_acts = x.new_zeros(x.shape[0], 0, dtype=pre.dtype)

@@ -1,0 +1,79 @@
+"""One SAE training step (forward, backward, Adam, decoder constraints) against the matmul roofline.
+
+    python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32] [--repeat 5]
+
+Roofline ratio = time of the single dense N x d x M product (same dtype, same process) / time of the step.
+The step cannot be faster than that product, which it must compute once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import append_row  # noqa: E402
+from sae_core import Sae, SaeConfig  # noqa: E402
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--expansion", type=int, default=32)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    n, d, m = args.n, args.d, args.d * args.expansion
+    x = torch.randn(n, d, device=dev)
+    rows = []
+    for name, compute in (("fp32", None), ("bf16", torch.bfloat16)):
+        sae = Sae(d, SaeConfig(expansion_factor=args.expansion, k=args.k), device=dev)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        dead = torch.zeros(m, dtype=torch.bool, device=dev)
+
+        def step():
+            out = sae(x, dead, compute_dtype=compute)
+            (out.fvu + out.auxk_loss / 32).backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sae.set_decoder_norm_to_unit_norm()
+
+        dt = compute or torch.float32
+        xa, wa = x.to(dt), sae.encoder.weight.detach().to(dt)
+        t_mm = timed(lambda: xa @ wa.T, args.repeat)
+        t_step = timed(step, args.repeat)
+        gflops = 2 * n * d * m / t_mm / 1e9
+        rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops))
+    print(f"SAE step, N={n} d={d} M={m} k={args.k} on {dev}")
+    print(f"{'dtype':6} {'tokens/s':>10} {'matmul s':>9} {'step s':>8} {'roofline':>9} {'GFLOP/s':>8}")
+    for r in rows:
+        print(f"{r[0]:6} {r[1]:10,.0f} {r[2]:9.3f} {r[3]:8.3f} {r[4]:9.2f} {r[5]:8.0f}")
+    if not args.no_record:
+        append_row("sae_step", "; ".join(
+            f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2]:.3f} s, step {r[3]:.3f} s)" for r in rows
+        ) + f" [N={n}, d={d}, M={m}, k={args.k}]")
+
+
+if __name__ == "__main__":
+    main()
