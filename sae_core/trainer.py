@@ -142,6 +142,8 @@ class SaeTrainer:
         self.tokens_seen = 0
         self.wall_time = 0.0
         self.b_dec_initialised = False
+        # Where the time goes (reported in run.json; benchmarks/train_e2e.py reads it).
+        self.timings = {"lm_forward_s": 0.0, "sae_s": 0.0}
 
         self.seq_len, n_seq = self._dataset_shape()
         per_batch = cfg.batch_size * self.ctx.world_size
@@ -195,8 +197,12 @@ class SaeTrainer:
         b = self.cfg.batch_size
         my_ids = global_ids[self.ctx.rank * b : (self.ctx.rank + 1) * b]
         device = self.ctx.device
+        t0 = time.perf_counter()
         with torch.no_grad(), capture_residuals(self.model, self.hookpoints) as acts:
             run_until_captured(self.model, my_ids.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings["lm_forward_s"] += time.perf_counter() - t0
         for h, a in acts.items():
             if a.shape[-1] != self.d_in:
                 raise ConfigError(f"{h} has width {a.shape[-1]}, expected the model's hidden size {self.d_in}")
@@ -237,6 +243,7 @@ class SaeTrainer:
                 self._init_b_dec(h, torch.cat([inputs[h] for inputs in batches]))
             self.b_dec_initialised = True
         for inputs in batches:
+            t0 = time.perf_counter()
             for h, x in inputs.items():
                 sae = self.saes[h]
                 stats[h].add(x)
@@ -249,7 +256,9 @@ class SaeTrainer:
                     fired[h][live.cpu()] = True
                     sse[h] += out.fvu.item()
                     aux[h] += out.auxk_loss.item()
+            self.timings["sae_s"] += time.perf_counter() - t0
 
+        t0 = time.perf_counter()
         lr = self._lr_at(self.step)
         metrics: dict[str, float] = {}
         for h in self.local:
@@ -290,6 +299,7 @@ class SaeTrainer:
             if cfg.sae.normalize_decoder:
                 sae.set_decoder_norm_to_unit_norm()
         metrics["lr"] = lr
+        self.timings["sae_s"] += time.perf_counter() - t0
         return metrics
 
     @torch.no_grad()
@@ -431,6 +441,7 @@ class SaeTrainer:
                 "wall_time_s": round(self.wall_time, 3),
                 "world_size": self.ctx.world_size,
                 "distribute_layers": self.distributed_layers,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()},
             }
             info.setdefault("config", {k: v for k, v in self.cfg.to_dict().items() if k != "hf_token"})
             from . import __version__
