@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .utils import natural_key
+
 TAGS = ["sparse-autoencoder", "sae", "topk-sae", "interpretability", "sae_core"]
 
 # Keys whose *name* says they hold a credential. "tokens", "max_tokens", "tokenizer" stay: they are counts/names.
@@ -73,11 +75,6 @@ def hub_id_or_none(name: Any) -> str | None:
     if isinstance(name, str) and _HUB_ID.fullmatch(name) and ".." not in name:
         return name
     return None
-
-
-def natural_key(name: str) -> list[Any]:
-    """Sort key that puts layers.2 before layers.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def render_model_card(

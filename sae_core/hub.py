@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sae_core.card import natural_key, render_model_card
+from sae_core.card import render_model_card
+from sae_core.utils import fsync_dir, natural_key
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def _publish_to_folder(
             old = Path(tempfile.mkdtemp(prefix=f".{local_dir.name}.old-", dir=local_dir.parent))
             os.replace(local_dir, old / "previous")
         os.replace(staging, local_dir)
-        _fsync_dir(local_dir.parent)
+        fsync_dir(local_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -335,14 +336,6 @@ def _same_bytes(a: Path, b: Path) -> bool:
                 return False
             if not block_a:
                 return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
