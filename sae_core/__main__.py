@@ -63,6 +63,9 @@ DEMO_DEFAULTS = {
     "expansion_factor": 16,
     "max_tokens": 120_000,
     "lr_warmup_steps": 5,
+    # Gao et al.'s default LR suits runs of millions of tokens; for 60 steps a larger one reaches a far lower
+    # FVU (measured on layers.8: 0.56 at the default 2.7e-4, 0.19 at 2e-3).
+    "lr": 2e-3,
     "save_every": 20,
     "run_name": "smollm2-135m-demo",
 }
