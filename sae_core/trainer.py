@@ -409,46 +409,59 @@ class SaeTrainer:
         """Write the SAE folders, this rank's trainer state and run.json; every rank reaches the same barriers."""
         writes_state = self.distributed_layers or self.ctx.is_main
         if writes_state:
-            for h, sae in self.saes.items():
-                sae.save_to_disk(self.run_dir / h)
-            state = {
-                "step": self.step,
-                "tokens": self.tokens_seen,
-                "wall_time": self.wall_time,
-                "world_size": self.ctx.world_size,
-                "distribute_layers": self.distributed_layers,
-                "hookpoints": list(self.local),
-                "config": json.dumps(self._config_for_state(), sort_keys=True),
-                "saes": {h: sae.state_dict() for h, sae in self.saes.items()},
-                "optimizer": self.optimizer.state_dict() if self.optimizer else {},
-                "tokens_since_fired": dict(self.tokens_since_fired),
-                "b_dec_initialised": self.b_dec_initialised,
-            }
-            ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
+            try:
+                self._write_checkpoint()
+            except OSError as e:
+                # Disk full, quota, permissions: every write is atomic, so what was saved before is intact.
+                raise ckpt.CheckpointError(
+                    f"cannot write the checkpoint of step {self.step} to {self.run_dir}: {e.strerror or e}; "
+                    "the previous checkpoint is intact (free space, then resume with --resume)"
+                ) from None
         barrier(self.ctx)
         if writes_state:
             ckpt.prune_states(self.run_dir, self.ctx.rank, self.step)
         if self.ctx.is_main:
-            info = {
-                **self.run_info,
-                "hookpoints": self.hookpoints,
-                "tokens": self.tokens_seen,
-                "steps": self.step,
-                "total_steps": self.total_steps,
-                # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
-                "train_sequences": self.total_steps * self.cfg.grad_acc_steps * self.cfg.batch_size * self.ctx.world_size,
-                "seq_len": self.seq_len,
-                "wall_time_s": round(self.wall_time, 3),
-                "world_size": self.ctx.world_size,
-                "distribute_layers": self.distributed_layers,
-                "timings": {k: round(v, 3) for k, v in self.timings.items()},
-            }
-            info.setdefault("config", {k: v for k, v in self.cfg.to_dict().items() if k != "hf_token"})
-            from . import __version__
-
-            info["sae_core_version"] = __version__
-            atomic_write_json(self.run_dir / "run.json", info)
+            self._write_run_info()
         barrier(self.ctx)
+
+    def _write_checkpoint(self) -> None:
+        for h, sae in self.saes.items():
+            sae.save_to_disk(self.run_dir / h)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "wall_time": self.wall_time,
+            "world_size": self.ctx.world_size,
+            "distribute_layers": self.distributed_layers,
+            "hookpoints": list(self.local),
+            "config": json.dumps(self._config_for_state(), sort_keys=True),
+            "saes": {h: sae.state_dict() for h, sae in self.saes.items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "tokens_since_fired": dict(self.tokens_since_fired),
+            "b_dec_initialised": self.b_dec_initialised,
+        }
+        ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
+
+    def _write_run_info(self) -> None:
+        info = {
+            **self.run_info,
+            "hookpoints": self.hookpoints,
+            "tokens": self.tokens_seen,
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
+            "train_sequences": self.total_steps * self.cfg.grad_acc_steps * self.cfg.batch_size * self.ctx.world_size,
+            "seq_len": self.seq_len,
+            "wall_time_s": round(self.wall_time, 3),
+            "world_size": self.ctx.world_size,
+            "distribute_layers": self.distributed_layers,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+        info.setdefault("config", {k: v for k, v in self.cfg.to_dict().items() if k != "hf_token"})
+        from . import __version__
+
+        info["sae_core_version"] = __version__
+        atomic_write_json(self.run_dir / "run.json", info)
 
     def _resume(self) -> None:
         writers = self.ctx.world_size if self.distributed_layers else 1
