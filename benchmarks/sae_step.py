@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_row  # noqa: E402
 from sae_core import Sae, SaeConfig  # noqa: E402
+from sae_core.trainer import make_adam  # noqa: E402
 
 
 def timed(fn, repeat: int) -> float:
@@ -48,7 +49,7 @@ def main() -> None:
     rows = []
     for name, compute in (("fp32", None), ("bf16", torch.bfloat16)):
         sae = Sae(d, SaeConfig(expansion_factor=args.expansion, k=args.k), device=dev)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        opt = make_adam(list(sae.parameters()), 1e-4)
         dead = torch.zeros(m, dtype=torch.bool, device=dev)
 
         def step():
