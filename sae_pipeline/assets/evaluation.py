@@ -1,0 +1,95 @@
+"""sae_evaluation: sae_core's evaluation report for one model x stride, judged by blocking quality checks."""
+
+# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from ..checks import quality_check_results, quality_check_specs
+from ..partitions import model_stride_partitions
+from ..resources import ArtefactStore, ModelRegistry
+from .common import model_and_stride, staging_dir, swap_in
+from .training import sae_checkpoints
+
+SUMMARY_METRICS = ("fvu", "l0", "dead_pct_eval", "delta_ce", "kl", "loss_recovered_zero")
+
+
+class EvaluationConfig(dg.Config):
+    """Per-run overrides of the registry's evaluation settings."""
+
+    max_tokens: int | None = Field(default=None, gt=0, description="Evaluate on this many held-out tokens.")
+    batch_size: int | None = Field(default=None, gt=0, description="Sequences per forward pass.")
+
+
+@dg.asset(
+    partitions_def=model_stride_partitions,
+    deps=[sae_checkpoints],
+    check_specs=quality_check_specs(),
+    group_name="sae",
+    kinds={"pytorch"},
+    description="FVU, L0, dead latents, ΔCE and KL with each SAE spliced into the model, on held-out tokens "
+    "(sae_core.evaluate); <root>/evaluations/<model>/stride-<s>/report.{json,md} and plots.",
+)
+def sae_evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    registry: ModelRegistry,
+    artefacts: ArtefactStore,
+) -> dg.MaterializeResult:
+    from sae_core.evaluate import evaluate_run
+
+    key, entry = model_and_stride(context, registry)
+    run_dir = artefacts.run_dir(key.model, key.stride)
+    if not (run_dir / "run.json").is_file():
+        raise dg.Failure(
+            description=f"no trained SAEs in {run_dir}: materialize sae_checkpoints for this partition first",
+            allow_retries=False,
+        )
+    target = artefacts.eval_dir(key.model, key.stride)
+    staging = staging_dir(target)
+    try:
+        report = evaluate_run(
+            entry.model, str(run_dir),
+            max_tokens=config.max_tokens or entry.eval.max_tokens,
+            batch_size=config.batch_size or entry.eval.batch_size,
+            out_dir=staging,
+        )
+        swap_in(staging, target)  # publishing never sees half a report
+    except (ValueError, OSError) as e:  # EvalError, ModelLoadError, SaeLoadError, missing files
+        raise dg.Failure(description=f"evaluation of {run_dir} failed: {e}", allow_retries=False) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    result = report.to_dict()
+    context.log.info("evaluation:\n" + report.to_markdown())
+    return dg.MaterializeResult(
+        metadata=evaluation_metadata(result, target, report.to_markdown()),
+        check_results=quality_check_results(result, entry.thresholds),
+    )
+
+
+def evaluation_metadata(report: dict[str, Any], folder: Path, table: str) -> dict[str, Any]:
+    hookpoints: dict[str, dict[str, Any]] = report.get("hookpoints", {})
+    settings = report.get("settings", {})
+    metadata: dict[str, Any] = {
+        "path": dg.MetadataValue.path(str(folder)),
+        "tokens": int(settings.get("tokens", 0)),
+        "held_out": str(settings.get("held_out", "")),
+        "report": dg.MetadataValue.md(table),
+    }
+    for metric in SUMMARY_METRICS:
+        values = [m[metric] for m in hookpoints.values() if m.get(metric) is not None]
+        if values:
+            worst = min(values) if metric == "loss_recovered_zero" else max(values)
+            metadata[f"{metric}_worst"] = float(worst)
+    plots = sorted(folder.glob("*.png"))
+    if plots:
+        # The UI renders Markdown images from data URIs: the plots show in the asset's metadata panel.
+        images = [f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
+                  for p in plots]
+        metadata["plots"] = dg.MetadataValue.md("\n\n".join(images))
+    return metadata

@@ -1,0 +1,82 @@
+"""published_saes: the trained SAEs with their evaluation and a model card, on the Hub or in a local
+folder."""
+
+# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from ..checks import failed_checks, quality_check_results
+from ..partitions import model_stride_partitions
+from ..resources import ArtefactStore, HubPublisher, ModelRegistry
+from .common import model_and_stride
+from .evaluation import sae_evaluation
+
+
+class PublishConfig(dg.Config):
+    """Per-run overrides of where to publish."""
+
+    repo_id: str | None = Field(
+        default=None, description="Hub repo for this run (overrides the hub resource's repo_template)."
+    )
+
+
+@dg.asset(
+    partitions_def=model_stride_partitions,
+    deps=[sae_evaluation],
+    group_name="sae",
+    kinds={"huggingface"},
+    description="The SAEs, their evaluation report and plots, and a model card: one Hub commit when the hub "
+    "resource has a repo template, else <root>/published/<model>/stride-<s>/. Skipped when a quality check "
+    "failed.",
+)
+def published_saes(
+    context: dg.AssetExecutionContext,
+    config: PublishConfig,
+    registry: ModelRegistry,
+    artefacts: ArtefactStore,
+    hub: HubPublisher,
+) -> dg.MaterializeResult:
+    from sae_core.hub import publish
+
+    key, entry = model_and_stride(context, registry)
+    run_dir = artefacts.run_dir(key.model, key.stride)
+    eval_dir = artefacts.eval_dir(key.model, key.stride)
+    try:
+        report = json.loads((eval_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        raise dg.Failure(
+            description=f"no evaluation report in {eval_dir}: materialize sae_evaluation for this partition "
+            "first",
+            allow_retries=False,
+        ) from None
+    # The checks block this step in the run that evaluated; a run that selects publishing alone is held to the
+    # same bars here, so SAEs below them are never published.
+    failed = failed_checks(quality_check_results(report, entry.thresholds))
+    if failed:
+        reasons = "; ".join(failed)
+        raise dg.Failure(description=f"refusing to publish, quality checks failed: {reasons}",
+                         allow_retries=False)
+
+    try:
+        repo_id = config.repo_id or hub.repo_id(key.model, key.stride)
+        result = publish(
+            run_dir, repo_id, token=hub.token or None, endpoint=hub.endpoint, private=hub.private,
+            commit_message=f"SAEs for {key.model}, stride {key.stride} (Dagster run {context.run.run_id})",
+            eval_dir=eval_dir, local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
+        )
+    except (ValueError, OSError) as e:  # sae_core.hub's messages are one line and never hold the token
+        raise dg.Failure(description=f"publishing {run_dir} failed: {e}") from None
+    context.log.info(result.describe())
+    metadata: dict[str, object] = {
+        "revision": result.revision,
+        "url": dg.MetadataValue.url(result.url),
+        "created_commit": result.created_commit,
+    }
+    if result.repo_id:
+        metadata["repo"] = result.repo_id
+    else:
+        metadata["path"] = dg.MetadataValue.path(str(result.local_dir))
+        metadata["card"] = dg.MetadataValue.path(str(result.local_dir / "README.md"))
+    return dg.MaterializeResult(metadata=metadata)

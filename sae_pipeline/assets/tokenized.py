@@ -1,0 +1,103 @@
+"""tokenized_dataset: a model's training text, tokenized with its tokenizer and cut into ctx_len sequences."""
+
+# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
+import json
+import os
+import shutil
+
+import dagster as dg
+
+from ..partitions import model_partitions
+from ..resources import ArtefactStore, ModelRegistry
+from .common import registry_entry, staging_dir, swap_in
+
+PIPELINE_INFO = "pipeline.json"  # written next to the dataset files: what it was made from
+
+
+@dg.asset(
+    partitions_def=model_partitions,
+    group_name="sae",
+    kinds={"python"},
+    description="The registry entry's dataset, tokenized with the model's tokenizer into ctx_len sequences "
+    "(chunk_and_tokenize), saved with Dataset.save_to_disk under <root>/tokenized/<model>/.",
+)
+def tokenized_dataset(
+    context: dg.AssetExecutionContext, registry: ModelRegistry, artefacts: ArtefactStore
+) -> dg.MaterializeResult:
+    from transformers import AutoTokenizer
+
+    from sae_core.config import ConfigError
+    from sae_core.data import DatasetLoadError, chunk_and_tokenize, load_text_dataset
+    from sae_core.embedded import embedded_corpus_fingerprint, embedded_model_path, is_embedded_model
+
+    entry = registry_entry(registry, context.partition_key)
+    target = artefacts.tokenized_dir(entry.name)
+    token = os.environ.get("HF_TOKEN") or None
+    embedded_data = entry.dataset in ("embedded", "python-docs")
+    try:
+        model_path = str(embedded_model_path()) if is_embedded_model(entry.model) else entry.model
+        tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
+    except (OSError, ValueError, ModuleNotFoundError) as e:
+        raise dg.Failure(
+            description=f"cannot load the tokenizer of model {entry.model!r} (registry entry "
+            f"{entry.name!r}): {_first_line(e)}",
+            allow_retries=False,
+        ) from None
+    try:
+        texts = load_text_dataset(
+            None if embedded_data else entry.dataset, split=entry.split, text_column=entry.text_column,
+            data_args=entry.data_args, max_examples=entry.max_examples, shuffle_seed=entry.shuffle_seed,
+            token=token,
+        )
+        context.log.info(f"tokenizing {len(texts):,} documents into rows of {entry.ctx_len} tokens")
+        sequences = chunk_and_tokenize(
+            texts, tokenizer, text_key=entry.text_column, max_seq_len=entry.ctx_len
+        )
+    except (DatasetLoadError, ConfigError) as e:
+        raise dg.Failure(
+            description=f"dataset {entry.dataset!r} of registry entry {entry.name!r}: {_first_line(e)}",
+            allow_retries=False,
+        ) from None
+    if len(sequences) == 0:
+        raise dg.Failure(
+            description=f"dataset {entry.dataset!r} yields no full {entry.ctx_len}-token sequence: use more "
+            "documents (max_examples) or a smaller ctx_len",
+            allow_retries=False,
+        )
+
+    fingerprint = embedded_corpus_fingerprint() if embedded_data else getattr(texts, "_fingerprint", None)
+    info = {
+        "registry_entry": entry.tokenization_settings(),
+        "documents": len(texts),
+        "sequences": len(sequences),
+        "tokens": len(sequences) * entry.ctx_len,
+        "dataset_fingerprint": fingerprint,
+        "tokenizer": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "dagster_run_id": context.run.run_id,
+    }
+    # Written aside and renamed into place: a training run reading the previous version keeps a whole dataset.
+    staging = staging_dir(target)
+    try:
+        sequences.save_to_disk(str(staging))
+        (staging / PIPELINE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    context.log.info(f"saved {len(sequences):,} sequences ({info['tokens']:,} tokens) to {target}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "sequences": len(sequences),
+            "tokens": info["tokens"],
+            "ctx_len": entry.ctx_len,
+            "documents": len(texts),
+            "tokenizer": f"{entry.model} ({type(tokenizer).__name__}, vocab {len(tokenizer):,})",
+            "dataset": entry.dataset,
+            "dataset_fingerprint": str(fingerprint),
+        }
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

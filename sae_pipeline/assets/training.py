@@ -1,0 +1,121 @@
+"""sae_checkpoints: TopK SAEs on every stride-th layer of a model, trained by `torchrun ... -m sae_core`.
+
+The training runs in torchrun's processes, never in the step process: the step builds the command, launches it
+through Dagster Pipes (sae_pipeline.torchrun) and reports what global rank 0 sent back.
+
+A run folder with an unfinished checkpoint (a failed or cancelled run) is resumed, so re-running a failed
+partition loses at most the steps since the last checkpoint. A finished run is kept as `stride-<s>.previous`
+and training starts over (the retraining schedule); `restart: true` in the run config also discards an
+unfinished one.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from ..partitions import model_stride_partitions
+from ..resources import ArtefactStore, ModelRegistry, TorchrunLauncher
+from ..torchrun import run_torchrun
+from .common import model_and_stride
+from .tokenized import tokenized_dataset
+
+
+class TrainingConfig(dg.Config):
+    """Per-run overrides of the registry's training settings."""
+
+    max_tokens: int | None = Field(default=None, gt=0, description="Train on at most this many tokens.")
+    restart: bool = Field(
+        default=False, description="Discard an unfinished checkpoint instead of resuming it."
+    )
+
+
+@dg.asset(
+    partitions_def=model_stride_partitions,
+    deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
+    group_name="sae",
+    kinds={"pytorch"},
+    description="SAEs on every stride-th layer, trained by torchrun (sae_core) on the tokenized dataset; "
+    "<root>/runs/<model>/stride-<s>/<hookpoint>/{cfg.json,sae.safetensors}, run.json, metrics.jsonl.",
+)
+def sae_checkpoints(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    registry: ModelRegistry,
+    artefacts: ArtefactStore,
+    launcher: TorchrunLauncher,
+):
+    key, entry = model_and_stride(context, registry)
+    data = artefacts.tokenized_dir(key.model)
+    if not (data / "dataset_info.json").is_file():
+        raise dg.Failure(
+            description=f"no tokenized dataset for {key.model} at {data}: materialize tokenized_dataset for "
+            f"partition {key.model!r} first (tokenize_job)",
+            allow_retries=False,
+        )
+    try:
+        launcher.check()
+    except ValueError as e:
+        raise dg.Failure(description=f"launcher resource: {e}", allow_retries=False) from None
+    run_dir = artefacts.run_dir(key.model, key.stride)
+    with artefacts.exclusive(run_dir):
+        resume = prepare_run_dir(run_dir, restart=config.restart, log=context.log)
+        args = [
+            entry.model, str(data), "--ctx_len", str(entry.ctx_len), "--layer_stride", str(key.stride),
+            # The tokenize asset shuffled the documents already. Shuffling again would make `datasets` write
+            # an index cache into the tokenized folder, which every stride of the model reads: it must stay
+            # read-only.
+            "--shuffle_seed", "none",
+            *entry.train_args(),
+            # A repeated flag: argparse keeps the last value, so the run config wins over the registry.
+            *(["--max_tokens", str(config.max_tokens)] if config.max_tokens else []),
+            "--save_dir", str(run_dir.parent), "--run_name", run_dir.name,
+            *(["--resume"] if resume else []),
+        ]
+        results = run_torchrun(
+            context,
+            launcher.command(args, run_id=context.run.run_id),
+            env=launcher.env(),
+            termination_timeout_s=launcher.termination_timeout_s,
+            extras={"model": key.model, "stride": key.stride},
+            metadata={
+                "resumed": resume, "nproc_per_node": launcher.nproc_per_node, "nnodes": launcher.nnodes
+            },
+        )
+    if not results:
+        raise dg.Failure(description="training finished but rank 0 reported nothing (see the step's stderr)")
+    yield from results
+
+
+def prepare_run_dir(run_dir: Path, *, restart: bool, log) -> bool:
+    """Get `run_dir` ready for training; True when the run should resume its checkpoint."""
+    from sae_core.checkpoint import has_state
+
+    if not run_dir.exists():
+        return False
+    if not has_state(run_dir):
+        # Leftovers of a run that died before its first checkpoint (a metrics.jsonl, empty folders): start
+        # clean.
+        shutil.rmtree(run_dir)
+        return False
+    finished = _is_finished(run_dir)
+    if not finished and not restart:
+        log.info(f"resuming the unfinished run in {run_dir}")
+        return True
+    previous = run_dir.with_name(run_dir.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    run_dir.rename(previous)
+    state = "finished" if finished else "unfinished (restart: true)"
+    log.info(f"{state} run moved to {previous}; training afresh")
+    return False
+
+
+def _is_finished(run_dir: Path) -> bool:
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        return int(info["steps"]) >= int(info["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

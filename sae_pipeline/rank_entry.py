@@ -1,0 +1,190 @@
+"""What each torchrun rank runs: `python -m sae_pipeline.rank_entry <python -m sae_core arguments>`.
+
+It is `python -m sae_core` plus three things the pipeline needs, so that sae_core never imports Dagster:
+
+- the rank asks the kernel for SIGTERM when its parent (torchrun) dies, first thing, before the slow imports;
+- global rank 0, and only it, opens the Dagster Pipes session that every rank inherited in its environment: it
+  streams training progress (from the run's metrics.jsonl) into the run's log and, at the end, reports the
+  materialization with the run's metrics;
+- a rank that fails writes its traceback to $SAE_PIPELINE_RANK_ERRORS/rank<R>.txt, which the step failure
+  quotes.
+
+This module imports only the standard library and dagster_pipes at the top: it runs once per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+# The same name as in sae_pipeline.torchrun, which is not imported here because it needs dagster.
+RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
+PROGRESS_INTERVAL_S = 2.0
+_TRACEBACK_LINES = 30
+
+
+def main(argv: list[str] | None = None) -> None:
+    _die_with_parent()
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+        if rank == 0 and PipesEnvVarParamsLoader().is_dagster_pipes_process():
+            with open_dagster_pipes() as pipes:
+                train(argv, pipes)
+        else:
+            train(argv, None)
+    except BaseException as error:
+        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+            _record_failure(rank, error)
+        raise
+
+
+def train(argv: list[str], pipes: Any | None) -> None:
+    """Train as `python -m sae_core argv` would; with `pipes`, report progress and the result to Dagster."""
+    from sae_core.__main__ import parse_run_config, run
+
+    cfg = _parse(argv, parse_run_config)
+    run_dir = Path(cfg.save_dir) / (cfg.run_name or "run")
+    progress = _MetricsTail(run_dir / "metrics.jsonl", pipes) if pipes is not None else None
+    try:
+        final = run(cfg)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if pipes is not None:
+        pipes.report_asset_materialization(metadata=run_metadata(run_dir, final))
+
+
+def _parse(argv: list[str], parse_run_config: Any) -> Any:
+    """parse_run_config, but a usage error becomes an exception that carries argparse's message."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parse_run_config(argv)
+    except SystemExit:
+        raise ValueError(f"invalid training arguments: {captured.getvalue().strip()}") from None
+
+
+def run_metadata(run_dir: Path, final: dict[str, float] | None = None) -> dict[str, Any]:
+    """Materialization metadata of a finished run: from run.json and the final metrics."""
+    info = json.loads((run_dir / "run.json").read_text())
+    final = dict(final or {}) or _last_metrics(run_dir / "metrics.jsonl")
+    hookpoints = list(info.get("hookpoints", []))
+    fvu = {h: final.get(f"fvu/{h}") for h in hookpoints}
+    dead = {h: final.get(f"dead_pct/{h}") for h in hookpoints}
+    rows = ["| hookpoint | FVU | dead % |", "|---|---|---|"]
+    rows += [f"| `{h}` | {_fmt(fvu[h])} | {_fmt(dead[h])} |" for h in hookpoints]
+    metadata: dict[str, Any] = {
+        "path": {"type": "path", "raw_value": str(run_dir)},
+        "tokens": int(info.get("tokens", 0)),
+        "steps": int(info.get("steps", 0)),
+        "wall_time_s": float(info.get("wall_time_s", 0.0)),
+        "world_size": int(info.get("world_size", 1)),
+        "hookpoints": {"type": "json", "raw_value": hookpoints},
+        "final_metrics": {"type": "md", "raw_value": "\n".join(rows)},
+    }
+    known_fvu = [v for v in fvu.values() if v is not None]
+    known_dead = [v for v in dead.values() if v is not None]
+    if known_fvu:
+        metadata["fvu_mean"] = sum(known_fvu) / len(known_fvu)
+        metadata["fvu_max"] = max(known_fvu)
+    if known_dead:
+        metadata["dead_pct_max"] = max(known_dead)
+    # One number per layer as well, so the UI can plot each across materializations.
+    for h in hookpoints:
+        if fvu[h] is not None:
+            metadata[f"fvu/{h}"] = float(fvu[h])
+        if dead[h] is not None:
+            metadata[f"dead_pct/{h}"] = float(dead[h])
+    return metadata
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _last_metrics(path: Path) -> dict[str, float]:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+class _MetricsTail:
+    """Follow metrics.jsonl from its current end and log each new record to Dagster (at most every 2 s)."""
+
+    def __init__(self, path: Path, pipes: Any) -> None:
+        self.path, self.pipes = path, pipes
+        # A resumed run appends to the file of the earlier attempt: report only what this attempt writes.
+        self.offset = path.stat().st_size if path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="metrics-tail", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(PROGRESS_INTERVAL_S):
+            self._report_new()
+        self._report_new()
+
+    def _report_new(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        records = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+        if records:
+            self.pipes.log.info(progress_line(records[-1]))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    fvu = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("fvu/")}
+    dead = [v for k, v in record.items() if k.startswith("dead_pct/")]
+    per_layer = ", ".join(f"{h} {v:.3f}" for h, v in fvu.items())
+    mean = sum(fvu.values()) / len(fvu) if fvu else float("nan")
+    return (
+        f"step {record.get('step')}: {record.get('tokens', 0):,} tokens, "
+        f"{record.get('tokens_per_s', 0):,.0f} tok/s, FVU mean {mean:.3f} ({per_layer}), "
+        f"dead max {max(dead, default=0.0):.1f} %"
+    )
+
+
+def _record_failure(rank: int, error: BaseException) -> None:
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if not folder:
+        return
+    lines = "".join(traceback.format_exception(error)).splitlines()
+    text = "\n".join(lines[-_TRACEBACK_LINES:]) + "\n"
+    with contextlib.suppress(OSError):
+        Path(folder, f"rank{rank}.txt").write_text(text)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: SIGTERM this rank when torchrun dies, even when torchrun is SIGKILLed."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() == 1:  # torchrun died before we got here
+        sys.exit("torchrun exited before this rank started")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Launching torchrun from a Dagster step, through Dagster Pipes, without ever leaving a process behind.
+
+The stock `PipesSubprocessClient` is not enough for torchrun: on cancel it sends SIGINT to its direct child
+only and never escalates, and if the step process itself is killed, torchrun and its ranks (which torch starts
+in sessions of their own) are orphaned and keep the GPUs busy. So here:
+
+- torchrun starts in its own session (process group), with a parent-death signal: if the step process dies,
+  even by SIGKILL, the kernel sends torchrun SIGTERM, and torchrun stops its ranks. Each rank also asks for a
+  parent-death signal (sae_pipeline.rank_entry), in case torchrun itself is killed outright.
+- on cancel (Dagster raises DagsterExecutionInterruptedError in the step) the whole group gets SIGTERM, then
+  SIGKILL after `termination_timeout_s`, longer than the 30 s torchrun itself gives its ranks; anything of the
+  process tree still alive after that is killed by pid.
+- every rank inherits the Pipes environment, but only global rank 0 opens the Pipes session; ranks write their
+  traceback to a per-launch folder when they fail, and the step failure quotes the rank that failed first.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import dagster as dg
+import psutil
+
+RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
+_STDERR_TAIL_LINES = 40
+
+# Loaded before any fork: the child between fork and exec must not load libraries (locks held by other
+# threads).
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def run_torchrun(
+    context: dg.AssetExecutionContext,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    termination_timeout_s: float,
+    extras: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    cwd: str | None = None,
+) -> list[dg.MaterializeResult]:
+    """Run `command` (a torchrun command line) inside a Pipes session; return what rank 0 reported, with
+    `metadata` added to it.
+
+    Raises dg.Failure naming the failing rank and quoting its traceback when torchrun exits non-zero.
+    """
+    error_dir = Path(tempfile.mkdtemp(prefix="sae-pipeline-ranks-"))
+    try:
+        with dg.open_pipes_session(
+            context=context,
+            context_injector=dg.PipesTempFileContextInjector(),
+            message_reader=dg.PipesTempFileMessageReader(),
+            extras=dict(extras or {}),
+        ) as session:
+            full_env = {
+                **os.environ, **env, **session.get_bootstrap_env_vars(), RANK_ERRORS_ENV: str(error_dir),
+            }
+            context.log.info(f"launching {shlex.join(command)}")
+            parent = os.getpid()
+            process = subprocess.Popen(
+                list(command), env=full_env, cwd=cwd, stderr=subprocess.PIPE,
+                start_new_session=True, preexec_fn=lambda: _die_with(parent),
+            )
+            stderr_tail = _StderrTail(process.stderr)
+            try:
+                returncode = process.wait()
+            except BaseException:  # DagsterExecutionInterruptedError on cancel; anything else just the same
+                context.log.warning(
+                    f"interrupted: stopping torchrun (pid {process.pid}) and its ranks: SIGTERM, then "
+                    f"SIGKILL after {termination_timeout_s:.0f} s"
+                )
+                stop_process_tree(process, termination_timeout_s)
+                raise
+            finally:
+                stderr_tail.join(timeout=10)
+            if returncode != 0:
+                raise _launch_failure(returncode, command, error_dir, stderr_tail.lines())
+        added = {k: _metadata_value(v) for k, v in (metadata or {}).items()}
+        return list(session.get_results(metadata=added))
+    finally:
+        shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _metadata_value(value: Any) -> dg.MetadataValue:
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(value)
+    return dg.MetadataValue.text(str(value))
+
+
+def _die_with(parent: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies; exit at once if it already has."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def stop_process_tree(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM the process group of `process`, SIGKILL it after `timeout_s`, then kill any descendant left.
+
+    torch starts each rank in a session of its own, so ranks are outside the group: they are found by walking
+    the process tree (before torchrun exits and they are re-parented) and killed by pid if they outlive
+    torchrun.
+    """
+    known = _descendants(process.pid)
+    try:
+        _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and time.monotonic() < deadline:
+            known.update(_descendants(process.pid))
+            time.sleep(0.2)
+    finally:
+        # However we got here (timeout, a second interrupt, an error): nothing survives this block.
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+        alive = [p for p in known if p.is_running()]
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    if process.poll() is not None:  # reaped: its group id may belong to someone else by now
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _descendants(pid: int) -> set[psutil.Process]:
+    try:
+        return set(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return set()
+
+
+class _StderrTail:
+    """Forward a child's stderr to ours (Dagster captures it) and keep its last lines for the failure
+    message."""
+
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._stream = stream
+        self._thread = threading.Thread(target=self._pump, name="torchrun-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        if self._stream is None:
+            return
+        out = getattr(sys.stderr, "buffer", None)
+        for raw in iter(self._stream.readline, b""):
+            if out is not None:
+                out.write(raw)
+                out.flush()
+            else:
+                sys.stderr.write(raw.decode(errors="replace"))
+            # tqdm redraws with carriage returns: keep only what the terminal would show last.
+            line = raw.decode(errors="replace").rstrip("\n").split("\r")[-1].rstrip()
+            if line:
+                self._lines.append(line)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def lines(self) -> list[str]:
+        return list(self._lines)
+
+
+def rank_errors(error_dir: Path) -> list[tuple[int, str]]:
+    """(rank, traceback text) of every rank that reported a failure, the earliest first (the likely cause)."""
+    found = []
+    for path in error_dir.glob("rank*.txt"):
+        try:
+            found.append((path.stat().st_mtime, int(path.stem[4:]), path.read_text(errors="replace")))
+        except (OSError, ValueError):
+            continue
+    return [(rank, text) for _, rank, text in sorted(found)]
+
+
+def _launch_failure(
+    returncode: int, command: Sequence[str], error_dir: Path, stderr_tail: list[str]
+) -> dg.Failure:
+    errors = rank_errors(error_dir)
+    how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+    if errors:
+        rank, text = errors[0]
+        others = [r for r, _ in errors[1:]]
+        also = f" (ranks {others} failed after it)" if others else ""
+        description = f"training failed: rank {rank} raised{also}; torchrun ended with {how}.\n\n"
+        description += text.rstrip()
+    else:
+        rank, text = None, "\n".join(stderr_tail)
+        description = f"torchrun ended with {how} before any rank reported an error; its last output:\n\n"
+        description += text
+    metadata: dict[str, Any] = {
+        "exit_code": returncode,
+        "failed_rank": rank if rank is not None else "unknown",
+        "error": dg.MetadataValue.md(f"```\n{text.rstrip()}\n```"),
+        "command": shlex.join(command),
+    }
+    # Retrying a deterministic failure (a config error, a bug) only burns GPU time; retries are the caller's
+    # choice.
+    return dg.Failure(description=description, metadata=metadata, allow_retries=False)

@@ -1,0 +1,173 @@
+"""Each asset materialises on the tiny model (training on 2 torchrun ranks), in an ephemeral instance;
+failures (a quality check, a rank, missing inputs, a bad model) stop the right step with a message that says
+why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+import pytest
+
+from sae_pipeline.assets import published_saes, sae_checkpoints, sae_evaluation, tokenized_dataset
+from sae_pipeline.assets.training import prepare_run_dir
+from tests.pipeline.conftest import (
+    MODEL,
+    PARTITION,
+    failure_text,
+    materialize,
+    resources_for,
+    tiny_entry,
+    write_registry,
+)
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(asset)]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_tokenized_dataset_is_saved_with_its_metadata(trained):
+    meta = metadata_of(trained.tokenize, "tokenized_dataset")
+    folder = trained.root / "tokenized" / MODEL
+    assert meta["path"] == str(folder) and (folder / "dataset_info.json").is_file()
+    assert meta["sequences"] > 100 and meta["tokens"] == meta["sequences"] * 32 and meta["ctx_len"] == 32
+    assert meta["dataset_fingerprint"] not in ("", "None")
+    assert json.loads((folder / "pipeline.json").read_text())["sequences"] == meta["sequences"]
+
+
+def test_sae_checkpoints_trained_on_two_ranks_report_through_rank_zero(trained):
+    meta = metadata_of(trained.train, "sae_checkpoints")
+    run_dir = trained.root / "runs" / MODEL / "stride-2"
+    assert meta["path"] == str(run_dir) and meta["world_size"] == 2 and meta["resumed"] is False
+    assert meta["hookpoints"] == ["layers.0", "layers.2"]  # 3 layers, stride 2
+    assert meta["steps"] > 0 and meta["tokens"] > 0
+    for h in ("layers.0", "layers.2"):
+        assert 0 <= meta[f"fvu/{h}"] < 1.5 and (run_dir / h / "sae.safetensors").is_file()
+    # Progress streamed from rank 0 into the run's log, once (one Pipes session, not one per rank).
+    logs = [r.user_message for r in trained.instance.all_logs(trained.train.run_id) if r.user_message]
+    assert any(m.startswith("step ") and "FVU mean" in m for m in logs)
+    assert sum("successfully opened dagster pipes" in m for m in logs) == 1
+    # The tokenized folder every stride shares was only read.
+    assert not list((trained.root / "tokenized" / MODEL).glob("cache-*.arrow"))
+
+
+def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
+    meta = metadata_of(trained.train, "sae_evaluation")
+    assert meta["tokens"] > 0 and 0 <= meta["fvu_worst"] < 1.5 and "delta_ce_worst" in meta
+    assert meta["plots"].count("data:image/png;base64,") == 3
+    checks = {c.check_name: c.passed for c in trained.train.get_asset_check_evaluations()}
+    assert checks == {"fvu_below_threshold": True, "dead_pct_below_threshold": True,
+                      "delta_ce_below_threshold": True, "kl_below_threshold": True}
+
+
+def test_published_saes_land_in_the_partitions_folder_with_a_card(trained):
+    meta = metadata_of(trained.train, "published_saes")
+    folder = trained.root / "published" / MODEL / "stride-2"
+    assert meta["path"] == str(folder) and meta["created_commit"] is True
+    assert (folder / "README.md").is_file() and (folder / "eval" / "report.json").is_file()
+    assert sorted(p.name for p in folder.iterdir() if (p / "cfg.json").is_file()) == ["layers.0", "layers.2"]
+
+
+def test_publishing_again_is_idempotent(trained):
+    result = materialize([published_saes], PARTITION, trained.instance, trained.resources)
+    assert result.success, failure_text(result)
+    assert metadata_of(result, "published_saes")["created_commit"] is False
+
+
+def test_a_failed_quality_check_blocks_publishing(trained, tmp_path):
+    strict = write_registry(tmp_path / "strict.yaml", {**trained.entry, "thresholds": {"max_fvu": 1e-6}})
+    resources = {**trained.resources, "registry": resources_for(trained.root, strict)["registry"]}
+    card = trained.root / "published" / MODEL / "stride-2" / "README.md"
+    before = card.stat().st_mtime_ns
+
+    result = materialize([sae_evaluation, published_saes], PARTITION, trained.instance, resources)
+    assert not result.success
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["fvu_below_threshold"].passed and checks["kl_below_threshold"].passed
+    assert "published_saes" not in {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert "published_saes" not in {e.step_key for e in result.all_events if e.step_key and e.is_step_start}
+
+    # Selecting the publish step alone does not get around the bar either.
+    alone = materialize([published_saes], PARTITION, trained.instance, resources)
+    assert not alone.success
+    assert "refusing to publish, quality checks failed: fvu_below_threshold" in failure_text(alone)
+    assert card.stat().st_mtime_ns == before
+
+
+def test_a_torchrun_failure_surfaces_the_failing_ranks_error(trained, tmp_path):
+    failing = resources_for(trained.root, trained.registry, entry_module="tests.pipeline.failing_rank")
+    resources = {**trained.resources, "launcher": failing["launcher"]}
+    result = materialize([sae_checkpoints], f"{MODEL}|1", trained.instance, resources)
+    assert not result.success
+    text = failure_text(result)
+    assert "rank 1 raised" in text and "RuntimeError: injected fault on rank 1" in text
+    [failure] = result.get_step_failure_events()
+    assert failure.step_failure_data.user_failure_data.metadata["failed_rank"].value == 1
+
+
+def test_training_without_a_tokenized_dataset_says_what_to_run_first(trained, tmp_path):
+    resources = resources_for(tmp_path / "empty-root", trained.registry)
+    result = materialize([sae_checkpoints], PARTITION, trained.instance, resources)
+    assert "materialize tokenized_dataset for partition 'tiny' first" in failure_text(result)
+
+
+def test_an_unknown_model_fails_its_tokenize_run_with_the_reason(trained, tmp_path):
+    bad = tiny_entry(tmp_path / "no-such-model", trained.entry["dataset"], name="broken")
+    registry = write_registry(tmp_path / "models.yaml", trained.entry, bad)
+    trained.instance.add_dynamic_partitions("models", ["broken"])
+    resources = resources_for(tmp_path / "r", registry)
+    result = materialize([tokenized_dataset], "broken", trained.instance, resources)
+    assert "cannot load the tokenizer of model" in failure_text(result)
+    assert "no-such-model" in failure_text(result)
+    # A key that is not a partition is refused before any step runs.
+    with pytest.raises(Exception, match="Could not find a partition with key `absent`"):
+        materialize([tokenized_dataset], "absent", trained.instance, resources)
+
+
+@pytest.mark.parametrize(
+    ("state", "restart", "resumes", "moved"),
+    [("none", False, False, False), ("unfinished", False, True, False), ("unfinished", True, False, True),
+     ("finished", False, False, True)],
+)
+def test_a_failed_run_resumes_and_a_finished_one_starts_over(tmp_path, state, restart, resumes, moved):
+    run_dir = tmp_path / "stride-2"
+    (run_dir / "trainer_state").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    if state != "none":
+        (run_dir / "trainer_state" / "rank0-step000000005.pt").write_bytes(b"x")
+        steps = 5 if state == "unfinished" else 10
+        (run_dir / "run.json").write_text(json.dumps({"steps": steps, "total_steps": 10}))
+    assert prepare_run_dir(run_dir, restart=restart, log=dg.get_dagster_logger()) is resumes
+    assert (tmp_path / "stride-2.previous").exists() is moved
+    assert run_dir.exists() is resumes
+    shutil.rmtree(tmp_path)
+
+
+def test_publishing_to_a_hub_repo_reads_the_token_from_the_environment_only(trained, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from sae_pipeline.resources import HubPublisher
+    from tests.hub_server import HubServer
+
+    token = "hf_pipeline_test_token_0123456789"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the test server speaks LFS only
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.setenv("HF_TOKEN", token)
+    server = HubServer(tmp_path / "hub", tokens={token: "alice"}).start()
+    try:
+        hub = HubPublisher(repo_template="alice/sae-{model}-s{stride}", endpoint=server.url,
+                           token=dg.EnvVar("HF_TOKEN"))
+        result = materialize([published_saes], PARTITION, trained.instance, {**trained.resources, "hub": hub})
+        assert result.success, failure_text(result)
+        meta = metadata_of(result, "published_saes")
+        assert meta["repo"] == "alice/sae-tiny-s2" and meta["created_commit"] is True
+        assert (tmp_path / "hub" / "repos" / "alice" / "sae-tiny-s2").is_dir()
+    finally:
+        server.stop()
+    run = trained.instance.get_run_by_id(result.run_id)
+    logged = [str(r.dagster_event or r.user_message) for r in trained.instance.all_logs(result.run_id)]
+    assert token not in str(run.run_config) and not any(token in line for line in logged)
