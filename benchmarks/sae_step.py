@@ -52,7 +52,7 @@ def main() -> None:
         opt = make_adam(list(sae.parameters()), 1e-4)
         dead = torch.zeros(m, dtype=torch.bool, device=dev)
 
-        def step():
+        def step(sae=sae, opt=opt, dead=dead, compute=compute):
             out = sae(x, dead, compute_dtype=compute)
             (out.fvu + out.auxk_loss / 32).backward()
             sae.remove_gradient_parallel_to_decoder_directions()
@@ -62,7 +62,7 @@ def main() -> None:
 
         dt = compute or torch.float32
         xa, wa = x.to(dt), sae.encoder.weight.detach().to(dt)
-        t_mm = timed(lambda: xa @ wa.T, args.repeat)
+        t_mm = timed(lambda xa=xa, wa=wa: xa @ wa.T, args.repeat)
         t_step = timed(step, args.repeat)
         gflops = 2 * n * d * m / t_mm / 1e9
         rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops))
