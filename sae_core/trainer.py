@@ -96,6 +96,16 @@ def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory (and peak CUDA allocation), in MiB."""
+    import resource
+
+    peak = {"rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
 class SaeTrainer:
     def __init__(
         self,
@@ -428,8 +438,9 @@ class SaeTrainer:
         barrier(self.ctx)
         if writes_state:
             ckpt.prune_states(self.run_dir, self.ctx.rank, self.step)
+        peaks = gather_objects(_peak_memory_mb(self.ctx.device), self.ctx)  # every rank joins
         if self.ctx.is_main:
-            self._write_run_info()
+            self._write_run_info(peaks)
         barrier(self.ctx)
 
     def _write_checkpoint(self) -> None:
@@ -450,7 +461,7 @@ class SaeTrainer:
         }
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
 
-    def _write_run_info(self) -> None:
+    def _write_run_info(self, peak_memory_mb: list[dict[str, float]]) -> None:
         info = {
             **self.run_info,
             "hookpoints": self.hookpoints,
@@ -464,6 +475,7 @@ class SaeTrainer:
             "world_size": self.ctx.world_size,
             "distribute_layers": self.distributed_layers,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "peak_memory_mb_per_rank": peak_memory_mb,
         }
         info.setdefault("config", {k: v for k, v in self.cfg.to_dict().items() if k != "hf_token"})
         from . import __version__
