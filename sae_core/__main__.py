@@ -179,7 +179,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
     from .data import chunk_and_tokenize, load_text_dataset
     from .distributed import barrier, destroy, init_distributed
     from .embedded import EMBEDDED_MODEL_NAME, embedded_model_path, is_embedded_model
-    from .models import load_model, max_context
+    from .models import ModelLoadError, load_model, max_context
     from .trainer import SaeTrainer
 
     token = cfg.hf_token or os.environ.get("HF_TOKEN")
@@ -189,16 +189,18 @@ def run(cfg: RunConfig) -> dict[str, float]:
         model_path = str(embedded_model_path()) if is_embedded_model(model_name) else model_name
         if ctx.enabled and ctx.local_rank != 0:
             barrier(ctx)  # let local rank 0 convert/download first
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.revision, token=token,
-                                                      trust_remote_code=cfg.trust_remote_code)
-        except OSError:
-            tokenizer = None  # load_model gives the clear error below
+        # The model first: an unknown name fails there with the clearest message, after one round of retries.
         model = load_model(
             model_path, dtype=cfg.dtype, device=ctx.device, attn_implementation=cfg.attn_implementation,
             load_in_8bit=cfg.load_in_8bit, revision=cfg.revision, token=token,
             trust_remote_code=cfg.trust_remote_code,
         )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.revision, token=token,
+                                                      trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelLoadError(f"cannot load the tokenizer of {model_name!r}: {first}") from None
         limit = max_context(model)
         if limit is not None and cfg.ctx_len > limit:
             raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's maximum context of {limit} tokens")
