@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from .config import ConfigError, SaeConfig, TrainConfig, opt
+from .utils import first_line
 
 
 @dataclass
@@ -199,8 +200,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
             tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.revision, token=token,
                                                       trust_remote_code=cfg.trust_remote_code)
         except OSError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelLoadError(f"cannot load the tokenizer of {model_name!r}: {first}") from None
+            raise ModelLoadError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}") from None
         limit = max_context(model)
         if limit is not None and cfg.ctx_len > limit:
             raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's maximum context of {limit} tokens")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .utils import atomic_write_bytes
+from .utils import atomic_write_bytes, first_line
 
 STATE_DIR = "trainer_state"
 _STATE_RE = re.compile(r"rank(\d+)-step(\d+)\.pt")
@@ -73,8 +73,9 @@ def load_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: trainer state missing") from None
     except Exception as e:  # unpickling errors come in many types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path}: unreadable trainer state (corrupt, truncated or foreign file): {first}") from None
+        raise CheckpointError(
+            f"{path}: unreadable trainer state (corrupt, truncated or foreign file): {first_line(e, 200)}"
+        ) from None
     if not isinstance(state, dict) or "step" not in state or "saes" not in state:
         raise CheckpointError(f"{path}: not an sae_core trainer state (keys: {sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
     return state

@@ -17,6 +17,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .config import ConfigError
+from .utils import first_line
 
 DATA_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EMBEDDED_DATASET_NAMES = ("embedded", "python-docs")
@@ -120,9 +121,8 @@ def load_text_dataset(
         try:
             ds = load_dataset(name, split=split, token=token, **(data_args or {}))
         except Exception as e:  # datasets raises many types for "not found / offline"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DatasetLoadError(
-                f"cannot load dataset {name!r}: not a local path, and the Hub gave: {first}. Pass a Hub dataset "
+                f"cannot load dataset {name!r}: not a local path, and the Hub gave: {first_line(e)}. Pass a Hub dataset "
                 "id, a folder written by Dataset.save_to_disk, a .txt/.jsonl/.parquet file or folder, or 'embedded'"
             ) from None
     if "input_ids" not in ds.column_names and text_column not in ds.column_names:
@@ -141,8 +141,7 @@ def _load_local(path: Path, split: str) -> Dataset:
         try:
             ds = load_from_disk(str(path))
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DatasetLoadError(f"{path}: not a readable saved dataset (corrupt or partial?): {first}") from None
+            raise DatasetLoadError(f"{path}: not a readable saved dataset (corrupt or partial?): {first_line(e)}") from None
         if isinstance(ds, DatasetDict):
             if split not in ds:
                 raise ConfigError(f"{path}: split {split!r} not found; it has splits {list(ds)}")
@@ -159,5 +158,4 @@ def _load_local(path: Path, split: str) -> Dataset:
     try:
         return load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DatasetLoadError(f"{path}: cannot read data files: {first}") from None
+        raise DatasetLoadError(f"{path}: cannot read data files: {first_line(e)}") from None

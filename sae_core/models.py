@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
+from .utils import first_line
 
 BLOCK_LIST_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
 
@@ -58,14 +59,12 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         where = "a local folder" if os.path.exists(path) else "a local folder nor a reachable Hub model id"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"cannot load model {name!r}: it is not {where} with a config.json and weights ({first}); "
+            f"cannot load model {name!r}: it is not {where} with a config.json and weights ({first_line(e)}); "
             "pass a Hub id such as EleutherAI/pythia-160m, a folder written by save_pretrained, or 'smollm2-135m'"
         ) from None
     except ValueError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelLoadError(f"cannot load model {name!r}: {first}") from None
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from None
     if not load_in_8bit:
         model = model.to(device)
     model.eval()

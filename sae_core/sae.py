@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .config import SaeConfig
 from .kernels import EncoderOutput, sparse_decode, topk_encode
-from .utils import atomic_write_bytes, atomic_write_json, natural_key
+from .utils import atomic_write_bytes, atomic_write_json, first_line, natural_key
 
 SAE_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
@@ -208,8 +208,7 @@ class Sae(nn.Module):
         try:
             tensors = load_file(str(sae_path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SaeLoadError(f"{sae_path}: not a valid safetensors file (corrupt or truncated?): {msg}") from None
+            raise SaeLoadError(f"{sae_path}: not a valid safetensors file (corrupt or truncated?): {first_line(e)}") from None
 
         m = cfg.latents_for(d_in)
         expected = {"encoder.weight": (m, d_in), "encoder.bias": (m,), "b_dec": (d_in,)}

@@ -209,8 +209,8 @@ class SaeTrainer:
         return self._rows(batch_index * per_batch, (batch_index + 1) * per_batch)
 
     # ------------------------------------------------------------------ one step
-    def _activations(self, batch_index: int) -> tuple[dict[str, Tensor], Tensor]:
-        """This rank's SAE inputs for one batch: {hookpoint: [tokens, d]} for the SAEs it owns, and the mask."""
+    def _activations(self, batch_index: int) -> dict[str, Tensor]:
+        """This rank's SAE inputs for one batch: {hookpoint: [tokens, d]} for the SAEs it owns."""
         global_ids = self._global_batch_ids(batch_index)
         b = self.cfg.batch_size
         my_ids = global_ids[self.ctx.rank * b : (self.ctx.rank + 1) * b]
@@ -235,7 +235,7 @@ class SaeTrainer:
         else:
             ids = my_ids
         mask = ~torch.isin(ids, self.exclude)
-        return {h: acts[h][mask.to(acts[h].device)].float() for h in self.local}, mask
+        return {h: acts[h][mask.to(acts[h].device)].float() for h in self.local}
 
     def _lr_at(self, step: int) -> float:
         warm = self.cfg.lr_warmup_steps
@@ -253,7 +253,7 @@ class SaeTrainer:
             h: (self.tokens_since_fired[h] >= cfg.dead_feature_threshold).to(self.ctx.device) for h in self.local
         }
         first = self.step * cfg.grad_acc_steps
-        batches = (self._activations(first + a)[0] for a in range(cfg.grad_acc_steps))
+        batches = (self._activations(first + a) for a in range(cfg.grad_acc_steps))
         if not self.b_dec_initialised:
             # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
             batches = list(batches)

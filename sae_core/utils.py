@@ -52,6 +52,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type name): for one-line user-facing errors."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 def natural_key(name: str) -> list[Any]:
     """Sort key that orders 'layers.2' before 'layers.10'."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
