@@ -1,6 +1,7 @@
 """One SAE training step (forward, backward, Adam, decoder constraints) against the matmul roofline.
 
-    python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32] [--repeat 5]
+    python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32] [--repeat 5] [--device cuda]
+                                  [--grad_w index_add|embedding_bag] [--profile]
 
 Roofline ratio = time of the single dense N x d x M product (same dtype, same process) / time of the step.
 The step cannot be faster than that product, which it must compute once.
@@ -17,20 +18,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_row  # noqa: E402
-from sae_core import Sae, SaeConfig  # noqa: E402
+from sae_core import Sae, SaeConfig, kernels  # noqa: E402
 from sae_core.trainer import make_adam  # noqa: E402
 
 
-def timed(fn, repeat: int) -> float:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat: int, inner: int = 1) -> float:
+    """Best over `repeat` of the mean time of `inner` back-to-back calls (inner > 1 on GPUs, whose calls are short)."""
     fn()  # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        for _ in range(inner):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t) / inner)
     return best
+
+
+def print_profile(step, dev: str, name: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync()
+    key = "self_device_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
+    print(f"--- profile of one {name} step ---")
+    print(prof.key_averages().table(sort_by=key, row_limit=12))
 
 
 def main() -> None:
@@ -40,9 +60,16 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=32)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--grad_w", choices=["index_add", "embedding_bag"], default=None,
+                    help="how the encoder weight gradient is computed (default: the kernel's choice for the device)")
+    ap.add_argument("--profile", action="store_true", help="also print the top operators of one step per dtype")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.grad_w:
+        kernels.GRAD_W_METHOD[torch.device(dev).type] = args.grad_w
+    grad_w = kernels.GRAD_W_METHOD.get(torch.device(dev).type, "index_add")
     torch.manual_seed(0)
     n, d, m = args.n, args.d, args.d * args.expansion
     x = torch.randn(n, d, device=dev)
@@ -62,18 +89,21 @@ def main() -> None:
 
         dt = compute or torch.float32
         xa, wa = x.to(dt), sae.encoder.weight.detach().to(dt)
-        t_mm = timed(lambda xa=xa, wa=wa: xa @ wa.T, args.repeat)
-        t_step = timed(step, args.repeat)
+        inner = 10 if dev.startswith("cuda") else 1
+        t_mm = timed(lambda xa=xa, wa=wa: xa @ wa.T, args.repeat, inner)
+        t_step = timed(step, args.repeat, inner)
         gflops = 2 * n * d * m / t_mm / 1e9
+        if args.profile:
+            print_profile(step, dev, name)
         rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops))
-    print(f"SAE step, N={n} d={d} M={m} k={args.k} on {dev}")
+    print(f"SAE step, N={n} d={d} M={m} k={args.k} on {dev} (grad_w: {grad_w})")
     print(f"{'dtype':6} {'tokens/s':>10} {'matmul s':>9} {'step s':>8} {'roofline':>9} {'GFLOP/s':>8}")
     for r in rows:
         print(f"{r[0]:6} {r[1]:10,.0f} {r[2]:9.3f} {r[3]:8.3f} {r[4]:9.2f} {r[5]:8.0f}")
     if not args.no_record:
         append_row("sae_step", "; ".join(
             f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2]:.3f} s, step {r[3]:.3f} s)" for r in rows
-        ) + f" [N={n}, d={d}, M={m}, k={args.k}]")
+        ) + f" [N={n}, d={d}, M={m}, k={args.k}, {dev}, grad_w {grad_w}]")
 
 
 if __name__ == "__main__":

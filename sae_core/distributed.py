@@ -51,6 +51,11 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if use_cuda:
         if not torch.cuda.is_available():
             raise ConfigError("device cuda requested but no GPU is available; use --device cpu (gloo backend)")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank with LOCAL_RANK {local_rank} has no GPU of its own: {torch.cuda.device_count()} visible; use "
+                "--nproc_per_node at most the GPU count, or --device cpu (gloo)"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

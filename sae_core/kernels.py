@@ -38,6 +38,29 @@ def _sparse_rows_times_dense(rows: Tensor, vals: Tensor, dense: Tensor, num_rows
     return out
 
 
+# How the encoder's weight gradient is computed, per device type: "index_add" (k index_add calls, best on CPU)
+# or "embedding_bag" (the backward of the embedding bag that gives grad_x; one sorted segment reduction,
+# no atomics, for CUDA). benchmarks/sae_step.py --grad_w overrides it to compare.
+GRAD_W_METHOD = {"cpu": "index_add", "cuda": "embedding_bag"}
+
+
+def _encoder_grads(ids: Tensor, g: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool):
+    """grad_x = sum_j g[t, j] * weight[ids[t, j]] and grad_w[m] = sum over (t, j) with ids[t, j] = m of g[t, j] * x[t].
+
+    grad_w is the backward of the embedding bag that computes grad_x (with x as its upstream gradient).
+    """
+    method = GRAD_W_METHOD.get(weight.device.type, "index_add")
+    if need_w and method == "embedding_bag":
+        with torch.enable_grad():
+            w = weight.detach().requires_grad_()
+            gx = F.embedding_bag(ids, w, per_sample_weights=g, mode="sum")
+            (grad_w,) = torch.autograd.grad(gx, w, grad_outputs=x.to(weight.dtype))
+        return (gx.detach() if need_x else None), grad_w
+    grad_x = F.embedding_bag(ids, weight, per_sample_weights=g, mode="sum") if need_x else None
+    grad_w = _sparse_rows_times_dense(ids, g, x.to(weight.dtype), weight.shape[0]) if need_w else None
+    return grad_x, grad_w
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, k, dead_idx, k_aux, compute_dtype):
@@ -73,11 +96,10 @@ class _TopKEncode(torch.autograd.Function):
         # ReLU: latents whose value was clamped to 0 pass no gradient.
         g = torch.cat([g_acts * (acts > 0), g_aux * (aux_acts > 0)], dim=1).to(weight.dtype)
         ids = torch.cat([idx, aux_idx], dim=1)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(ids, weight, per_sample_weights=g, mode="sum").to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = _sparse_rows_times_dense(ids, g, x.to(weight.dtype), weight.shape[0])
+        grad_x, grad_w = _encoder_grads(ids, g, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = weight.new_zeros(weight.shape[0]).index_add_(0, ids.reshape(-1), g.reshape(-1))
         return grad_x, grad_w, grad_b, None, None, None, None

@@ -96,6 +96,12 @@ def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     """This process's peak resident memory (and peak CUDA allocation), in MiB."""
     import resource
@@ -121,7 +127,8 @@ class SaeTrainer:
     ):
         self.cfg = cfg
         self.model = model
-        self.ctx = dist_ctx or init_distributed()
+        # Without an explicit context, follow the model: a CPU model on a GPU machine trains on the CPU.
+        self.ctx = dist_ctx or init_distributed(str(_model_device(model)))
         self.dataset = dataset
         self.run_info = run_info or {}
         self.progress = progress

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_core import ConfigError, Sae, SaeConfig, SaeLoadError
+from sae_core import ConfigError, Sae, SaeConfig, SaeLoadError, kernels
 from sae_core.kernels import dense_decode, sparse_decode, topk_encode
 
 
@@ -128,6 +128,68 @@ def test_training_on_structured_sparse_data_drives_fvu_far_below_one():
         sae.set_decoder_norm_to_unit_norm()
     final = sae(batch()).fvu.item()
     assert final < 0.1 < first
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sparse_feature_data(d=32, n_feat=64, sample_seed=0, device="cpu"):
+    """Batches of sparse non-negative combinations of n_feat fixed random unit directions, plus an offset."""
+    feats = F.normalize(torch.randn(n_feat, d, generator=torch.Generator().manual_seed(1234)), dim=1)
+    g = torch.Generator().manual_seed(sample_seed)
+
+    def batch(n=512):
+        coef = torch.rand(n, n_feat, generator=g) * (torch.rand(n, n_feat, generator=g) < 4 / n_feat)
+        return (coef @ feats + 0.5).to(device)
+
+    return batch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["index_add", "embedding_bag"])
+def test_both_weight_gradient_methods_give_the_plain_autograd_gradient(device, method, monkeypatch):
+    monkeypatch.setitem(kernels.GRAD_W_METHOD, torch.device(device).type, method)
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, device=device, requires_grad=True)
+    w = torch.randn(128, 16, device=device, requires_grad=True)
+    b = torch.randn(128, device=device, requires_grad=True)
+    up = torch.randn(64, 6, device=device)
+    acts, idx, _, _ = topk_encode(x, w, b, 6)
+    order = idx.argsort(dim=1)
+    (acts.gather(1, order) * up).sum().backward()
+    got = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    ref, ref_idx = reference_encode(x, w, b, 6)
+    order = ref_idx.argsort(dim=1)
+    (ref.gather(1, order) * up).sum().backward()
+    for mine, t in zip(got, (x, w, b)):
+        torch.testing.assert_close(mine, t.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_encoder_trains_to_within_one_percent_of_fp32_fvu(device):
+    """--autocast bfloat16 is only offered because it is accurate enough: same data, same init, same steps."""
+    final = {}
+    for compute in (None, torch.bfloat16):
+        batch = sparse_feature_data(device=device)
+        torch.manual_seed(1)
+        sae = Sae(32, SaeConfig(num_latents=128, k=8), device=device)
+        with torch.no_grad():
+            sae.b_dec.copy_(batch().mean(0))
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        for _ in range(600):
+            out = sae(batch(), compute_dtype=compute)
+            out.fvu.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            sae.set_decoder_norm_to_unit_norm()
+        test = sparse_feature_data(sample_seed=99, device=device)(4096)
+        with torch.no_grad():
+            final[compute] = sae(test).fvu.item()
+    assert final[None] < 0.2
+    assert abs(final[torch.bfloat16] - final[None]) <= 0.01 * final[None], final
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
