@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
@@ -36,3 +37,11 @@ def append_row(benchmark: str, result: str) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     with RESULTS.open("a") as f:
         f.write(f"| {now} | {benchmark} | {machine()} | {result} |\n")
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """os.environ for a child Python that imports this checkout: the repo goes first on PYTHONPATH and
+    whatever PYTHONPATH already held (e.g. packages installed with --target) is kept."""
+    keep = os.environ.get("PYTHONPATH")
+    path = os.pathsep.join([str(ROOT)] + ([keep] if keep else []))
+    return {**os.environ, "PYTHONPATH": path, **overrides}

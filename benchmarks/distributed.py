@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import append_row  # noqa: E402
+from benchmarks.common import append_row, child_env  # noqa: E402
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ def main() -> None:
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                        "--master-port", str(free_port()), "-m", "sae_core", *train]
-            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(cores // ranks, 1)))
+            env = child_env(OMP_NUM_THREADS=str(max(cores // ranks, 1)))
             subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             run = json.loads((Path(tmp) / "b" / "run.json").read_text())
         peaks = [p["rss"] for p in run["peak_memory_mb_per_rank"]]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import append_row  # noqa: E402
+from benchmarks.common import append_row, child_env  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
         config = tmp / "run.yaml"
         config.write_text(json.dumps({"resources": {"launcher": {"config": {"nproc_per_node": args.nproc}}}}))
         env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_REGISTRY": str(registry),
-               "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+               "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1", "PYTHONPATH": child_env()["PYTHONPATH"]}
         dagster = [sys.executable, "-m", "dagster"]
         timed([sys.executable, "-m", "sae_pipeline", "register"], env)
         timed([*dagster, "job", "execute", "-m", "sae_pipeline.definitions", "-j", "tokenize_job",

@@ -97,12 +97,12 @@ def main() -> None:
             print_profile(step, dev, name)
         rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops))
     print(f"SAE step, N={n} d={d} M={m} k={args.k} on {dev} (grad_w: {grad_w})")
-    print(f"{'dtype':6} {'tokens/s':>10} {'matmul s':>9} {'step s':>8} {'roofline':>9} {'GFLOP/s':>8}")
+    print(f"{'dtype':6} {'tokens/s':>10} {'matmul ms':>10} {'step ms':>9} {'roofline':>9} {'GFLOP/s':>8}")
     for r in rows:
-        print(f"{r[0]:6} {r[1]:10,.0f} {r[2]:9.3f} {r[3]:8.3f} {r[4]:9.2f} {r[5]:8.0f}")
+        print(f"{r[0]:6} {r[1]:10,.0f} {r[2] * 1e3:10.4g} {r[3] * 1e3:9.4g} {r[4]:9.2f} {r[5]:8.0f}")
     if not args.no_record:
         append_row("sae_step", "; ".join(
-            f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2]:.3f} s, step {r[3]:.3f} s)" for r in rows
+            f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms)" for r in rows
         ) + f" [N={n}, d={d}, M={m}, k={args.k}, {dev}, grad_w {grad_w}]")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import append_row  # noqa: E402
+from benchmarks.common import append_row, child_env  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
         if args.device:
             cmd += ["--device", args.device]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             sys.exit(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")

@@ -79,8 +79,14 @@ def _die_with_parent() -> None:
 
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
+    """Sum `t` over ranks in place. NCCL only reduces GPU tensors, so a CPU tensor makes a round trip."""
     if ctx.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if ctx.device.type == "cuda" and not t.is_cuda:
+            on_gpu = t.to(ctx.device)
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

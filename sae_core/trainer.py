@@ -67,7 +67,8 @@ class _VarianceStats:
     def add(self, x: Tensor) -> None:
         xd = x.double()
         mean = xd.mean(0)
-        self.parts.append((x.shape[0], mean, (xd - mean).pow(2).sum()))
+        # Pooled on the CPU (d + 2 numbers per batch), whatever device the activations are on.
+        self.parts.append((x.shape[0], mean.cpu(), (xd - mean).pow(2).sum().cpu()))
 
     def pooled(self, ctx: DistContext, reduce: bool) -> tuple[int, Tensor]:
         """(token count, sum over tokens of ||x - global mean||^2) over this step's batches (and ranks)."""

@@ -1,14 +1,13 @@
 """The command line: flags from the configs, one-line errors for bad input, secrets kept out of outputs."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from sae_core.__main__ import build_parser, main, parse_run_config
+from tests.tiny import child_env
 
 TINY = ["--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4"]
 
@@ -66,7 +65,7 @@ def test_unknown_model_is_one_line(tmp_path):
 
 def test_cli_trains_saves_eleuther_layout_and_never_writes_the_token(tmp_path, tiny_model_dir, tiny_text_file):
     secret = "hf_SECRETtokenVALUE1234567890"
-    env = dict(os.environ, HF_TOKEN=secret, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env = child_env(HF_TOKEN=secret, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "sae_core", str(tiny_model_dir), str(tiny_text_file), *TINY,
                         "--layer_stride", "2", "--max_tokens", "600", "--save_dir", str(tmp_path), "--run_name", "r",
                         "--hf_token", secret], env=env, capture_output=True, text=True, timeout=120)

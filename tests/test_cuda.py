@@ -4,7 +4,6 @@ Skipped where there is no GPU (CI); `bash benchmarks/gpu.sh` runs this file on a
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from sae_core import Sae, SaeConfig, kernels
 from sae_core.evaluate import evaluate
 from sae_core.kernels import dense_decode, sparse_decode, topk_encode
 from tests.test_trainer import make_trainer, params, token_data
-from tests.tiny import tiny_model
+from tests.tiny import child_env, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -144,7 +143,7 @@ def test_evaluate_on_cuda_equals_evaluate_on_cpu():
 
 
 def test_cli_trains_and_evaluates_on_cuda(tmp_path, tiny_model_dir, tiny_text_file):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     train = subprocess.run(
         [sys.executable, "-m", "sae_core", str(tiny_model_dir), str(tiny_text_file), "--device", "cuda",
          "--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4", "--max_tokens", "1024",

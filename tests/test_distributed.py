@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny import child_env
+
 pytestmark = pytest.mark.slow
 
-COMMON = ["--ctx_len", "32", "--expansion_factor", "4", "--k", "4", "--lr_warmup_steps", "2",
+COMMON = ["--device", "cpu", "--ctx_len", "32", "--expansion_factor", "4", "--k", "4", "--lr_warmup_steps", "2",
           "--shuffle_seed", "none", "--log_every", "1"]
 
 
 def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    return e
+    return child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
 def free_port() -> int:

@@ -1,11 +1,9 @@
 """The evaluation metrics contract (DESIGN.md section 2), on tiny float64 models against plain PyTorch."""
 
 import json
-import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 from sae_core import Sae, SaeConfig
 from sae_core.evaluate import METRIC_KEYS, PLOT_FILES, EvalError, evaluate, evaluate_run, main
 from sae_core.models import find_blocks
-from tests.tiny import tiny_model
+from tests.tiny import child_env, tiny_model
 
 BOS, EOS, PAD = 0, 1, 2
 SPECIAL = [BOS, PAD]
@@ -316,7 +314,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, tiny_text_file):
 
 
 def test_cli_writes_report_markdown_and_plots_on_held_out_tokens(trained_run, tiny_model_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env = child_env(OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "sae_core.evaluate", str(tiny_model_dir), str(trained_run),
                         "--max_tokens", "256", "--batch_size", "4"], env=env, capture_output=True, text=True,
                        timeout=120)

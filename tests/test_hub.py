@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from sae_core.card import public_config, render_model_card
 from sae_core.hub import PublishResult, download_saes, main, publish
 from tests.hub_server import HubServer
+from tests.tiny import child_env
 
 TOKEN = "hf_AliceWriteToken0123456789abcdef"  # alice's; shaped like a real token so the redaction is exercised
 WRONG_TOKEN = "hf_NotAKnownToken0123456789abcdef"
@@ -371,7 +372,7 @@ def start_python(code: str, env: dict[str, str]) -> subprocess.Popen:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env={**base, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_DISABLE_XET": "1", **env},
+        env={**base, "PYTHONPATH": child_env()["PYTHONPATH"], "HF_HUB_DISABLE_XET": "1", **env},
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

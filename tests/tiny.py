@@ -6,11 +6,13 @@ No downloads: the tokenizer is a byte-level BPE trained on a few sentences; mode
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "across", "green", "fields", "and", "birds", "sang", "over", "quiet", "rivers", "near", "old", "towns", "where", "people", "read", "books", "about", "stars", "planets", "oceans", "mountains", "trains", "and", "small", "machines"]
 
 
@@ -72,3 +74,11 @@ def save_tiny_model(path: Path, kind: str = "llama", n_layers: int = 3, d: int =
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """os.environ for a child Python that imports this checkout: the repo goes first on PYTHONPATH and
+    whatever PYTHONPATH already held (e.g. packages installed with --target) is kept."""
+    keep = os.environ.get("PYTHONPATH")
+    path = os.pathsep.join([str(ROOT)] + ([keep] if keep else []))
+    return {**os.environ, "PYTHONPATH": path, **overrides}
