@@ -26,5 +26,5 @@ step $PY benchmarks/sae_step.py --device cuda --profile
 step $PY benchmarks/sae_step.py --device cuda --grad_w index_add
 step $PY benchmarks/sae_step.py --device cuda --n 32768
 step $PY benchmarks/train_e2e.py --device cuda --model "$MODEL" --tokens 262144
-step $PY benchmarks/train_e2e.py --device cuda --model "$MODEL" --tokens 262144 --batch_size 32 --extra --autocast bfloat16
+step $PY benchmarks/train_e2e.py --device cuda --model "$MODEL" --tokens 262144 --batch_size 32 --extra --dtype bfloat16 --autocast bfloat16
 exit $status
