@@ -63,7 +63,8 @@ class Sae(nn.Module):
         self.hookpoint = hookpoint
         num_latents = cfg.latents_for(d_in)
 
-        self.encoder = nn.Linear(d_in, num_latents, device=device, dtype=dtype)
+        # Initialised on the CPU in float32, then moved: the same seed gives the same SAE on every device.
+        self.encoder = nn.Linear(d_in, num_latents).to(device=device, dtype=dtype)
         self.encoder.bias.data.zero_()
         # Decoder starts as the (row-normalised) transpose of the encoder, as in Gao et al.
         self.W_dec = nn.Parameter(self.encoder.weight.data.clone()) if decoder else None
