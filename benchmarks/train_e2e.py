@@ -93,8 +93,10 @@ def main() -> None:
         if cuda_peak:
             append_row("memory", f"GPU peak allocated {cuda_peak / 1024:.2f} GiB = {cuda_peak * 2**20 / parts:.2f} x "
                        f"parts ({parts / 2**30:.2f} GiB) [{where}]")
-        append_row("memory", f"peak RSS {peak_rss / 2**30:.2f} GiB = {ratio:.2f} x parts ({parts / 2**30:.2f} GiB: "
-                   f"weights {weights / 2**30:.2f}, SAE+grads+Adam {sae_total / 2**30:.2f}, acts {acts / 2**30:.3f})")
+        else:  # on a GPU the parts live in GPU memory and host RSS is mostly the CUDA runtime
+            append_row("memory", f"peak RSS {peak_rss / 2**30:.2f} GiB = {ratio:.2f} x parts ({parts / 2**30:.2f} GiB: "
+                       f"weights {weights / 2**30:.2f}, SAE+grads+Adam {sae_total / 2**30:.2f}, "
+                       f"acts {acts / 2**30:.3f})")
 
 
 if __name__ == "__main__":
