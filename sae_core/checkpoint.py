@@ -15,14 +15,13 @@ rank completed. States load with `torch.load(weights_only=True)`: no pickled cod
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .utils import atomic_write_bytes, first_line
+from .utils import atomic_open, first_line
 
 STATE_DIR = "trainer_state"
 _STATE_RE = re.compile(r"rank(\d+)-step(\d+)\.pt")
@@ -37,10 +36,9 @@ def state_path(run_dir: Path, rank: int, step: int) -> Path:
 
 
 def save_state(run_dir: Path, rank: int, step: int, state: dict[str, Any]) -> Path:
-    buf = io.BytesIO()
-    torch.save(state, buf)
     path = state_path(run_dir, rank, step)
-    atomic_write_bytes(path, buf.getvalue())
+    with atomic_open(path) as f:  # streamed: the state (Adam moments included) is never copied in memory
+        torch.save(state, f)
     return path
 
 
