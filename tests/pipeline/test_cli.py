@@ -2,7 +2,8 @@
 
 A fresh DAGSTER_HOME, `python -m sae_pipeline register`, then the tokenize job and the train -> evaluate ->
 publish job with partitions given as tags, exactly as README documents; the published folder is checked at the
-end.
+end. A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs wrote (artefacts, the
+published folder, DAGSTER_HOME with its SQLite storage and compute logs) nor in what the commands printed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.pipeline.conftest import tiny_entry, write_registry
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
+FAKE_TOKEN = "hf_CliPipelineFakeToken0123456789abcdef"
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -37,15 +39,15 @@ def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(tmp_path, 
     config = tmp_path / "run_config.yaml"
     config.write_text(yaml.safe_dump({"resources": {"launcher": {"config": {"nproc_per_node": 2}}}}))
     env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_REGISTRY": str(registry),
-           "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1"}
+           "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1", "HF_TOKEN": FAKE_TOKEN}
 
     registered = run([sys.executable, "-m", "sae_pipeline", "register"], env)
     assert "cli-tiny|2" in registered.stdout
     dagster = [sys.executable, "-m", "dagster", "job", "execute", "-m", "sae_pipeline.definitions"]
-    run([*dagster, "-j", "tokenize_job", "--tags", json.dumps({"dagster/partition": "cli-tiny"})], env)
+    tokenized = run([*dagster, "-j", "tokenize_job", "--tags", json.dumps({"dagster/partition": "cli-tiny"})], env)
     tags = {"dagster/partition": "cli-tiny|2",
             "dagster/partition/model": "cli-tiny", "dagster/partition/stride": "2"}
-    run([*dagster, "-j", "train_evaluate_publish_job", "-c", str(config), "--tags", json.dumps(tags)], env)
+    trained = run([*dagster, "-j", "train_evaluate_publish_job", "-c", str(config), "--tags", json.dumps(tags)], env)
 
     published = root / "published" / "cli-tiny" / "stride-2"
     assert (published / "README.md").read_text().startswith("---")
@@ -55,3 +57,10 @@ def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(tmp_path, 
     report = json.loads((published / "eval" / "report.json").read_text())
     assert set(report["hookpoints"]) == {"layers.0", "layers.2"}
     assert json.loads((root / "runs" / "cli-tiny" / "stride-2" / "run.json").read_text())["world_size"] == 2
+
+    # The token was in every step's environment, and was written nowhere.
+    printed = [done.stdout + done.stderr for done in (registered, tokenized, trained)]
+    assert not any(FAKE_TOKEN in text for text in printed)
+    assert (home / "history" / "runs").is_dir() and (home / "storage").is_dir()  # SQLite logs, compute logs
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+    assert not written, written
