@@ -1,7 +1,7 @@
 """One SAE training step (forward, backward, Adam, decoder constraints) against the matmul roofline.
 
     python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32] [--repeat 5] [--device cuda]
-                                  [--grad_w index_add|embedding_bag] [--profile]
+                                  [--grad_w csr|index_add|embedding_bag] [--profile]
 
 Roofline ratio = time of the single dense N x d x M product (same dtype, same process) / time of the step.
 The step cannot be faster than that product, which it must compute once.
@@ -61,8 +61,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--grad_w", choices=["index_add", "embedding_bag"], default=None,
+    ap.add_argument("--grad_w", choices=["csr", "index_add", "embedding_bag"], default=None,
                     help="how the encoder weight gradient is computed (default: the kernel's choice for the device)")
+    ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     ap.add_argument("--profile", action="store_true", help="also print the top operators of one step per dtype")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
@@ -75,6 +76,8 @@ def main() -> None:
     x = torch.randn(n, d, device=dev)
     rows = []
     for name, compute in (("fp32", None), ("bf16", torch.bfloat16)):
+        if name not in args.dtypes:
+            continue
         sae = Sae(d, SaeConfig(expansion_factor=args.expansion, k=args.k), device=dev)
         opt = make_adam(list(sae.parameters()), 1e-4)
         dead = torch.zeros(m, dtype=torch.bool, device=dev)

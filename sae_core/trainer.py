@@ -7,9 +7,10 @@ One optimizer step:
         (--distribute_layers: send each layer's activations to the rank that owns its SAE)
         for each SAE: drop special tokens, split into micro_acc_steps chunks, backward the *sum* of squared
                       errors (FVU numerator) + auxk_alpha * AuxK numerator
-    pool the variance of all tokens of the step (all batches, all ranks; float64, Chan's formula)
-    gradients: sum over ranks, divide by that variance -> exactly the gradient of the global-batch FVU
-    remove the radial part of decoder gradients, Adam step, renormalise decoder rows
+    after the last batch's backward of each SAE (then the next SAE's, so one SAE's gradients are alive at a time):
+      pool the variance of all tokens of the step (all batches, all ranks; float64, Chan's formula)
+      gradients: sum over ranks, divide by that variance -> exactly the gradient of the global-batch FVU
+      remove the radial part of decoder gradients, Adam step of this SAE, renormalise its decoder rows
     dead-latent counters += tokens of the step (all ranks); latents that fired anywhere reset to 0
 
 Normalising by the pooled variance at the step makes micro-batching, gradient accumulation and data
@@ -97,6 +98,24 @@ def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def _optimizer_states(state: dict[str, Any], hookpoints: list[str], path: Path) -> dict[str, dict]:
+    """Each SAE's Adam state from a trainer state; states written before Adam was per SAE hold one optimizer
+    over all SAEs' parameters (in hookpoint order, the same number per SAE), which is split here."""
+    if "optimizers" in state:
+        return {h: state["optimizers"][h] for h in hookpoints}
+    joint = state.get("optimizer") or {}
+    per_sae = len(joint.get("state", {})) // max(len(hookpoints), 1) if joint.get("state") else 0
+    groups = joint.get("param_groups") or []
+    if per_sae == 0 or len(groups) != 1:
+        raise ckpt.CheckpointError(f"{path}: no optimizer state for {hookpoints}")
+    out = {}
+    for i, h in enumerate(hookpoints):
+        ids = range(i * per_sae, (i + 1) * per_sae)
+        out[h] = {"state": {j: joint["state"][pid] for j, pid in enumerate(ids) if pid in joint["state"]},
+                  "param_groups": [{**groups[0], "params": list(range(per_sae))}]}
+    return out
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -159,8 +178,9 @@ class SaeTrainer:
             self.saes[h] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=h)
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(self.num_latents)
-        params = [p for sae in self.saes.values() for p in sae.parameters()]
-        self.optimizer = make_adam(params, self.lr) if params else None
+        # One Adam per SAE: each SAE is updated (and its gradients freed) as soon as its last backward of the
+        # step is done, while the other SAEs may still be accumulating theirs.
+        self.optimizers = {h: make_adam(list(sae.parameters()), self.lr) for h, sae in self.saes.items()}
         self.compute_dtype = resolve_dtype(cfg.autocast)
 
         self.tokens_since_fired = {h: torch.zeros(self.num_latents, dtype=torch.long) for h in self.local}
@@ -268,7 +288,13 @@ class SaeTrainer:
             for h in self.local:
                 self._init_b_dec(h, torch.cat([inputs[h] for inputs in batches]))
             self.b_dec_initialised = True
-        for inputs in batches:
+        lr = self._lr_at(self.step)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+        metrics: dict[str, float] = {}
+        for a, inputs in enumerate(batches):
+            last_batch = a == cfg.grad_acc_steps - 1
             t0 = time.perf_counter()
             for h, x in inputs.items():
                 sae = self.saes[h]
@@ -282,50 +308,49 @@ class SaeTrainer:
                     fired[h][live.cpu()] = True
                     sse[h] += out.fvu.item()
                     aux[h] += out.auxk_loss.item()
+                if last_batch:
+                    # Update this SAE now and free its gradients before the next layer makes its own: only
+                    # one layer's gradients are ever alive (with grad_acc_steps 1), whatever the layer count.
+                    metrics.update(self._update_layer(h, stats[h], fired[h], sse[h], aux[h]))
             self.timings["sae_s"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        lr = self._lr_at(self.step)
-        metrics: dict[str, float] = {}
-        for h in self.local:
-            sae = self.saes[h]
-            n_tokens, variance = stats[h].pooled(self.ctx, reduce=self.ddp)
-            grads = [p.grad for p in sae.parameters()]
-            if self.ddp:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                all_reduce_sum(flat, self.ctx)
-                fired_any = all_reduce_sum(fired[h].long(), self.ctx) > 0
-                sums = all_reduce_sum(torch.tensor([sse[h], aux[h]], dtype=torch.float64), self.ctx)
-                sse[h], aux[h] = sums.tolist()
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
-            else:
-                fired_any = fired[h]
-            scale = 1.0 / max(float(variance), 1e-30)
-            for g in grads:
-                g.mul_(scale)
-            if cfg.sae.normalize_decoder:
-                sae.remove_gradient_parallel_to_decoder_directions()
-            counters = self.tokens_since_fired[h]
-            counters += n_tokens
-            counters[fired_any] = 0
-            metrics[f"fvu/{h}"] = sse[h] * scale
-            metrics[f"auxk/{h}"] = aux[h] * scale
-            metrics[f"dead_pct/{h}"] = 100.0 * (counters >= cfg.dead_feature_threshold).float().mean().item()
-            if h == self.local[0]:
-                metrics["step_tokens"] = n_tokens
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        for sae in self.saes.values():
-            if cfg.sae.normalize_decoder:
-                sae.set_decoder_norm_to_unit_norm()
         metrics["lr"] = lr
-        self.timings["sae_s"] += time.perf_counter() - t0
+        return metrics
+
+    def _update_layer(self, h: str, stats: _VarianceStats, fired: Tensor, sse: float, aux: float) -> dict[str, float]:
+        """Normalise, reduce across ranks and apply the step's gradient of one SAE; its metrics."""
+        cfg = self.cfg
+        sae = self.saes[h]
+        n_tokens, variance = stats.pooled(self.ctx, reduce=self.ddp)
+        grads = [p.grad for p in sae.parameters()]
+        if self.ddp:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            all_reduce_sum(flat, self.ctx)
+            fired = all_reduce_sum(fired.long(), self.ctx) > 0
+            sse, aux = all_reduce_sum(torch.tensor([sse, aux], dtype=torch.float64), self.ctx).tolist()
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            del flat
+        scale = 1.0 / max(float(variance), 1e-30)
+        for g in grads:
+            g.mul_(scale)
+        if cfg.sae.normalize_decoder:
+            sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizers[h].step()
+        self.optimizers[h].zero_grad(set_to_none=True)
+        if cfg.sae.normalize_decoder:
+            sae.set_decoder_norm_to_unit_norm()
+        counters = self.tokens_since_fired[h]
+        counters += n_tokens
+        counters[fired] = 0
+        metrics = {
+            f"fvu/{h}": sse * scale,
+            f"auxk/{h}": aux * scale,
+            f"dead_pct/{h}": 100.0 * (counters >= cfg.dead_feature_threshold).float().mean().item(),
+        }
+        if h == self.local[0]:
+            metrics["step_tokens"] = n_tokens
         return metrics
 
     @torch.no_grad()
@@ -463,7 +488,7 @@ class SaeTrainer:
             "hookpoints": list(self.local),
             "config": json.dumps(self._config_for_state(), sort_keys=True),
             "saes": {h: sae.state_dict() for h, sae in self.saes.items()},
-            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "optimizers": {h: opt.state_dict() for h, opt in self.optimizers.items()},
             "tokens_since_fired": dict(self.tokens_since_fired),
             "b_dec_initialised": self.b_dec_initialised,
         }
@@ -522,8 +547,8 @@ class SaeTrainer:
         for h in self.local:
             self.saes[h].load_state_dict(state["saes"][h])
             self.tokens_since_fired[h] = state["tokens_since_fired"][h].clone()
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        for h, state_dict in _optimizer_states(state, self.local, path).items():
+            self.optimizers[h].load_state_dict(state_dict)
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.wall_time = state.get("wall_time", 0.0)

@@ -32,7 +32,7 @@ def exact_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("method", ["index_add", "embedding_bag"])
+@pytest.mark.parametrize("method", ["csr", "index_add", "embedding_bag"])
 def test_encoder_with_auxk_matches_plain_autograd_on_cuda(method, monkeypatch):
     monkeypatch.setitem(kernels.GRAD_W_METHOD, "cuda", method)
     g = torch.Generator(device=CUDA).manual_seed(0)

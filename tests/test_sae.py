@@ -146,7 +146,7 @@ def sparse_feature_data(d=32, n_feat=64, sample_seed=0, device="cpu"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["index_add", "embedding_bag"])
+@pytest.mark.parametrize("method", ["csr", "index_add", "embedding_bag"])
 def test_both_weight_gradient_methods_give_the_plain_autograd_gradient(device, method, monkeypatch):
     monkeypatch.setitem(kernels.GRAD_W_METHOD, torch.device(device).type, method)
     torch.manual_seed(0)

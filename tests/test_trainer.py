@@ -77,6 +77,45 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     assert [p.name for p in (tmp_path / "part" / "trainer_state").iterdir()] == ["rank0-step000000008.pt"]
 
 
+def test_each_sae_is_updated_alone_so_only_its_gradients_are_alive(tmp_path):
+    trainer = make_trainer(tmp_path)
+    alive_at_update = []
+    for h, opt in trainer.optimizers.items():
+        step = opt.step
+
+        def spy(step=step, h=h):
+            alive_at_update.append((h, [g for g, s in trainer.saes.items() if s.W_dec.grad is not None]))
+            return step()
+
+        opt.step = spy
+    trainer.fit(max_steps=2)
+    assert alive_at_update == [(h, [h]) for _ in range(2) for h in trainer.hookpoints]
+
+
+def test_resume_reads_trainer_states_with_one_joint_optimizer(tmp_path):
+    """States written before Adam was per SAE hold one optimizer over every SAE's parameters."""
+    model = tiny_model()
+    full = make_trainer(tmp_path, model, run_name="full", save_every=100)
+    full.fit()
+    part = make_trainer(tmp_path, model, run_name="part", save_every=100)
+    part.fit(max_steps=3)
+    path = tmp_path / "part" / "trainer_state" / "rank0-step000000003.pt"
+    state = torch.load(path, weights_only=True)
+    per_sae = state.pop("optimizers")
+    joint_state, offset = {}, 0
+    for h in part.hookpoints:  # the joint optimizer numbered the parameters SAE after SAE
+        for j, s in per_sae[h]["state"].items():
+            joint_state[offset + j] = s
+        offset += len(per_sae[h]["param_groups"][0]["params"])
+    group = {**per_sae[part.hookpoints[0]]["param_groups"][0], "params": list(range(offset))}
+    state["optimizer"] = {"state": joint_state, "param_groups": [group]}
+    torch.save(state, path)
+    resumed = make_trainer(tmp_path, model, run_name="part", save_every=100, resume=True)
+    resumed.fit()
+    for name, p in params(full).items():
+        assert torch.equal(p, params(resumed)[name]), name
+
+
 def test_existing_checkpoint_is_never_overwritten_and_resume_checks_config(tmp_path):
     model = tiny_model()
     make_trainer(tmp_path, model).fit(max_steps=1)
