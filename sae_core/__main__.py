@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from .config import ConfigError, SaeConfig, TrainConfig, opt
-from .utils import first_line
+from .utils import first_line, release_free_memory
 
 
 @dataclass
@@ -217,6 +217,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
             data = data.with_format("torch", columns=["input_ids"])
         if ctx.enabled and ctx.local_rank == 0:
             barrier(ctx)
+        release_free_memory()
         cfg.run_name = cfg.run_name or _default_run_name(model_name)
         run_info = {"model": model_name, "dataset": cfg.dataset or "embedded", "config": cfg.public_dict()}
         trainer = SaeTrainer(cfg, data, model, tokenizer=tokenizer, dist_ctx=ctx, resume=cfg.resume,
