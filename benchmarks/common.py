@@ -35,8 +35,13 @@ def append_row(benchmark: str, result: str) -> None:
         RESULTS.write_text("# Benchmark results\n\nOne row per run, appended by the scripts in this folder.\n\n"
                            "| date (UTC) | benchmark | machine | result |\n| --- | --- | --- | --- |\n")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    with RESULTS.open("a") as f:
-        f.write(f"| {now} | {benchmark} | {machine()} | {result} |\n")
+    row = f"| {now} | {benchmark} | {machine()} | {result} |"
+    # Into the table, after its last row: prose may follow the table.
+    lines = RESULTS.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.startswith("| ") and not line.startswith("| date")),
+               default=len(lines) - 1)
+    lines.insert(last + 1, row)
+    RESULTS.write_text("\n".join(lines) + "\n")
 
 
 def child_env(**overrides: str) -> dict[str, str]:
