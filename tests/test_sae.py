@@ -45,6 +45,24 @@ def test_fused_encoder_forward_and_sparse_backward_match_plain_autograd():
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_encoder_in_token_blocks_equals_one_block_with_auxk(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(64, 16, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    dead = torch.arange(0, 64, 3)
+    results = []
+    for elements in (1 << 40, 64 * 7):  # everything at once; blocks of 7 tokens (the last one has 5)
+        monkeypatch.setattr(kernels, "ENCODE_BLOCK_ELEMENTS", elements)
+        out = topk_encode(x, w, b, 5, dead, 6)
+        (out.acts.sum() + (out.aux_acts * 2).sum()).backward()
+        results.append([out.acts, out.indices, out.aux_acts, out.aux_indices, x.grad, w.grad, b.grad])
+        x.grad = w.grad = b.grad = None
+    for one, blocked in zip(*results):  # indices equal; values up to the BLAS's blocking of the sums
+        torch.testing.assert_close(blocked, one, rtol=1e-5, atol=1e-6)
+    assert results[0][3].unique().tolist() and set(results[0][3].unique().tolist()) <= set(dead.tolist())
+
+
 def test_fvu_is_one_for_mean_predictor_and_zero_for_perfect():
     torch.manual_seed(0)
     sae = Sae(8, SaeConfig(num_latents=8, k=8))
