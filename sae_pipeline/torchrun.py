@@ -10,6 +10,9 @@ in sessions of their own) are orphaned and keep the GPUs busy. So here:
 - on cancel (Dagster raises DagsterExecutionInterruptedError in the step) the whole group gets SIGTERM, then
   SIGKILL after `termination_timeout_s`, longer than the 30 s torchrun itself gives its ranks; anything of the
   process tree still alive after that is killed by pid.
+- the same happens when the step process finds itself orphaned: under Dagster's multiprocess executor the step
+  runs in a child of the run worker, and when the run worker is killed Dagster marks the run failed, but the
+  step process (and so torchrun) would go on training for nobody. The step checks its parent every second.
 - every rank inherits the Pipes environment, but only global rank 0 opens the Pipes session; ranks write their
   traceback to a per-launch folder when they fail, and the step failure quotes the rank that failed first.
 """
@@ -36,6 +39,7 @@ import psutil
 
 RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
 _STDERR_TAIL_LINES = 40
+_PARENT_POLL_S = 1.0
 
 # Loaded before any fork: the child between fork and exec must not load libraries (locks held by other
 # threads).
@@ -77,10 +81,11 @@ def run_torchrun(
             )
             stderr_tail = _StderrTail(process.stderr)
             try:
-                returncode = process.wait()
-            except BaseException:  # DagsterExecutionInterruptedError on cancel; anything else just the same
+                returncode = _wait_while_parent_lives(process, os.getppid(), _parent_is_a_dagster_worker())
+            except BaseException as error:  # DagsterExecutionInterruptedError on cancel; anything else alike
+                why = str(error) if isinstance(error, StepOrphanedError) else "interrupted"
                 context.log.warning(
-                    f"interrupted: stopping torchrun (pid {process.pid}) and its ranks: SIGTERM, then "
+                    f"{why}: stopping torchrun (pid {process.pid}) and its ranks: SIGTERM, then "
                     f"SIGKILL after {termination_timeout_s:.0f} s"
                 )
                 stop_process_tree(process, termination_timeout_s)
@@ -93,6 +98,35 @@ def run_torchrun(
         return list(session.get_results(metadata=added))
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+class StepOrphanedError(RuntimeError):
+    """The process that started this step (Dagster's run worker) is gone."""
+
+
+def _parent_is_a_dagster_worker() -> bool:
+    """Whether this step runs in a process started by Dagster (a run worker spawned by multiprocessing, or a
+    dagster command). A step run in-process from a user's own script or shell must not stop when that shell
+    goes away (e.g. under nohup): only a dead Dagster worker means nobody is waiting for the result."""
+    try:
+        cmdline = " ".join(psutil.Process(os.getppid()).cmdline())
+    except (psutil.Error, OSError):
+        return False
+    return "multiprocessing" in cmdline or "dagster" in cmdline
+
+
+def _wait_while_parent_lives(process: subprocess.Popen, parent: int, enforce: bool = True,
+                             poll_s: float = _PARENT_POLL_S) -> int:
+    """Wait for `process` to end; with `enforce`, raise StepOrphanedError as soon as our parent `parent` is gone."""
+    while True:
+        try:
+            return process.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            if enforce and os.getppid() != parent:  # re-parented: the run worker died
+                raise StepOrphanedError(
+                    f"the parent of the step process (pid {parent}, the run worker under the multiprocess executor) "
+                    "is gone"
+                ) from None
 
 
 def _metadata_value(value: Any) -> dg.MetadataValue:

@@ -7,6 +7,9 @@
   restarted UI shows it, and nothing is left running afterwards.
 - Two stride partitions of one model train at the same time, in two processes: each keeps to its own run
   folder, and the tokenized dataset they both read is left byte for byte as it was.
+- A training run is stopped through Dagster while it trains: terminated with `terminateRun` (-> CANCELED), its
+  step worker killed (-> FAILURE), its run worker killed (-> FAILURE). No torchrun or rank process is left,
+  and launching the partition again resumes from the checkpoint and succeeds.
 - Along the way: a fake HF_TOKEN given to the run through the environment is written to no file (artefacts,
   DAGSTER_HOME with its SQLite storage and compute logs, the console log), and every socket Dagster's own
   processes listen on is bound to 127.0.0.1.
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -285,3 +289,231 @@ def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(tmp_
     ]
     # The shared tokenized dataset was only read: same files, same bytes, same mtimes, no cache written.
     assert tree_digest(tokenized) == before
+
+
+# Stopping a run through Dagster itself: `terminateRun` from the UI's GraphQL API, the step worker or the run
+# worker killed outright. One `dagster dev` serves these tests; each trains its own stride partition of the tiny
+# model. Run monitoring is not enabled: with the default run launcher the code server itself notices a dead run
+# worker (it polls its run processes every 0.5 s) and marks the run failed.
+#
+# In practice (Dagster 1.13.27, default run launcher, default multiprocess executor), for one run:
+#   dagster dev -> code server (`dagster api grpc`) -> run worker (multiprocessing spawn child of the code
+#   server) -> step worker (multiprocessing spawn child of the run worker, executing sae_checkpoints) ->
+#   torchrun (own session, parent-death signal) -> the ranks (parent-death signal).
+TERMINATE_RUN = """
+mutation Terminate($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunSuccess { run { runId } }
+    ... on TerminateRunFailure { message }
+    ... on RunNotFoundError { message }
+    ... on PythonError { message }
+  }
+}"""
+TORCHRUN = "torch.distributed.run"
+# One sequence of 32 tokens per rank and optimizer step, ~30 steps a second here: 300 steps, long enough to
+# stop the run well before its end (the tests stop it at step ~20), short enough for the resumed run to finish
+# in seconds.
+LONG_TRAIN = {"batch_size": 1, "max_tokens": 19_200, "save_every": 10, "log_every": 1}
+TOTAL_STEPS = 19_200 // 32 // 2
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    location: str
+    home: Path
+    root: Path
+    registry: Path
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir, corpus_file):
+    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME, the tiny model tokenized in its instance."""
+    base = tmp_path_factory.mktemp("served")
+    home, root = base / "dagster_home", base / "artefacts"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    registry = write_registry(base / "models.yaml", tiny_entry(tiny_model_dir, corpus_file, train=LONG_TRAIN))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        tokenize(root, registry, instance)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1",
+           "SAE_PIPELINE_REGISTRY": str(write_registry(base / "empty.yaml"))}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = base / "dagster_dev.log"
+    server = start_dagster_dev(port, env, base, log)
+    try:
+        wait_until_serving(server, url, log)
+        [location] = [e["name"] for e in graphql(url, LOCATIONS)["workspaceOrError"]["locationEntries"]]
+        yield Served(url, location, home, root, registry, log)
+    finally:
+        left = stop_process_group(server)
+    assert not left, f"processes left running: {left}"
+
+
+def launch_training(served: Served, stride: int) -> str:
+    """Launch sae_checkpoints of partition tiny|<stride> on 2 ranks; return the run id."""
+    tags = {"dagster/partition": f"{MODEL}|{stride}", "dagster/partition/model": MODEL,
+            "dagster/partition/stride": str(stride)}
+    params = {
+        "selector": {"repositoryLocationName": served.location, "repositoryName": "__repository__",
+                     "jobName": "train_evaluate_publish_job", "assetSelection": [{"path": ["sae_checkpoints"]}]},
+        "runConfigData": {"resources": {
+            "registry": {"config": {"path": str(served.registry)}},
+            "launcher": {"config": {"nproc_per_node": 2, "omp_num_threads": 1}},
+        }},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+    }
+    launched = graphql(served.url, LAUNCH_RUN, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the newest complete checkpoint in `run_dir`, the one a resume picks (only rank 0 writes
+    trainer state when every rank trains every layer)."""
+    from sae_core.checkpoint import latest_complete_step
+
+    return latest_complete_step(run_dir, writer_ranks=1) if run_dir.exists() else None
+
+
+def wait_for_checkpoint(served: Served, run_id: str, run_dir: Path, timeout_s: float = 150) -> None:
+    """Wait until the run has logged a few steps past its first complete checkpoint."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        saved = checkpoint_step(run_dir)
+        if saved is not None and steps >= saved + 3:
+            return
+        status = run_status(served.url, run_id)
+        assert status not in FINISHED and time.monotonic() < deadline, (
+            f"no checkpoint yet ({status}, {steps} steps):\n{served.log.read_text()[-5000:]}"
+        )
+        time.sleep(0.3)
+
+
+def wait_for_end(served: Served, run_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (status := run_status(served.url, run_id)) not in FINISHED:
+        assert time.monotonic() < deadline, f"the run is still {status} after {timeout_s} s"
+        time.sleep(0.5)
+    return status
+
+
+def run_messages(served: Served, run_id: str) -> list[str]:
+    with dg.DagsterInstance.from_config(str(served.home)) as instance:
+        return [record.message or "" for record in instance.all_logs(run_id)]
+
+
+def materialization_metadata(served: Served, run_id: str) -> dict:
+    with dg.DagsterInstance.from_config(str(served.home)) as instance:
+        events = [e for e in instance.all_logs(run_id) if e.is_dagster_event
+                  and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION]
+    [event] = events
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def assert_resumes(served: Served, stride: int, hookpoints: list[str]) -> None:
+    """Launch the partition again: it resumes the newest checkpoint and finishes with complete SAEs."""
+    run_dir = served.root / "runs" / MODEL / f"stride-{stride}"
+    before = metrics_steps(run_dir / "metrics.jsonl")
+    checkpoint = checkpoint_step(run_dir)
+    assert checkpoint is not None and 0 < checkpoint <= before[-1] < TOTAL_STEPS, (checkpoint, before[-1])
+    print(f"stopped at step {before[-1]}, checkpoint {checkpoint}")
+    run_id = launch_training(served, stride)
+    assert (status := wait_for_end(served, run_id, timeout_s=150)) == "SUCCESS", (
+        status, "\n".join(run_messages(served, run_id))[-5000:]
+    )
+    assert any(f"resuming the unfinished run in {run_dir}" in m for m in run_messages(served, run_id))
+    meta = materialization_metadata(served, run_id)
+    assert meta["resumed"] is True, meta
+    # The new run went on from the checkpoint: its first step is the one after it, and it ran to the end.
+    steps = metrics_steps(run_dir / "metrics.jsonl")
+    assert steps[: len(before)] == before
+    resumed = steps[len(before):]
+    assert resumed == list(range(checkpoint + 1, resumed[-1] + 1)), resumed[:5]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == info["total_steps"] == resumed[-1] == TOTAL_STEPS and info["hookpoints"] == hookpoints
+    from sae_core.sae import Sae
+
+    for hookpoint in hookpoints:
+        assert Sae.load_from_disk(run_dir / hookpoint).hookpoint == hookpoint
+    assert not (run_dir.parent / f"stride-{stride}.previous").exists()
+    assert not (left := wait_until_gone(str(served.root), timeout_s=10)), [p.cmdline() for p in left]
+
+
+def test_terminating_a_training_run_in_dagster_cancels_it_leaks_nothing_and_the_rerun_resumes(served):
+    assert not training_processes(str(served.root))
+    run_dir = served.root / "runs" / MODEL / "stride-1"
+    run_id = launch_training(served, stride=1)
+    wait_for_checkpoint(served, run_id, run_dir)
+    assert len(training_processes(str(served.root))) >= 3  # torchrun + 2 ranks
+
+    started = time.monotonic()
+    answer = graphql(served.url, TERMINATE_RUN, {"runId": run_id})["terminateRun"]
+    assert answer["__typename"] == "TerminateRunSuccess", answer
+    status = wait_for_end(served, run_id, timeout_s=90)
+    took = time.monotonic() - started
+    assert status == "CANCELED", "\n".join(run_messages(served, run_id))[-5000:]
+    # The step stopped torchrun's whole tree before the run was marked canceled.
+    assert not (left := wait_until_gone(str(served.root), timeout_s=5)), [p.cmdline() for p in left]
+    messages = run_messages(served, run_id)
+    assert any("interrupted: stopping torchrun" in m for m in messages), messages
+    print(f"terminateRun -> {status} in {took:.1f} s")
+
+    assert_resumes(served, stride=1, hookpoints=["layers.0", "layers.1", "layers.2"])
+
+
+def test_killing_the_step_worker_fails_the_run_leaks_nothing_and_the_rerun_resumes(served):
+    assert not training_processes(str(served.root))
+    run_dir = served.root / "runs" / MODEL / "stride-2"
+    run_id = launch_training(served, stride=2)
+    wait_for_checkpoint(served, run_id, run_dir)
+    [torchrun] = [p for p in training_processes(str(served.root)) if TORCHRUN in p.cmdline()]
+    step_worker = torchrun.parent()
+    run_worker = step_worker.parent()
+    # Both workers are multiprocessing "spawn" children; the run worker's parent is the code server.
+    assert all("spawn_main" in " ".join(p.cmdline()) for p in (step_worker, run_worker))
+    assert run_worker.parent().cmdline()[1:5] == ["-m", "dagster", "api", "grpc"]
+
+    started = time.monotonic()
+    step_worker.kill()  # no cleanup code runs: the parent-death signals must stop torchrun and the ranks
+    assert not (left := wait_until_gone(str(served.root), timeout_s=45)), [p.cmdline() for p in left]
+    status = wait_for_end(served, run_id, timeout_s=60)
+    took = time.monotonic() - started
+    messages = run_messages(served, run_id)
+    assert status == "FAILURE", messages[-20:]
+    print(f"SIGKILL of the step worker -> {status} in {took:.1f} s;", [m for m in messages if "exit" in m])
+
+    assert_resumes(served, stride=2, hookpoints=["layers.0", "layers.2"])
+
+
+
+def test_killing_the_run_worker_fails_the_run_stops_the_orphaned_step_and_the_rerun_resumes(served):
+    assert not training_processes(str(served.root))
+    run_dir = served.root / "runs" / MODEL / "stride-4"
+    run_id = launch_training(served, stride=4)
+    wait_for_checkpoint(served, run_id, run_dir)
+    [torchrun] = [p for p in training_processes(str(served.root)) if TORCHRUN in p.cmdline()]
+    step_worker = torchrun.parent()
+    run_worker = step_worker.parent()
+    assert run_worker.parent().cmdline()[1:5] == ["-m", "dagster", "api", "grpc"]  # the code server
+
+    started = time.monotonic()
+    run_worker.kill()
+    # The code server sees its run worker die and marks the run failed at once ...
+    assert (status := wait_for_end(served, run_id, timeout_s=30)) == "FAILURE", status
+    # ... but the step worker is not the code server's child: it notices it was orphaned and stops torchrun.
+    assert not (left := wait_until_gone(str(served.root), timeout_s=45)), [p.cmdline() for p in left]
+    psutil.wait_procs([step_worker], timeout=30)
+    assert not step_worker.is_running()
+    took = time.monotonic() - started
+    messages = run_messages(served, run_id)
+    assert any("was terminated by signal 9" in m for m in messages), messages[-10:]
+    assert any("the parent of the step process" in m and "stopping torchrun" in m for m in messages), messages
+    print(f"SIGKILL of the run worker -> {status}; no process left after {took:.1f} s")
+
+    assert_resumes(served, stride=4, hookpoints=["layers.0"])
