@@ -11,6 +11,8 @@ PY=${PYTHON:-python3}
 status=0
 step() { echo; echo "=== $* ==="; "$@" || { echo "!!! failed ($?): $*"; status=1; }; }
 
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "benchmarks/gpu.sh: no CUDA GPU visible to torch; run it on a GPU machine" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, transformers, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'cuda', torch.version.cuda)"
 
