@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models import module_device
+
 # Enough for a stable FVU and ΔCE, in minutes rather than hours on a laptop CPU (SmolLM2-135M, 4 layers).
 DEFAULT_MAX_TOKENS = 8192
 # Without run.json the training context length is unknown: a common one, capped by the model's.
@@ -375,7 +377,7 @@ def evaluate(
     if n_seq == 0 or seq_len == 0:
         raise EvalError("no evaluation tokens: the input has no sequences (is the held-out part empty?)")
 
-    device = next(model.parameters()).device
+    device = module_device(model)
     exclude = torch.tensor(sorted(set(exclude_tokens or [])), dtype=torch.long, device=device)
     splicer = _Splicer(model, list(layer_of.values()), splice)
     batches = [(start, min(start + batch_size, n_seq)) for start in range(0, n_seq, batch_size)]
@@ -412,7 +414,7 @@ def evaluate(
                 i = layer_of[h]
                 out = splicer.outputs[i]
                 x = out[keep]
-                enc = sae.encode(x.to(_device_of(sae, x.device)))
+                enc = sae.encode(x.to(module_device(sae, x.device)))
                 acts, indices = enc[0], enc[1]
                 x_hat = sae.decode(acts, indices).to(x.device)
                 recon[h].add(x, x_hat, acts, indices)
@@ -499,13 +501,6 @@ def _block_means(
 def _recovered(ce_ablated: float, ce_sae: float, ce_clean: float) -> float | None:
     denom = ce_ablated - ce_clean
     return _num((ce_ablated - ce_sae) / denom) if denom != 0 else None
-
-
-def _device_of(sae: Any, default: torch.device) -> torch.device:
-    if isinstance(sae, nn.Module):
-        for p in sae.parameters():
-            return p.device
-    return default
 
 
 def _shape(input_ids: Any) -> tuple[int, int]:

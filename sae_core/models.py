@@ -10,6 +10,7 @@ import contextlib
 import fnmatch
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,14 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def module_device(module: Any, default: torch.device | str = "cpu") -> torch.device:
+    """The device of a module's first parameter; `default` for a module without parameters (or a non-module)."""
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            return p.device
+    return torch.device(default)
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

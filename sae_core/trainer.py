@@ -43,6 +43,7 @@ from .models import (
     capture_residuals,
     hidden_size,
     layer_index,
+    module_device,
     resolve_dtype,
     run_until_captured,
     select_hookpoints,
@@ -116,12 +117,6 @@ def _optimizer_states(state: dict[str, Any], hookpoints: list[str], path: Path) 
     return out
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     """This process's peak resident memory (and peak CUDA allocation), in MiB."""
     import resource
@@ -148,7 +143,7 @@ class SaeTrainer:
         self.cfg = cfg
         self.model = model
         # Without an explicit context, follow the model: a CPU model on a GPU machine trains on the CPU.
-        self.ctx = dist_ctx or init_distributed(str(_model_device(model)))
+        self.ctx = dist_ctx or init_distributed(str(module_device(model)))
         self.dataset = dataset
         self.run_info = run_info or {}
         self.progress = progress
