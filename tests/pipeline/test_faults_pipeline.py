@@ -446,10 +446,7 @@ def assert_resumes(served: Served, stride: int, hookpoints: list[str]) -> None:
 
 
 def test_terminating_a_training_run_in_dagster_cancels_it_leaks_nothing_and_the_rerun_resumes(served):
-    assert not training_processes(str(served.root))
-    run_dir = served.root / "runs" / MODEL / "stride-1"
-    run_id = launch_training(served, stride=1)
-    wait_for_checkpoint(served, run_id, run_dir)
+    run_id, _, _ = train_until_checkpointed(served, stride=1)
     assert len(training_processes(str(served.root))) >= 3  # torchrun + 2 ranks
 
     started = time.monotonic()
@@ -467,17 +464,22 @@ def test_terminating_a_training_run_in_dagster_cancels_it_leaks_nothing_and_the_
     assert_resumes(served, stride=1, hookpoints=["layers.0", "layers.1", "layers.2"])
 
 
-def test_killing_the_step_worker_fails_the_run_leaks_nothing_and_the_rerun_resumes(served):
+def train_until_checkpointed(served: Served, stride: int) -> tuple[str, psutil.Process, psutil.Process]:
+    """Launch a partition's training, wait for its first checkpoint; (run id, step worker, run worker)."""
     assert not training_processes(str(served.root))
-    run_dir = served.root / "runs" / MODEL / "stride-2"
-    run_id = launch_training(served, stride=2)
-    wait_for_checkpoint(served, run_id, run_dir)
+    run_id = launch_training(served, stride=stride)
+    wait_for_checkpoint(served, run_id, served.root / "runs" / MODEL / f"stride-{stride}")
     [torchrun] = [p for p in training_processes(str(served.root)) if TORCHRUN in p.cmdline()]
     step_worker = torchrun.parent()
     run_worker = step_worker.parent()
     # Both workers are multiprocessing "spawn" children; the run worker's parent is the code server.
     assert all("spawn_main" in " ".join(p.cmdline()) for p in (step_worker, run_worker))
     assert run_worker.parent().cmdline()[1:5] == ["-m", "dagster", "api", "grpc"]
+    return run_id, step_worker, run_worker
+
+
+def test_killing_the_step_worker_fails_the_run_leaks_nothing_and_the_rerun_resumes(served):
+    run_id, step_worker, _ = train_until_checkpointed(served, stride=2)
 
     started = time.monotonic()
     step_worker.kill()  # no cleanup code runs: the parent-death signals must stop torchrun and the ranks
@@ -493,14 +495,7 @@ def test_killing_the_step_worker_fails_the_run_leaks_nothing_and_the_rerun_resum
 
 
 def test_killing_the_run_worker_fails_the_run_stops_the_orphaned_step_and_the_rerun_resumes(served):
-    assert not training_processes(str(served.root))
-    run_dir = served.root / "runs" / MODEL / "stride-4"
-    run_id = launch_training(served, stride=4)
-    wait_for_checkpoint(served, run_id, run_dir)
-    [torchrun] = [p for p in training_processes(str(served.root)) if TORCHRUN in p.cmdline()]
-    step_worker = torchrun.parent()
-    run_worker = step_worker.parent()
-    assert run_worker.parent().cmdline()[1:5] == ["-m", "dagster", "api", "grpc"]  # the code server
+    run_id, step_worker, run_worker = train_until_checkpointed(served, stride=4)
 
     started = time.monotonic()
     run_worker.kill()
