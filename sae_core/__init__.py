@@ -1,9 +1,9 @@
 """sae_core: train, evaluate and publish TopK sparse autoencoders on Hugging Face language models."""
 
-__version__ = "0.1.0"
-
-from .config import ConfigError, SaeConfig, TrainConfig
-from .sae import ForwardOutput, Sae, SaeLoadError
+from .config import SaeConfig, TrainConfig
+from .errors import ConfigError, SaeCoreError, SaeLoadError
+from .sae import ForwardOutput, Sae
+from .version import __version__
 
 
 def __getattr__(name: str):
@@ -15,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sae_core' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "ForwardOutput", "Sae", "SaeConfig", "SaeLoadError", "SaeTrainer", "TrainConfig", "__version__"]
+__all__ = ["ConfigError", "ForwardOutput", "Sae", "SaeConfig", "SaeCoreError", "SaeLoadError", "SaeTrainer", "TrainConfig", "__version__"]

@@ -21,14 +21,11 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
 from .utils import atomic_open, first_line
 
 STATE_DIR = "trainer_state"
 _STATE_RE = re.compile(r"rank(\d+)-step(\d+)\.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not match the run; the message names the file."""
 
 
 def state_path(run_dir: Path, rank: int, step: int) -> Path:

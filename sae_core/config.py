@@ -11,9 +11,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which and what would be right."""
+from .errors import ConfigError
 
 
 def opt(default: Any = MISSING, help: str = "", default_factory: Any = MISSING, **meta: Any) -> Any:

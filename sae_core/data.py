@@ -16,15 +16,11 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from .config import ConfigError
+from .errors import ConfigError, DatasetLoadError
 from .utils import first_line
 
 DATA_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EMBEDDED_DATASET_NAMES = ("embedded", "python-docs")
-
-
-class DatasetLoadError(ValueError):
-    """The dataset could not be found or read; the message says what to pass instead."""
 
 
 def chunk_and_tokenize(

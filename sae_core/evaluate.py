@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import EvalError
 from .models import module_device
 
 # Enough for a stable FVU and ΔCE, in minutes rather than hours on a laptop CPU (SmolLM2-135M, 4 layers).
@@ -78,10 +79,6 @@ METRIC_KEYS = (
     "kl", "kl_zero", "kl_mean", "density_hist",
 )
 PLOT_FILES = ("fvu_l0_dead.png", "kl_dce.png", "density.png")
-
-
-class EvalError(ValueError):
-    """The evaluation cannot run as asked; the one-line message says why and what to pass instead."""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,14 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
+from .errors import ConfigError, ModelLoadError
 from .utils import first_line
 
 BLOCK_LIST_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
-
-
-class ModelLoadError(ValueError):
-    """The model could not be found or loaded; the message says what to pass instead."""
 
 
 def load_model(

@@ -24,8 +24,10 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .config import SaeConfig
+from .errors import SaeLoadError
 from .kernels import EncoderOutput, sparse_decode, topk_encode
 from .utils import atomic_write_bytes, atomic_write_json, first_line, natural_key
+from .version import __version__
 
 SAE_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
@@ -38,10 +40,6 @@ class ForwardOutput(NamedTuple):
     latent_indices: Tensor  # [N, k] their indices
     fvu: Tensor  # scalar, fraction of variance unexplained (fp32)
     auxk_loss: Tensor  # scalar, AuxK loss (0 when no latent is dead)
-
-
-class SaeLoadError(ValueError):
-    """A saved SAE is missing, corrupt or inconsistent; the message names the file."""
 
 
 class Sae(nn.Module):
@@ -161,8 +159,6 @@ class Sae(nn.Module):
 
     # ---------------------------------------------------------------- saving and loading
     def cfg_dict(self) -> dict[str, Any]:
-        from . import __version__
-
         d = {**self.cfg.to_dict(), "d_in": self.d_in}
         if self.hookpoint is not None:
             d["hookpoint"] = self.hookpoint

@@ -51,6 +51,7 @@ from .models import (
 )
 from .sae import Sae
 from .utils import atomic_write_json
+from .version import __version__
 
 # Fields that may change between a run and its resume without changing what is computed.
 # (hf_token is here so that the secret is never written into the trainer state.)
@@ -506,8 +507,6 @@ class SaeTrainer:
             "peak_memory_mb_per_rank": peak_memory_mb,
         }
         info.setdefault("config", {k: v for k, v in self.cfg.to_dict().items() if k != "hf_token"})
-        from . import __version__
-
         info["sae_core_version"] = __version__
         atomic_write_json(self.run_dir / "run.json", info)
 
