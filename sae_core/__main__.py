@@ -163,21 +163,11 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
-def _data_args(text: str) -> dict[str, str]:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise ConfigError(f"--data_args expects key=value pairs separated by commas, got {part!r}")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 def run(cfg: RunConfig) -> dict[str, float]:
     """Load model and data, then train (the CLI's body; also usable from Python)."""
     from transformers import AutoTokenizer
 
-    from .data import chunk_and_tokenize, load_text_dataset
+    from .data import prepare_dataset
     from .distributed import barrier, destroy, init_distributed
     from .embedded import EMBEDDED_MODEL_NAME, embedded_model_path, is_embedded_model
     from .models import ModelLoadError, load_model, max_context
@@ -204,17 +194,11 @@ def run(cfg: RunConfig) -> dict[str, float]:
         limit = max_context(model)
         if limit is not None and cfg.ctx_len > limit:
             raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's maximum context of {limit} tokens")
-        data = load_text_dataset(
-            cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_args=_data_args(cfg.data_args),
-            max_examples=cfg.max_examples, shuffle_seed=cfg.shuffle_seed, token=token,
-        )
-        if "input_ids" not in data.column_names:
-            data = chunk_and_tokenize(
-                data, tokenizer, text_key=cfg.text_column, max_seq_len=cfg.ctx_len,
-                num_proc=cfg.data_preprocessing_num_proc,
-            )
-        else:
-            data = data.with_format("torch", columns=["input_ids"])
+        data = prepare_dataset(
+            cfg.dataset, tokenizer, ctx_len=cfg.ctx_len, split=cfg.split, text_column=cfg.text_column,
+            data_args=cfg.data_args, max_examples=cfg.max_examples, shuffle_seed=cfg.shuffle_seed,
+            num_proc=cfg.data_preprocessing_num_proc, token=token,
+        ).sequences
         if ctx.enabled and ctx.local_rank == 0:
             barrier(ctx)
         release_free_memory()

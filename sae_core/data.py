@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -130,6 +130,51 @@ def load_text_dataset(
             raise ConfigError(f"max_examples must be positive, got {max_examples}")
         ds = ds.select(range(min(max_examples, len(ds))))
     return ds
+
+
+class PreparedDataset(NamedTuple):
+    sequences: Dataset  # rows of exactly ctx_len token ids ("input_ids", torch format)
+    documents: int  # documents read (after max_examples)
+    fingerprint: str | None  # the source's datasets fingerprint, when it has one
+
+
+def prepare_dataset(
+    name: str | None,
+    tokenizer: Any,
+    *,
+    ctx_len: int,
+    split: str = "train",
+    text_column: str = "text",
+    data_args: dict[str, Any] | str | None = None,
+    max_examples: int | None = None,
+    shuffle_seed: int | None = None,
+    num_proc: int | None = None,
+    token: str | None = None,
+) -> PreparedDataset:
+    """Open `name` (see `load_text_dataset`) and cut it into `ctx_len`-token rows, unless it already holds
+    `input_ids`. The one path from a dataset name to training rows: the CLI and the pipeline both use it."""
+    if isinstance(data_args, str):
+        data_args = parse_data_args(data_args)
+    texts = load_text_dataset(
+        name, split=split, text_column=text_column, data_args=data_args, max_examples=max_examples,
+        shuffle_seed=shuffle_seed, token=token,
+    )
+    if "input_ids" in texts.column_names:
+        sequences = texts.with_format("torch", columns=["input_ids"])
+    else:
+        sequences = chunk_and_tokenize(texts, tokenizer, text_key=text_column, max_seq_len=ctx_len, num_proc=num_proc)
+    return PreparedDataset(sequences, len(texts), getattr(texts, "_fingerprint", None))
+
+
+def parse_data_args(text: str) -> dict[str, str]:
+    """`--data_args` text (`key=value,key=value`) as load_dataset keyword arguments."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise ConfigError(f"--data_args expects key=value pairs separated by commas, got {part!r}")
+        key, value = part.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _load_local(path: Path, split: str) -> Dataset:

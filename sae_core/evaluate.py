@@ -642,8 +642,7 @@ def _held_out_sequences(
     token: str | None,
 ) -> tuple[Any, dict[str, Any]]:
     """The evaluation sequences (a slice of a tokenized Dataset) and the settings that say which they are."""
-    from .__main__ import _data_args  # parse --data_args exactly as training did
-    from .data import chunk_and_tokenize, load_text_dataset
+    from .data import chunk_and_tokenize, load_text_dataset, parse_data_args
 
     cfg = run.get("config") or {}
     trained_on = _dataset_name(run.get("dataset")) if run else None
@@ -656,7 +655,7 @@ def _held_out_sequences(
     text_column = text_column or (cfg.get("text_column", "text") if same_data else "text")
     ds = load_text_dataset(
         None if name == "embedded" else name, split=split, text_column=text_column,
-        data_args=_data_args(cfg.get("data_args", "")) if same_data else None,
+        data_args=parse_data_args(cfg.get("data_args", "")) if same_data else None,
         max_examples=cfg.get("max_examples") if same_data else None,
         shuffle_seed=cfg.get("shuffle_seed", 42) if same_data else 42, token=token,
     )
