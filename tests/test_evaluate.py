@@ -303,7 +303,7 @@ def test_bad_input_is_a_one_line_eval_error(llama, saes, ids, message):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, tiny_text_file):
-    from sae_core.__main__ import main as train
+    from sae_core.run import main as train
 
     save_dir = tmp_path_factory.mktemp("runs")
     train([str(tiny_model_dir), str(tiny_text_file), "--ctx_len", "32", "--batch_size", "4",

@@ -269,7 +269,7 @@ def test_damaged_files_give_one_line_errors_naming_the_file(tmp_path, damage, me
 
 
 def test_config_rejects_bad_values_and_positional_hidden_size():
-    with pytest.raises(ConfigError, match="keyword arguments only"):
+    with pytest.raises(TypeError, match="positional argument"):  # kw_only: SaeConfig(hidden_size) is refused
         SaeConfig(576)
     with pytest.raises(ConfigError, match="k must be a positive"):
         SaeConfig(k=0)
