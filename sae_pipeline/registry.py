@@ -218,8 +218,7 @@ def parse_entry(item: Any, where: str = "registry entry") -> ModelEntry:
 
 def _train_options(options: Any, where: str) -> dict[str, Any]:
     """Check training options against sae_core's own config classes, so a bad value fails at registry load."""
-    from sae_core.config import RunConfig
-    from sae_core.config import ConfigError, SaeConfig
+    from sae_core.config import ConfigError, RunConfig, SaeConfig
 
     options = _typed(options, dict, f"{where}: train", "train")
     for key in options:
