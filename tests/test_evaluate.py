@@ -1,4 +1,4 @@
-"""The evaluation metrics contract (DESIGN.md section 2), on tiny float64 models against plain PyTorch."""
+"""The evaluation metrics contract (docs/metrics.md), on tiny float64 models against plain PyTorch."""
 
 import json
 import subprocess
