@@ -130,7 +130,7 @@ class TrainConfig:
     """Random seed for SAE initialisation."""
 
     sae_dtype: str = "float32"
-    """Parameter dtype of the SAEs (float32 is recommended; optimizer works in it)."""
+    """Parameter dtype of the SAEs: float32 or float64 (for half-precision compute use --autocast)."""
 
     autocast: str | None = None
     """Compute dtype for the SAE encoder matmul: 'bfloat16' or None (exact)."""
@@ -153,8 +153,15 @@ class TrainConfig:
             raise ConfigError(f"max_tokens must be positive, got {self.max_tokens}")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
-        if self.sae_dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise ConfigError(f"sae_dtype must be one of float32, float64, bfloat16, float16; got {self.sae_dtype!r}")
+        if self.sae_dtype in ("bfloat16", "float16"):
+            # Half-precision weights lose Adam's small updates (and the CPU backward has no half kernels):
+            # keep fp32 weights and compute in half precision with autocast instead.
+            raise ConfigError(
+                f"sae_dtype={self.sae_dtype} is not supported: half-precision weights lose small updates; keep "
+                f"sae_dtype float32 and pass --autocast {self.sae_dtype} for half-precision compute"
+            )
+        if self.sae_dtype not in ("float32", "float64"):
+            raise ConfigError(f"sae_dtype must be float32 or float64, got {self.sae_dtype!r}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ConfigError(f"autocast must be 'bfloat16', 'float16' or unset, got {self.autocast!r}")
 

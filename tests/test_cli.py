@@ -65,6 +65,13 @@ def test_config_values_are_checked_at_parse_time_in_one_line(capsys):
     assert e.value.code == 2 and err.endswith("batch_size must be a positive integer, got 0") and "\n" not in err
 
 
+def test_half_precision_sae_weights_are_refused_with_the_working_alternative(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["m", "--sae_dtype", "bfloat16"])
+    err = capsys.readouterr().err.strip()
+    assert "half-precision weights lose small updates" in err and "--autocast bfloat16" in err and "\n" not in err
+
+
 def test_the_token_is_never_serialised():
     cfg = parse_run_config(["m", "--hf_token", "hf_SECRET"])
     assert cfg.hf_token == "hf_SECRET" and "hf_token" not in cfg.to_dict()
