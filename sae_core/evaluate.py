@@ -524,21 +524,16 @@ def _rows(input_ids: Any, start: int, stop: int) -> Tensor:
 
 
 def training_dead_pct(run_dir: str | Path) -> dict[str, float]:
-    """{hookpoint: % dead} from the newest trainer state of a run folder (all ranks merged); {} if none.
+    """{hookpoint: % dead} from the newest trainer states of a run folder that every writing rank completed
+    (--distribute_layers: each rank holds its own layers); {} if none.
 
     Dead means what it meant in training: tokens_since_fired >= dead_feature_threshold.
     """
-    from .checkpoint import STATE_DIR, CheckpointError, load_state
+    from .checkpoint import CheckpointError, newest_complete_states
 
-    by_step: dict[int, list[Path]] = {}
-    for p in (Path(run_dir) / STATE_DIR).glob("rank*-step*.pt"):
-        by_step.setdefault(int(p.stem.split("-step")[1]), []).append(p)
-    if not by_step:
-        return {}
     dead: dict[str, float] = {}
     try:
-        for p in sorted(by_step[max(by_step)]):  # --distribute_layers: each rank holds its own layers
-            state = load_state(p)
+        for state in newest_complete_states(Path(run_dir)):
             threshold = json.loads(state["config"])["dead_feature_threshold"]
             for h, counters in state["tokens_since_fired"].items():
                 dead[h] = 100.0 * (counters >= threshold).double().mean().item()
