@@ -368,6 +368,13 @@ def test_cli_bad_input_is_one_line_and_exits_2(trained_run, tmp_path, capsys):
         assert "Traceback" not in err
 
 
+def test_cli_rejects_abbreviated_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["model", "sae", "--max_tok", "100"])  # argparse's default would take it for --max_tokens
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: unrecognized arguments: --max_tok 100 (see --help)\n"
+
+
 def test_dead_pct_train_comes_from_the_training_counters(trained_run):
     from sae_core.evaluate import training_dead_pct
 
