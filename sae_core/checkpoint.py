@@ -60,8 +60,7 @@ def state_writers(world_size: int, distribute_layers: bool) -> int:
 
 def latest_complete_step(run_dir: Path, writer_ranks: int) -> int | None:
     """Newest step for which ranks 0..writer_ranks-1 all have a state file."""
-    complete = [s for s, ranks in _state_files(run_dir).items() if set(ranks) >= set(range(writer_ranks))]
-    return max(complete) if complete else None
+    return _newest_complete(_state_files(run_dir), writer_ranks)
 
 
 def newest_complete_states(run_dir: Path) -> list[dict[str, Any]]:
@@ -76,7 +75,7 @@ def newest_complete_states(run_dir: Path) -> list[dict[str, Any]]:
     if not files:
         return []
     writers = _writers_of(run_dir, files)
-    step = latest_complete_step(run_dir, writers)
+    step = _newest_complete(files, writers)
     if step is None:
         raise CheckpointError(
             f"{run_dir / STATE_DIR}: no step has the trainer states of all {writers} writing ranks "
@@ -93,6 +92,11 @@ def _state_files(run_dir: Path) -> dict[int, dict[int, Path]]:
         if m:
             files.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
     return files
+
+
+def _newest_complete(files: dict[int, dict[int, Path]], writer_ranks: int) -> int | None:
+    complete = [s for s, ranks in files.items() if set(ranks) >= set(range(writer_ranks))]
+    return max(complete) if complete else None
 
 
 def _writers_of(run_dir: Path, files: dict[int, dict[int, Path]]) -> int:
