@@ -90,11 +90,7 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The module path and list of the model's transformer blocks."""
     for path in BLOCK_LIST_PATHS:
-        mod: nn.Module | None = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
+        mod = submodule(model, path)
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             return path, mod
     # Fallback: the longest ModuleList in the model is almost always the block stack.
@@ -153,8 +149,23 @@ def layer_index(hookpoint: str) -> int:
     return int(hookpoint.split(".")[1])
 
 
-class _StopForward(Exception):
-    """Raised by the hook of the deepest hooked block: the layers above it are not needed."""
+def submodule(model: nn.Module, path: str) -> Any:
+    """The attribute at the dotted `path` under `model` (e.g. "model.norm"); None where a part is missing."""
+    mod: Any = model
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+class StopForward(Exception):
+    """Raised by a hook after the deepest block a caller needs: the layers above it are not run."""
+
+
+def hidden_state(block_output: Any) -> Tensor:
+    """A block's hidden state: blocks return a tensor, or a tuple whose first element is it."""
+    return block_output[0] if isinstance(block_output, tuple) else block_output
 
 
 @contextlib.contextmanager
@@ -170,9 +181,9 @@ def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: b
 
     def make_hook(name: str, last: bool):
         def hook(_module, _inputs, output):
-            acts[name] = output[0] if isinstance(output, tuple) else output
+            acts[name] = hidden_state(output)
             if last and stop_early:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -190,7 +201,7 @@ def run_until_captured(model: nn.Module, input_ids: Tensor, **kwargs) -> None:
     """Forward `input_ids` through the model, swallowing the early stop of `capture_residuals`."""
     try:
         model(input_ids=input_ids, use_cache=False, **kwargs)
-    except _StopForward:
+    except StopForward:
         pass
 
 
