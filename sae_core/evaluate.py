@@ -4,31 +4,7 @@
     evaluate(model, saes, input_ids)             -> EvalReport (the metrics; writes nothing)
     evaluate_run(model, sae_path, dataset, ...)  -> EvalReport on held-out tokens, written to out_dir if given
 
-Definitions (DESIGN.md section 2). For every hookpoint, over the eval tokens t whose input token is not
-excluded (BOS and pad by default), with x_t the block output, x̂_t the SAE reconstruction and x̄ the mean
-of x over ALL eval tokens:
-
-    fvu       Σ‖x − x̂‖² / Σ‖x − x̄‖², float64, two passes (x̄ comes from the first, so nothing cancels)
-    mse       Σ‖x − x̂‖² / (N·d)
-    cosine    mean over tokens of x·x̂ / (‖x‖‖x̂‖)
-    rel_bias  Σ‖x̂‖² / Σ x·x̂, the γ of argmin_γ Σ‖x̂/γ − x‖² (Rajamanoharan et al. 2024, "Improving
-              dictionary learning with gated SAEs", eq. 10; SAEBench's relative_reconstruction_bias).
-              1 = unbiased, < 1 = shrinkage; the reciprocal of the best scalar gain on x̂
-    l0        mean number of latents with activation > 0 per token
-    dead_pct_eval   % of latents that never fired on the eval tokens
-    dead_pct_train  % of latents dead per the training counters (tokens_since_fired >=
-                    dead_feature_threshold, as the trainer counts), when the run has a trainer state
-    density_hist    histogram of log10(firing frequency) of the latents that fired, + the never-fired count
-
-Spliced metrics use next-token predictions: position t predicts token t+1 and counts only when neither its
-input token nor its target is excluded (an excluded target, e.g. a pad, is not text to predict). The
-block's output is replaced by x̂ (0, x̄) at every non-excluded position; excluded positions keep their
-clean value: the SAE never saw them in training, and their outlier norms would dominate the damage.
-
-    ce_clean, ce_sae, ce_zero, ce_mean   mean next-token cross-entropy (nats): clean, spliced, ablated
-    delta_ce                             ce_sae − ce_clean
-    loss_recovered_zero / _mean          (ce_A − ce_sae) / (ce_A − ce_clean)
-    kl (kl_zero, kl_mean)                mean over positions of KL(p_clean ‖ p_spliced (p_ablated))
+Every field of the report is defined in docs/metrics.md.
 
 Pass 1 computes x̄, pass 2 the clean forward and the spliced variants; splice.py says what each costs and
 when a variant runs only the blocks after the hooked one. heldout.py says which tokens a run did not train on.
