@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ModelLoadError
-from .utils import first_line
+from .utils import first_line, natural_key
 
 BLOCK_LIST_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
 
@@ -116,6 +118,19 @@ def max_context(model: nn.Module) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Hookpoint names: the one place that knows how they are spelled, parsed and found in a folder.
+#
+# `layers.<i>` is the output of block i. EleutherAI's oldest repos name the same folder `layer_<i>`: both are read,
+# only the first is written. A folder of SAEs holds one sub-folder per hookpoint: <hookpoint>/{cfg.json,
+# sae.safetensors}.
+
+CFG_FILE = "cfg.json"
+SAE_FILE = "sae.safetensors"
+HOOKPOINT_FILES = (CFG_FILE, SAE_FILE)
+_LAYER_HOOKPOINT = re.compile(r"layers\.(\d+)|layer_(\d+)")
+
+
 def all_hookpoints(model: nn.Module) -> list[str]:
     _, blocks = find_blocks(model)
     return [f"layers.{i}" for i in range(len(blocks))]
@@ -136,7 +151,7 @@ def select_hookpoints(
                     f"hookpoint {pat!r} matches nothing; this model has hookpoints layers.0 .. layers.{n - 1}"
                 )
             chosen += [m for m in matches if m not in chosen]
-        return sorted(chosen, key=lambda h: int(h.split(".")[1]))
+        return sorted(chosen, key=layer_index)
     if layers:
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
@@ -145,8 +160,42 @@ def select_hookpoints(
     return names[::layer_stride]
 
 
+def hookpoint_layer(name: str) -> int | None:
+    """The block index of a hookpoint named 'layers.10' or 'layer_10' (10); None for any other name."""
+    match = _LAYER_HOOKPOINT.fullmatch(name)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
 def layer_index(hookpoint: str) -> int:
-    return int(hookpoint.split(".")[1])
+    """The block index of a hookpoint ('layers.10' or 'layer_10' -> 10); a ConfigError for any other name."""
+    index = hookpoint_layer(hookpoint)
+    if index is None:
+        raise ConfigError(f"hookpoint {hookpoint!r} does not name a block: expected layers.<i> (or layer_<i>)")
+    return index
+
+
+def hookpoint_aliases(pattern: str) -> list[str]:
+    """A hookpoint name or glob and its other spelling: 'layers.3' <-> 'layer_3', 'layers.*' <-> 'layer_*'."""
+    if pattern.startswith("layers."):
+        return [pattern, "layer_" + pattern[len("layers."):]]
+    if pattern.startswith("layer_"):
+        return [pattern, "layers." + pattern[len("layer_"):]]
+    return [pattern]
+
+
+def matches_hookpoint(name: str, pattern: str) -> bool:
+    """Whether the hookpoint `name` matches the glob `pattern` in either spelling."""
+    return any(fnmatch.fnmatchcase(name, alias) for alias in hookpoint_aliases(pattern))
+
+
+def list_hookpoints(folder: str | os.PathLike[str]) -> list[str]:
+    """The hookpoint folders of `folder` (sub-folders holding a cfg.json), in natural order (layers.2 before
+    layers.10). Hidden folders are left out: they are temporary copies being written or swapped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CFG_FILE).is_file()]
+    return sorted(names, key=natural_key)
 
 
 def submodule(model: nn.Module, path: str) -> Any:

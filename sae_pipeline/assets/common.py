@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import dagster as dg
+
+from sae_core.utils import replace_folder, staging_folder
 
 from ..partitions import ModelStride, PartitionKeyError, parse_model_stride
 from ..registry import ModelEntry, RegistryError
@@ -43,16 +42,9 @@ def model_and_stride(
 
 def staging_dir(target: Path) -> Path:
     """An empty folder next to `target` (same filesystem, so `swap_in` is a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    return staging_folder(target)
 
 
 def swap_in(staging: Path, target: Path) -> None:
     """Replace `target` by `staging` with renames: readers see the old folder or the new one, never a mix."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, target)
