@@ -37,7 +37,6 @@ from .download import (
 )
 from .errors import HubError, SaeCoreError
 from .models import CFG_FILE, HOOKPOINT_FILES, list_hookpoints
-from .models import list_hookpoints as find_hookpoints  # noqa: F401  (its name here before models.py)
 from .utils import atomic_folder
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,6 @@ from .models import (
     CFG_FILE,
     SAE_FILE,
     hookpoint_aliases,
-    hookpoint_layer,  # noqa: F401  (re-exported: it was defined here before models.py)
     list_hookpoints,
 )
 from .utils import atomic_write_bytes, atomic_write_json, first_line

@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import EvalError
-from .models import StopForward, find_blocks, hidden_size, hidden_state, submodule
-from .sae import hookpoint_layer
+from .models import StopForward, find_blocks, hidden_size, hidden_state, hookpoint_layer, submodule
 
 # The final norm after the block list, per block-list path (see models.BLOCK_LIST_PATHS).
 FINAL_NORMS = {
