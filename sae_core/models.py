@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .embedded import embedded_model_path, is_embedded_model
 from .errors import ConfigError, ModelLoadError
 from .utils import first_line, natural_key
 
@@ -35,9 +36,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a causal LM by Hub id, local folder, or the embedded default (None, 'embedded', 'smollm2-135m')."""
-    from transformers import AutoModelForCausalLM
-
-    from .embedded import embedded_model_path, is_embedded_model
+    from transformers import AutoModelForCausalLM  # heavy: only loading a model needs it
 
     if name is None or is_embedded_model(name):
         path = str(embedded_model_path())

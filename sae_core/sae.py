@@ -4,7 +4,7 @@
     z       = TopK(pre, k)                             # k (value, index) pairs per token
     x_hat   = sum_j z_j W_dec[idx_j] + b_dec           # sparse decode, rows of W_dec at unit norm
 
-Losses (definitions in DESIGN.md section 2): FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, and AuxK,
+Losses (definitions in docs/metrics.md): FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, and AuxK,
 which reconstructs the detached residual from the top k_aux pre-activations of dead latents (no b_dec)
 so that dead latents receive gradient again.
 """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import re
@@ -122,9 +124,6 @@ def release_free_memory() -> None:
     Tokenizing leaves ~50 MB of freed but still resident heap behind; trimming it before training lowers the
     run's peak RSS by as much. A no-op where there is no glibc.
     """
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
