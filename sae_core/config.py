@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = opt(42, "Random seed for SAE initialisation.")
     sae_dtype: str = opt("float32", "Parameter dtype of the SAEs (float32 is recommended; optimizer works in it).")
     autocast: str | None = opt(None, "Compute dtype for the SAE encoder matmul: 'bfloat16' or None (exact).")
+    profile: bool = opt(False, "Record where time and memory go in run.json (syncs the GPU every batch; for benchmarks).")
 
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
