@@ -5,8 +5,10 @@ main rank with every metrics record ({"step", "tokens", "tokens_per_s", "fvu/<ho
 `run_loggers` gives the ones a run config asks for: metrics.jsonl always (it is part of the run folder),
 Weights & Biases and TensorBoard when their flags are set and they are installed.
 
-`Profiler` measures where time and memory go, for the benchmarks, when `TrainConfig.profile` is set; it
-syncs the GPU every batch, so ordinary runs leave it off and their run.json holds no such numbers.
+`Progress` is the main rank's view of the loop: a progress bar every step, a record to every logger every
+`log_every` steps and at the last one. `Profiler` measures where time and memory go, for the benchmarks,
+when `TrainConfig.profile` is set; it syncs the GPU every batch, so ordinary runs leave it off and their
+run.json holds no such numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .distributed import DistContext, gather_objects
@@ -38,7 +41,7 @@ def run_loggers(cfg: TrainConfig, run_dir: Path, config: dict[str, Any]) -> list
 
 
 def jsonl_logger(path: Path) -> Logger:
-    """Appends each record as one JSON line (opened per record, so a crash loses at most the line being written)."""
+    """Appends each record as one JSON line (opened per record: a crash loses at most that line)."""
 
     def log(record: dict) -> None:
         with open(path, "a") as f:
@@ -59,7 +62,7 @@ def wandb_logger(name: str, config: dict[str, Any]) -> list[Logger]:
 
 
 def tensorboard_logger(folder: Path) -> list[Logger]:
-    """TensorBoard scalars in `folder`: [its logger], or [] with a warning when tensorboard is not installed."""
+    """TensorBoard scalars in `folder`: [its logger], or [] with a warning when it is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # imports the optional tensorboard package
     except ImportError:
@@ -73,6 +76,30 @@ def tensorboard_logger(folder: Path) -> list[Logger]:
                 writer.add_scalar(key, value, record["step"])
 
     return [log]
+
+
+class Progress:
+    """The progress bar (FVU and tokens/s) and the metrics records of one `fit`, on the main rank."""
+
+    def __init__(self, loggers: list[Logger], cfg: TrainConfig, total_steps: int, step: int, tokens: int,
+                 show_bar: bool) -> None:
+        self.loggers, self.log_every, self.total_steps = loggers, cfg.log_every, total_steps
+        self.bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not show_bar)
+        self.started, self.tokens_at_start = time.perf_counter(), tokens
+
+    def update(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        """After each optimizer step: `tokens` seen so far in the run, `metrics` of the step."""
+        tokens_per_s = (tokens - self.tokens_at_start) / max(time.perf_counter() - self.started, 1e-9)
+        fvus = [value for key, value in metrics.items() if key.startswith("fvu/")]
+        self.bar.set_postfix(fvu=f"{sum(fvus) / len(fvus):.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.bar.update(1)
+        if step % self.log_every == 0 or step == self.total_steps:
+            record = {"step": step, "tokens": tokens, "tokens_per_s": tokens_per_s, **metrics}
+            for log in self.loggers:
+                log(record)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Profiler:

@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
@@ -45,7 +44,7 @@ from .distributed import (
     split_layers,
 )
 from .errors import CheckpointError, ConfigError
-from .loggers import Logger, Profiler, run_loggers
+from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     capture_residuals,
     hidden_size,
@@ -119,7 +118,7 @@ class SaeTrainer:
         self._resume_or_refuse(resume)
 
     def _place_hookpoints(self) -> None:
-        """The SAEs this rank trains: all (alone, or data parallel) or its share of them (--distribute_layers)."""
+        """The SAEs this rank trains: all (alone, or data parallel) or its share (--distribute_layers)."""
         cfg = self.cfg
         self.hookpoints = select_hookpoints(
             self.model, layers=cfg.layers, layer_stride=cfg.layer_stride, hookpoints=cfg.hookpoints
@@ -166,17 +165,17 @@ class SaeTrainer:
     def _step_budget(self) -> tuple[int, int]:
         """(tokens per sequence, optimizer steps of the run): one pass over the data, or max_tokens' worth."""
         cfg = self.cfg
-        seq_len, n_sequences = _dataset_shape(self.dataset)
+        seq_len, n_seq = _dataset_shape(self.dataset)
         per_batch = cfg.batch_size * self.ctx.world_size
-        n_batches = n_sequences // per_batch
+        n_batches = n_seq // per_batch
         if cfg.max_tokens is not None:
             n_batches = min(n_batches, math.ceil(cfg.max_tokens / (per_batch * seq_len)))
         total_steps = n_batches // cfg.grad_acc_steps
         if total_steps == 0:
             raise ConfigError(
-                f"dataset too small for one optimizer step: it has {n_sequences} sequences of {seq_len} tokens, "
-                f"one step needs batch_size x world_size x grad_acc_steps = {per_batch * cfg.grad_acc_steps}; "
-                "use more data or a smaller batch"
+                f"dataset too small for one optimizer step: it has {n_seq} sequences of {seq_len} tokens, one "
+                f"step needs batch_size x world_size x grad_acc_steps = {per_batch * cfg.grad_acc_steps}; use "
+                "more data or a smaller batch"
             )
         return seq_len, total_steps
 
@@ -188,42 +187,30 @@ class SaeTrainer:
         Returns the last step's metrics.
         """
         stop_at = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        loggers = self._open_loggers()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="Training", unit="step",
-                   disable=not (self.ctx.is_main and self.progress))
-        started, wall_time_before, tokens_before = time.perf_counter(), self.wall_time, self.tokens_seen
+        progress = self._progress()
+        started, wall_time_at_start = time.perf_counter(), self.wall_time
         metrics: dict[str, float] = {}
         while self.step < stop_at:
             tokens, metrics = self._train_step()
             self.step += 1
             self.tokens_seen += tokens
-            seconds = time.perf_counter() - started
-            self.wall_time = wall_time_before + seconds
+            self.wall_time = wall_time_at_start + time.perf_counter() - started
             if self.ctx.is_main:
-                tokens_per_s = (self.tokens_seen - tokens_before) / max(seconds, 1e-9)
-                self._log(metrics, tokens_per_s, bar, loggers)
+                progress.update(self.step, self.tokens_seen, metrics)
             if self.step % self.cfg.save_every == 0 or self.step == stop_at:
                 self.save()
-        bar.close()
+        progress.close()
         return metrics
 
-    def _open_loggers(self) -> list[Logger]:
-        if not self.ctx.is_main:
-            return []
-        config = self.run_info.get("config", self.cfg.to_dict())
-        return run_loggers(self.cfg, self.run_dir, config) + self.extra_loggers
-
-    def _log(self, metrics: dict[str, float], tokens_per_s: float, bar: tqdm, loggers: list[Logger]) -> None:
-        """Main rank: the progress bar every step; a metrics record every log_every steps and at the end."""
-        fvus = [value for key, value in metrics.items() if key.startswith("fvu/")]
-        bar.set_postfix(fvu=f"{sum(fvus) / len(fvus):.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        bar.update(1)
-        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-            record = {"step": self.step, "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, **metrics}
-            for log in loggers:
-                log(record)
+    def _progress(self) -> Progress:
+        """The main rank writes metrics.jsonl, wandb/TensorBoard when asked, and the extra loggers."""
+        loggers = []
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config = self.run_info.get("config", self.cfg.to_dict())
+            loggers = run_loggers(self.cfg, self.run_dir, config) + self.extra_loggers
+        show_bar = self.ctx.is_main and self.progress
+        return Progress(loggers, self.cfg, self.total_steps, self.step, self.tokens_seen, show_bar)
 
     # ------------------------------------------------------------------ one training step
     def _train_step(self) -> TrainStep:
@@ -299,7 +286,8 @@ class SaeTrainer:
             ids = rank_ids
         keep = ~torch.isin(ids, self.excluded_token_ids)
         return {
-            hookpoint: acts[hookpoint][keep.to(acts[hookpoint].device)].float() for hookpoint in self.local_hookpoints
+            hookpoint: acts[hookpoint][keep.to(acts[hookpoint].device)].float()
+            for hookpoint in self.local_hookpoints
         }
 
     @torch.no_grad()
@@ -312,7 +300,7 @@ class SaeTrainer:
         b_dec.data.copy_((head[1:] / head[0].clamp_min(1)).to(b_dec.dtype))
 
     def _lr_at(self, step: int) -> float:
-        """Linear warm-up over lr_warmup_steps, then linear decay to 0 at the end (counted in optimizer steps)."""
+        """Linear warm-up for lr_warmup_steps, then linear decay to 0 at the end (in optimizer steps)."""
         warmup = self.cfg.lr_warmup_steps
         if step < warmup:
             return self.lr * (step + 1) / warmup
@@ -333,7 +321,7 @@ class SaeTrainer:
     def _optimizer_step(
         self, hookpoint: str, variance: _VarianceStats, fired: Tensor, sse: float, auxk: float
     ) -> tuple[int, dict[str, float]]:
-        """Normalise, reduce across ranks and apply the step's gradient of one SAE; (tokens of the step, metrics)."""
+        """Normalise, sum across ranks and apply one SAE's gradient of the step; (step tokens, metrics)."""
         cfg = self.cfg
         sae = self.saes[hookpoint]
         n_tokens, total_variance = variance.pooled(self.ctx, reduce=self.ddp)
@@ -360,9 +348,11 @@ class SaeTrainer:
         counters = self.tokens_since_fired[hookpoint]
         counters += n_tokens
         counters[fired] = 0
-        dead_pct = 100.0 * (counters >= cfg.dead_feature_threshold).float().mean().item()
-        metrics = {f"fvu/{hookpoint}": sse * scale, f"auxk/{hookpoint}": auxk * scale, f"dead_pct/{hookpoint}": dead_pct}
-        return n_tokens, metrics
+        return n_tokens, {
+            f"fvu/{hookpoint}": sse * scale,
+            f"auxk/{hookpoint}": auxk * scale,
+            f"dead_pct/{hookpoint}": 100.0 * (counters >= cfg.dead_feature_threshold).float().mean().item(),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -404,6 +394,7 @@ class SaeTrainer:
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
 
     def _write_run_info(self, profile: dict[str, Any]) -> None:
+        cfg = self.cfg
         info = {
             **self.run_info,
             "hookpoints": self.hookpoints,
@@ -411,7 +402,7 @@ class SaeTrainer:
             "steps": self.step,
             "total_steps": self.total_steps,
             # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
-            "train_sequences": self.total_steps * self.cfg.grad_acc_steps * self.cfg.batch_size * self.ctx.world_size,
+            "train_sequences": self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size,
             "seq_len": self.seq_len,
             "wall_time_s": round(self.wall_time, 3),
             "world_size": self.ctx.world_size,
