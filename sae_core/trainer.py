@@ -145,9 +145,9 @@ class SaeTrainer:
         """This rank's SAEs, an Adam for each, and their dead-latent counters."""
         cfg = self.cfg
         sae_dtype = resolve_dtype(cfg.sae_dtype)
+        # Every SAE is initialised from a seed of its own, so the result does not depend on which rank owns it.
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
-            # Every SAE is initialised from a seed of its own, so the result does not depend on which rank owns it.
             torch.manual_seed(cfg.seed + layer_index(hookpoint))
             self.saes[hookpoint] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
         self.num_latents = cfg.sae.latents_for(self.d_in)
@@ -216,21 +216,21 @@ class SaeTrainer:
     def _train_step(self) -> TrainStep:
         """One optimizer step of every SAE over grad_acc_steps batches; every rank gets the step's metrics."""
         cfg = self.cfg
-        hookpoints = self.local_hookpoints
-        variance = {hookpoint: _VarianceStats() for hookpoint in hookpoints}
-        fired = {hookpoint: torch.zeros(self.num_latents, dtype=torch.bool) for hookpoint in hookpoints}
-        sse = {hookpoint: 0.0 for hookpoint in hookpoints}
-        auxk = {hookpoint: 0.0 for hookpoint in hookpoints}
+        local_hookpoints = self.local_hookpoints
+        variance = {hookpoint: _VarianceStats() for hookpoint in local_hookpoints}
+        fired = {hookpoint: torch.zeros(self.num_latents, dtype=torch.bool) for hookpoint in local_hookpoints}
+        sse = {hookpoint: 0.0 for hookpoint in local_hookpoints}
+        auxk = {hookpoint: 0.0 for hookpoint in local_hookpoints}
         dead = {
             hookpoint: (self.tokens_since_fired[hookpoint] >= cfg.dead_feature_threshold).to(self.ctx.device)
-            for hookpoint in hookpoints
+            for hookpoint in local_hookpoints
         }
         first_batch = self.step * cfg.grad_acc_steps
         batches = (self._activations(first_batch + offset) for offset in range(cfg.grad_acc_steps))
         if not self.b_dec_initialised:
             # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
             batches = list(batches)
-            for hookpoint in hookpoints:
+            for hookpoint in local_hookpoints:
                 self._init_b_dec(hookpoint, torch.cat([inputs[hookpoint] for inputs in batches]))
             self.b_dec_initialised = True
         lr = self._lr_at(self.step)
@@ -251,8 +251,9 @@ class SaeTrainer:
                         sse[hookpoint] += out.fvu.item()
                         auxk[hookpoint] += out.auxk_loss.item()
                     if batch_number == cfg.grad_acc_steps - 1:
-                        # Update this SAE now and free its gradients before the next layer makes its own: only
-                        # one layer's gradients are ever alive (with grad_acc_steps 1), whatever the layer count.
+                        # Update this SAE now and free its gradients before the next layer makes its
+                        # own: only one layer's gradients are ever alive (with grad_acc_steps 1),
+                        # whatever the layer count.
                         tokens, sae_metrics = self._optimizer_step(
                             hookpoint, variance[hookpoint], fired[hookpoint], sse[hookpoint], auxk[hookpoint]
                         )
