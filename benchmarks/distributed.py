@@ -41,10 +41,11 @@ def main() -> None:
     for name, ranks, extra in (("1 rank", 1, []), ("2 ranks DDP", 2, []),
                                ("2 ranks --distribute_layers", 2, ["--distribute_layers"])):
         with tempfile.TemporaryDirectory() as tmp:
+            # --profile: run.json records each rank's peak RSS.
             train = ["smollm2-135m", "embedded", "--layers", *map(str, args.layers), "--expansion_factor",
                      str(args.expansion), "--ctx_len", "256", "--batch_size", str(args.global_batch // ranks),
                      "--max_tokens", str(args.tokens), "--save_dir", tmp, "--run_name", "b",
-                     "--save_every", "100000", "--lr_warmup_steps", "1", *extra]
+                     "--save_every", "100000", "--lr_warmup_steps", "1", "--profile", *extra]
             if ranks == 1:
                 cmd = [sys.executable, "-m", "sae_core", *train]
             else:

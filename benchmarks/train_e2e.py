@@ -44,7 +44,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "sae_core", args.model, "embedded", "--layers", *map(str, args.layers),
                "--expansion_factor", str(args.expansion), "--ctx_len", str(args.ctx_len),
                "--batch_size", str(args.batch_size), "--max_tokens", str(args.tokens), "--save_dir", tmp,
-               "--run_name", "bench", "--save_every", "100000", "--lr_warmup_steps", "1", *args.extra]
+               "--run_name", "bench", "--save_every", "100000", "--lr_warmup_steps", "1",
+               "--profile", *args.extra]  # --profile: run.json records the time split and the CUDA peak
         if args.device:
             cmd += ["--device", args.device]
         t0 = time.perf_counter()

@@ -135,6 +135,9 @@ class TrainConfig:
     autocast: str | None = None
     """Compute dtype for the SAE encoder matmul: 'bfloat16' or None (exact)."""
 
+    profile: bool = False
+    """Record where time and memory go in run.json (syncs the GPU every batch; for benchmarks)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
             self.sae = SaeConfig.from_dict(self.sae)

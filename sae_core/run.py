@@ -156,7 +156,7 @@ def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[
         cfg.run_name = cfg.run_name or _default_run_name(model_name)
         run_info = {"model": model_name, "dataset": cfg.dataset or "embedded", "config": cfg.to_dict()}
         trainer = SaeTrainer(cfg, data, model, tokenizer=tokenizer, dist_ctx=ctx, resume=cfg.resume,
-                             run_info=run_info, **({"loggers": loggers} if loggers else {}))  # TODO(lead)
+                             run_info=run_info, loggers=loggers)
         if ctx.is_main:
             print(
                 f"training {len(trainer.hookpoints)} SAEs ({', '.join(trainer.hookpoints)}) on {model_name}: "

@@ -110,7 +110,8 @@ def test_trainer_follows_the_model_device_and_matches_the_cpu_run(tmp_path):
     cpu = make_trainer(tmp_path, data=data, run_name="cpu", lr=3e-3, log_every=1)
     assert cpu.ctx.device.type == "cpu"  # a CPU model on a GPU machine stays on the CPU
     cpu.fit()
-    gpu = make_trainer(tmp_path, model=tiny_model().to(CUDA), data=data, run_name="gpu", lr=3e-3, log_every=1)
+    gpu = make_trainer(tmp_path, model=tiny_model().to(CUDA), data=data, run_name="gpu", lr=3e-3, log_every=1,
+                       profile=True)  # run.json records the CUDA peak only when profiling
     assert gpu.ctx.device.type == "cuda"
     gpu.fit()
     assert all(p.is_cuda for s in gpu.saes.values() for p in s.parameters())
@@ -160,7 +161,8 @@ def test_cli_trains_and_evaluates_on_cuda(tmp_path, tiny_model_dir, tiny_text_fi
     train = subprocess.run(
         [sys.executable, "-m", "sae_core", str(tiny_model_dir), str(tiny_text_file), "--device", "cuda",
          "--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4", "--max_tokens", "1024",
-         "--lr_warmup_steps", "1", "--save_dir", str(tmp_path), "--run_name", "r", "--autocast", "bfloat16"],
+         "--lr_warmup_steps", "1", "--save_dir", str(tmp_path), "--run_name", "r", "--autocast", "bfloat16",
+         "--profile"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert train.returncode == 0, train.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Real torchrun processes (gloo, 2 ranks on CPU): data parallel and --distribute_layers equal one process."""
 
+import json
 import os
 import signal
 import socket
@@ -61,6 +62,10 @@ def assert_same(a: dict, b: dict, atol=1e-5, exact=False) -> None:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def data(tiny_model_dir, tiny_text_file):
     return [str(tiny_model_dir), str(tiny_text_file)]
@@ -72,7 +77,7 @@ def single(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("single")
     check(run([sys.executable, "-m", "sae_core", *data, *COMMON, "--batch_size", "4", "--max_tokens", "2000",
                "--save_dir", str(out), "--run_name", "r"]))
-    return sae_params(out / "r")
+    return out / "r"
 
 
 def test_data_parallel_two_ranks_equals_one_process(tmp_path, data, single):
@@ -81,14 +86,21 @@ def test_data_parallel_two_ranks_equals_one_process(tmp_path, data, single):
                      "--save_dir", str(tmp_path), "--run_name", "r"))
     check(p)
     assert p.stdout.count("saved SAEs to") == 1  # only rank 0 reports
-    assert_same(sae_params(tmp_path / "r"), single)
+    assert_same(sae_params(tmp_path / "r"), sae_params(single))
 
 
 def test_distribute_layers_three_layers_on_two_ranks_equals_one_process(tmp_path, data, single):
     p = run(torchrun(2, *data, *COMMON, "--batch_size", "2", "--max_tokens", "2000", "--distribute_layers",
                      "--save_dir", str(tmp_path), "--run_name", "r"))
     check(p)
-    assert_same(sae_params(tmp_path / "r"), single)
+    assert_same(sae_params(tmp_path / "r"), sae_params(single))
+    # Rank 0 logs every layer's metrics (merged from their owners) and the tokens of the whole global batch.
+    lines, ref = metrics(tmp_path / "r"), metrics(single)
+    assert [line["tokens"] for line in lines] == [line["tokens"] for line in ref]
+    for line, ref_line in zip(lines, ref):
+        assert sorted(line) == sorted(ref_line)
+        for key in (k for k in line if k.startswith("fvu/")):
+            assert line[key] == pytest.approx(ref_line[key], rel=1e-4), key
     states = sorted(x.name.split("-")[0] for x in (tmp_path / "r" / "trainer_state").iterdir())
     assert states == ["rank0", "rank1"]  # each owner saved its own SAEs
 

@@ -1,11 +1,14 @@
 """SaeTrainer on tiny random models: learning, exact accumulation, resume, selection, early stop."""
 
 import json
+import sys
+import types
 
 import pytest
 import torch
 
 from sae_core import ConfigError, SaeConfig, SaeTrainer, TrainConfig
+from sae_core.errors import CheckpointError
 from sae_core.models import capture_residuals, find_blocks, run_until_captured, select_hookpoints
 from tests.tiny import tiny_model
 
@@ -92,28 +95,79 @@ def test_each_sae_is_updated_alone_so_only_its_gradients_are_alive(tmp_path):
     assert alive_at_update == [(h, [h]) for _ in range(2) for h in trainer.hookpoints]
 
 
-def test_resume_reads_trainer_states_with_one_joint_optimizer(tmp_path):
-    """States written before Adam was per SAE hold one optimizer over every SAE's parameters."""
+def test_resume_refuses_a_state_without_per_sae_optimizers(tmp_path):
+    """Adam state is per SAE (state["optimizers"]); the joint-optimizer layout never shipped and is not read."""
     model = tiny_model()
-    full = make_trainer(tmp_path, model, run_name="full", save_every=100)
-    full.fit()
-    part = make_trainer(tmp_path, model, run_name="part", save_every=100)
-    part.fit(max_steps=3)
-    path = tmp_path / "part" / "trainer_state" / "rank0-step000000003.pt"
+    make_trainer(tmp_path, model, save_every=100).fit(max_steps=2)
+    path = tmp_path / "run" / "trainer_state" / "rank0-step000000002.pt"
     state = torch.load(path, weights_only=True)
-    per_sae = state.pop("optimizers")
-    joint_state, offset = {}, 0
-    for h in part.hookpoints:  # the joint optimizer numbered the parameters SAE after SAE
-        for j, s in per_sae[h]["state"].items():
-            joint_state[offset + j] = s
-        offset += len(per_sae[h]["param_groups"][0]["params"])
-    group = {**per_sae[part.hookpoints[0]]["param_groups"][0], "params": list(range(offset))}
-    state["optimizer"] = {"state": joint_state, "param_groups": [group]}
+    state["optimizer"] = state.pop("optimizers")["layers.0"]
     torch.save(state, path)
-    resumed = make_trainer(tmp_path, model, run_name="part", save_every=100, resume=True)
-    resumed.fit()
-    for name, p in params(full).items():
-        assert torch.equal(p, params(resumed)[name]), name
+    with pytest.raises(CheckpointError, match=r"rank0-step000000002.pt: no state for \['layers.0', 'layers.1'"):
+        make_trainer(tmp_path, model, save_every=100, resume=True)
+
+
+def test_extra_loggers_get_every_record_written_to_metrics_jsonl(tmp_path):
+    records = []
+    cfg = TrainConfig(SaeConfig(expansion_factor=4, k=4), batch_size=4, lr_warmup_steps=2, log_every=3,
+                      save_dir=str(tmp_path), run_name="run")
+    trainer = SaeTrainer(cfg, token_data(), tiny_model(), tokenizer=Tok(), progress=False, loggers=[records.append])
+    last = trainer.fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 8]  # every log_every steps and the last
+    assert records == lines
+    assert {k: v for k, v in records[-1].items() if k not in ("step", "tokens", "tokens_per_s")} == last
+
+
+def test_wandb_and_tensorboard_log_each_record_when_installed(tmp_path, monkeypatch):
+    logged, scalars = [], []
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda name, config: types.SimpleNamespace(log=lambda r, step: logged.append((step, name, r)))
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+
+    class SummaryWriter:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def add_scalar(self, key, value, step):
+            scalars.append((self.folder, key, step))
+
+    tensorboard.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    make_trainer(tmp_path, log_every=4, log_to_wandb=True, log_to_tensorboard=True).fit()
+    assert [(step, name) for step, name, _ in logged] == [(4, "run"), (8, "run")]
+    assert (str(tmp_path / "run" / "tensorboard"), "fvu/layers.2", 8) in scalars
+    assert not any(key == "step" for _, key, _ in scalars)
+
+
+def test_wandb_and_tensorboard_missing_warn_and_metrics_jsonl_is_still_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # None in sys.modules makes the import fail
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    make_trainer(tmp_path, log_to_wandb=True, log_to_tensorboard=True).fit()
+    out = capsys.readouterr().out
+    assert "warning: --log_to_wandb given but wandb is not installed; logging to metrics.jsonl only" in out
+    assert "warning: --log_to_tensorboard given but tensorboard is not installed" in out
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_run_json_holds_timings_and_peak_memory_only_when_profiling(tmp_path):
+    make_trainer(tmp_path, run_name="plain").fit()
+    plain = json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert "timings" not in plain and "peak_memory_mb_per_rank" not in plain
+    assert plain["config"]["profile"] is False
+    make_trainer(tmp_path, run_name="profiled", profile=True).fit()
+    profiled = json.loads((tmp_path / "profiled" / "run.json").read_text())
+    assert set(profiled["timings"]) == {"lm_forward_s", "sae_s"}
+    assert all(seconds > 0 for seconds in profiled["timings"].values())
+    assert len(profiled["peak_memory_mb_per_rank"]) == 1 and profiled["peak_memory_mb_per_rank"][0]["rss"] > 0
+
+
+def test_profile_may_change_on_resume(tmp_path):
+    model = tiny_model()
+    make_trainer(tmp_path, model).fit(max_steps=2)
+    resumed = make_trainer(tmp_path, model, resume=True, profile=True)
+    assert resumed.step == 2
 
 
 def test_existing_checkpoint_is_never_overwritten_and_resume_checks_config(tmp_path):
