@@ -2,7 +2,8 @@
 
 It is `python -m sae_core` plus three things the pipeline needs, so that sae_core never imports Dagster:
 
-- the rank asks the kernel for SIGTERM when its parent (torchrun) dies, first thing, before the slow imports;
+- the rank asks the kernel for SIGTERM when its parent (torchrun) dies, first thing (sae_core.distributed's
+  die_with_parent), and exits if torchrun is already gone;
 - global rank 0, and only it, opens the Dagster Pipes session that every rank inherited in its environment: it
   streams training progress (from the run's metrics.jsonl) into the run's log and, at the end, reports the
   materialization with the run's metrics;
@@ -15,11 +16,9 @@ This module imports only the standard library and dagster_pipes at the top: it r
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import os
-import signal
 import sys
 import threading
 import traceback
@@ -33,7 +32,13 @@ _TRACEBACK_LINES = 30
 
 
 def main(argv: list[str] | None = None) -> None:
-    _die_with_parent()
+    # Imported here, not at the top: it loads torch, and the module docstring promises a light import.
+    from sae_core.distributed import die_with_parent
+
+    # SIGTERM this rank when torchrun dies, even when torchrun is SIGKILLed. Had it died already (during the
+    # imports), this rank would now be a child of init.
+    if not die_with_parent():
+        sys.exit("torchrun exited before this rank started")
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -177,13 +182,6 @@ def _record_failure(rank: int, error: BaseException) -> None:
     with contextlib.suppress(OSError):
         Path(folder, f"rank{rank}.txt").write_text(text)
 
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: SIGTERM this rank when torchrun dies, even when torchrun is SIGKILLed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    if os.getppid() == 1:  # torchrun died before we got here
-        sys.exit("torchrun exited before this rank started")
 
 
 if __name__ == "__main__":
