@@ -136,3 +136,16 @@ def test_artefact_paths_are_per_partition_and_stay_under_the_root(tmp_path):
         with pytest.raises(PartitionKeyError):
             store.run_dir(bad, 1)
     assert check_model_key("ok-1.2_b") == "ok-1.2_b"
+
+
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path):
+    store = ArtefactStore(root=str(tmp_path))
+    folder = store.run_dir("m", 1)
+    with store.exclusive(folder):
+        with pytest.raises(dg.Failure, match="in use by another run"):
+            with store.exclusive(folder):
+                pass
+        with store.exclusive(store.run_dir("m", 2)):  # another partition is not held up
+            pass
+    with store.exclusive(folder):  # released at the end of the block
+        pass
