@@ -10,7 +10,9 @@ import shutil
 import dagster as dg
 import pytest
 
+from sae_core.errors import ConfigError
 from sae_pipeline.assets import published_saes, sae_checkpoints, sae_evaluation, tokenized_dataset
+from sae_pipeline.assets.common import fail_step_on_bad_input
 from sae_pipeline.assets.training import prepare_run_dir
 from tests.pipeline.conftest import (
     MODEL,
@@ -171,3 +173,17 @@ def test_publishing_to_a_hub_repo_reads_the_token_from_the_environment_only(trai
     run = trained.instance.get_run_by_id(result.run_id)
     logged = [str(r.dagster_event or r.user_message) for r in trained.instance.all_logs(result.run_id)]
     assert token not in str(run.run_config) and not any(token in line for line in logged)
+
+
+def test_bad_input_fails_the_step_in_one_line_without_retries_and_a_bug_keeps_its_traceback():
+    with pytest.raises(dg.Failure) as failure:
+        with fail_step_on_bad_input("reading the run"):
+            raise ConfigError("k must be a positive integer\n(details)")
+    assert failure.value.description == "reading the run: k must be a positive integer"
+    assert failure.value.allow_retries is False
+    with pytest.raises(dg.Failure, match="^no such file$"):
+        with fail_step_on_bad_input(also=(OSError,)):
+            raise FileNotFoundError("no such file")
+    with pytest.raises(KeyError):
+        with fail_step_on_bad_input("reading the run"):
+            raise KeyError("a bug")
