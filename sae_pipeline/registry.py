@@ -122,11 +122,13 @@ NonNegativeLimit = Annotated[
 PositiveSetting = Annotated[Annotated[int, Field(strict=True, gt=0)] | None, _must_be("a positive integer")]
 
 
-class _Section(BaseModel):
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo must not silently mean the default), and entries never change."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Thresholds(_Section):
+class Thresholds(_Strict):
     """Quality bars of the blocking checks on `sae_evaluation`: the worst hookpoint must stay at or below
     each.
 
@@ -139,14 +141,14 @@ class Thresholds(_Section):
     max_kl: NonNegativeLimit = 1.0
 
 
-class EvalSettings(_Section):
+class EvalSettings(_Strict):
     """How `sae_evaluation` measures (a run's config may override each)."""
 
     max_tokens: PositiveSetting = 16_384
     batch_size: PositiveSetting = 8
 
 
-class ModelEntry(_Section):
+class ModelEntry(_Strict):
     """One model of the registry: where it and its data come from, and how its SAEs are trained and judged."""
 
     name: Annotated[str, BeforeValidator(_model_key)]
@@ -193,7 +195,7 @@ class ModelEntry(_Section):
     @field_validator("train")
     @classmethod
     def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        check_train_options(options)
+        _check_train_options(options)
         return dict(options)
 
     def train_args(self) -> list[str]:
@@ -217,7 +219,7 @@ class ModelEntry(_Section):
         }
 
 
-def check_train_options(options: dict[str, Any]) -> None:
+def _check_train_options(options: dict[str, Any]) -> None:
     """Check training options against sae_core's own config classes, so a bad value fails at registry load."""
     # Imported here, not at the top: sae_core loads torch, and the code location loads without it.
     from sae_core.__main__ import RunConfig  # TODO(lead): sae_core.config.RunConfig
@@ -231,7 +233,7 @@ def check_train_options(options: dict[str, Any]) -> None:
     run_fields = {f.name for f in fields(RunConfig)} - {"sae"}
     for key in options:
         if key not in sae_fields | run_fields:
-            raise _invalid(f"train: {unknown_key(key, sae_fields | run_fields)}")
+            raise _invalid(f"train: {_unknown_key(key, sae_fields | run_fields)}")
     try:
         sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
         RunConfig(sae=sae, **{k: v for k, v in options.items() if k in run_fields})
@@ -239,7 +241,7 @@ def check_train_options(options: dict[str, Any]) -> None:
         raise _invalid(f"train: {e}") from None
 
 
-def unknown_key(key: Any, known: set[str]) -> str:
+def _unknown_key(key: Any, known: set[str]) -> str:
     close = difflib.get_close_matches(str(key), sorted(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
     return f"unknown key {key!r}{hint}"
@@ -256,7 +258,7 @@ def _one_line(error: ValidationError, where: str) -> str:
     if problem["type"] == "extra_forbidden":
         known = set(_section_at(fields_path[:-1]).model_fields)
         section = f"{'.'.join(fields_path[:-1])}: " if len(fields_path) > 1 else ""
-        return f"{where}: {section}{unknown_key(fields_path[-1], known)}"
+        return f"{where}: {section}{_unknown_key(fields_path[-1], known)}"
     field = f"`{fields_path[0]}`" if len(fields_path) == 1 else ".".join(fields_path)
     if problem["type"] in ("requirement", "model_type"):  # model_type: a section that is not a mapping
         what = problem["ctx"]["what"] if problem["type"] == "requirement" else "a dict"
