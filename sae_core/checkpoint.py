@@ -15,6 +15,7 @@ rank completed. States load with `torch.load(weights_only=True)`: no pickled cod
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,61 @@ def has_state(run_dir: Path) -> bool:
     return any((run_dir / STATE_DIR).glob("rank*-step*.pt"))
 
 
+def state_writers(world_size: int, distribute_layers: bool) -> int:
+    """How many ranks write trainer states: all of them with --distribute_layers (each holds its own layers),
+    else rank 0 alone (every rank holds the same SAEs)."""
+    return world_size if distribute_layers else 1
+
+
 def latest_complete_step(run_dir: Path, writer_ranks: int) -> int | None:
     """Newest step for which ranks 0..writer_ranks-1 all have a state file."""
-    steps: dict[int, set[int]] = {}
+    return _newest_complete(_state_files(run_dir), writer_ranks)
+
+
+def newest_complete_states(run_dir: Path) -> list[dict[str, Any]]:
+    """The trainer states of the newest step that every writing rank completed, in rank order; [] when the
+    folder holds no trainer state.
+
+    After a crash in the middle of a save, some ranks' newest state is missing: that step is passed over,
+    never mixed with an older one. The number of writers comes from run.json (world_size,
+    distribute_layers), else from the newest state file itself.
+    """
+    files = _state_files(run_dir)
+    if not files:
+        return []
+    writers = _writers_of(run_dir, files)
+    step = _newest_complete(files, writers)
+    if step is None:
+        raise CheckpointError(
+            f"{run_dir / STATE_DIR}: no step has the trainer states of all {writers} writing ranks "
+            "(a save was interrupted, or the states belong to another run)"
+        )
+    return [load_state(files[step][rank]) for rank in range(writers)]
+
+
+def _state_files(run_dir: Path) -> dict[int, dict[int, Path]]:
+    """{step: {rank: path}} of the state files in the run folder."""
+    files: dict[int, dict[int, Path]] = {}
     for p in (run_dir / STATE_DIR).glob("rank*-step*.pt"):
         m = _STATE_RE.fullmatch(p.name)
         if m:
-            steps.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    complete = [s for s, ranks in steps.items() if ranks >= set(range(writer_ranks))]
+            files.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    return files
+
+
+def _newest_complete(files: dict[int, dict[int, Path]], writer_ranks: int) -> int | None:
+    complete = [s for s, ranks in files.items() if set(ranks) >= set(range(writer_ranks))]
     return max(complete) if complete else None
+
+
+def _writers_of(run_dir: Path, files: dict[int, dict[int, Path]]) -> int:
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        return state_writers(int(run["world_size"]), bool(run["distribute_layers"]))
+    except (OSError, ValueError, KeyError, TypeError):  # no or an older run.json: a state says it too
+        newest = files[max(files)]
+        state = load_state(newest[min(newest)])
+        return state_writers(int(state["world_size"]), bool(state["distribute_layers"]))
 
 
 def load_state(path: Path) -> dict[str, Any]:

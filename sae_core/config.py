@@ -1,63 +1,38 @@
-"""Configuration dataclasses: what an SAE is (`SaeConfig`) and how it is trained (`TrainConfig`).
+"""What an SAE is (`SaeConfig`), how it is trained (`TrainConfig`) and what a run reads (`RunConfig`).
 
-Every field carries a one-line `help` in its metadata: the CLI builds its flags and `--help` from them.
-Validation happens here, at construction, so a typo fails before a model is loaded.
+Every field is `name: type = default` with a one-line docstring under it: `python -m sae_core --help` is built
+from those docstrings. Values are validated at construction, so a typo fails before a model is loaded.
 """
 
-from __future__ import annotations
-
-import functools
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
 
-
-def opt(default: Any = MISSING, help: str = "", default_factory: Any = MISSING, **meta: Any) -> Any:
-    """A dataclass field with its help text (read by the CLI)."""
-    kwargs: dict[str, Any] = {"metadata": {"help": help, **meta}}
-    if default_factory is not MISSING:
-        kwargs["default_factory"] = default_factory
-    else:
-        kwargs["default"] = default
-    return field(**kwargs)
+# Fields that are never serialised: not into run.json, trainer states, logs, cards or the pipeline's records.
+SECRET_FIELDS = frozenset({"hf_token"})
 
 
-def _keyword_only_after(n_positional: int, example: str):
-    """Make a dataclass reject more than `n_positional` positional arguments with a helpful message.
+@dataclass(kw_only=True)
+class SaeConfig:
+    """Shape and sparsity of one TopK sparse autoencoder.
 
-    EleutherAI's README once showed `SaeConfig(gpt.config.hidden_size)`, which silently set
-    expansion_factor to the hidden size (a 576x SAE). We refuse positional values instead.
+    Keyword arguments only: the seed README's `SaeConfig(hidden_size)` silently made a hidden_size-times-wide SAE.
+    The input width d_in is read from the model, not given here.
     """
 
-    def wrap(cls):
-        init = cls.__init__
+    expansion_factor: int = 32
+    """Number of latents as a multiple of the input width d_in."""
 
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            if len(args) > n_positional:
-                raise ConfigError(
-                    f"{cls.__name__} takes keyword arguments only (got positional {args[n_positional:]!r}); "
-                    f"write e.g. {example}. The input width d_in is read from the model, not passed here."
-                )
-            init(self, *args, **kwargs)
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm during training."""
 
-        cls.__init__ = __init__
-        return cls
+    num_latents: int = 0
+    """Number of latents; when non-zero it wins over expansion_factor."""
 
-    return wrap
-
-
-@_keyword_only_after(0, "SaeConfig(expansion_factor=32, k=32)")
-@dataclass
-class SaeConfig:
-    """Shape and sparsity of one TopK sparse autoencoder."""
-
-    expansion_factor: int = opt(32, "Number of latents as a multiple of the input width d_in.")
-    normalize_decoder: bool = opt(True, "Keep decoder rows at unit norm during training.")
-    num_latents: int = opt(0, "Number of latents; when non-zero it wins over expansion_factor.")
-    k: int = opt(32, "Number of latents kept active per token (the TopK).")
+    k: int = 32
+    """Number of latents kept active per token (the TopK)."""
 
     def __post_init__(self) -> None:
         if self.num_latents < 0:
@@ -80,42 +55,85 @@ class SaeConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SaeConfig:
+    def from_dict(cls, d: dict[str, Any]) -> "SaeConfig":
         """Build from a cfg.json dict, ignoring keys that are not SaeConfig fields (d_in, hookpoint, ...)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@_keyword_only_after(1, "TrainConfig(SaeConfig(k=32), batch_size=8)")
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """How SAEs are trained on one model: which layers, how many tokens per step, when to save."""
 
-    sae: SaeConfig = opt(default_factory=SaeConfig, help="The SAE configuration (its fields are flags too).")
-    batch_size: int = opt(8, "Sequences per batch on each rank (the global batch is batch_size x world size).")
-    grad_acc_steps: int = opt(1, "Batches whose gradients are accumulated into one optimizer step.")
-    micro_acc_steps: int = opt(1, "Chunks each batch's tokens are split into before the SAE, to save memory.")
-    lr: float | None = opt(None, "Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14).")
-    lr_warmup_steps: int = opt(1000, "Optimizer steps of linear warm-up; the LR then decays linearly to 0.")
-    auxk_alpha: float = opt(1 / 32, "Weight of the AuxK loss that revives dead latents (0 turns it off).")
-    dead_feature_threshold: int = opt(10_000_000, "A latent is dead after this many tokens without firing.")
-    hookpoints: list[str] = opt(default_factory=list, help="Hookpoint names or glob patterns, e.g. 'layers.*'.")
-    layers: list[int] = opt(default_factory=list, help="Layer indices to train SAEs on (default: all).")
-    layer_stride: int = opt(1, "Train on every layer_stride-th layer (ignored when layers is given).")
-    distribute_layers: bool = opt(False, "Under torchrun, place each layer's SAE on one rank instead of all.")
-    exclude_tokens: list[int] | None = opt(
-        None, "Token ids never fed to the SAEs; default: the tokenizer's BOS and pad ids (outlier norms)."
-    )
-    max_tokens: int | None = opt(None, "Stop after this many tokens (default: one pass over the dataset).")
-    save_every: int = opt(1000, "Save a checkpoint every this many optimizer steps (and at the end).")
-    save_dir: str = opt("checkpoints", "Folder under which the run folder is created.")
-    run_name: str | None = opt(None, "Name of the run folder (default: a name derived from model and time).")
-    log_every: int = opt(10, "Write a metrics line every this many optimizer steps.")
-    log_to_wandb: bool = opt(False, "Also log metrics to Weights & Biases (when installed).")
-    log_to_tensorboard: bool = opt(False, "Also log metrics to TensorBoard (when installed).")
-    seed: int = opt(42, "Random seed for SAE initialisation.")
-    sae_dtype: str = opt("float32", "Parameter dtype of the SAEs (float32 is recommended; optimizer works in it).")
-    autocast: str | None = opt(None, "Compute dtype for the SAE encoder matmul: 'bfloat16' or None (exact).")
+    # The one positional argument, as in the seed README: TrainConfig(SaeConfig(k=32), batch_size=8).
+    sae: SaeConfig = field(default_factory=SaeConfig, kw_only=False)
+    """The SAE configuration (its fields are flags too)."""
+
+    batch_size: int = 8
+    """Sequences per batch on each rank (the global batch is batch_size x world size)."""
+
+    grad_acc_steps: int = 1
+    """Batches whose gradients are accumulated into one optimizer step."""
+
+    micro_acc_steps: int = 1
+    """Chunks each batch's tokens are split into before the SAE, to save memory."""
+
+    lr: float | None = None
+    """Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14)."""
+
+    lr_warmup_steps: int = 1000
+    """Optimizer steps of linear warm-up; the LR then decays linearly to 0."""
+
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (0 turns it off)."""
+
+    dead_feature_threshold: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+
+    hookpoints: list[str] = field(default_factory=list)
+    """Hookpoint names or glob patterns, e.g. 'layers.*'."""
+
+    layers: list[int] = field(default_factory=list)
+    """Layer indices to train SAEs on (default: all)."""
+
+    layer_stride: int = 1
+    """Train on every layer_stride-th layer (ignored when layers is given)."""
+
+    distribute_layers: bool = False
+    """Under torchrun, place each layer's SAE on one rank instead of all."""
+
+    exclude_tokens: list[int] | None = None
+    """Token ids never fed to the SAEs; default: the tokenizer's BOS and pad ids (outlier norms)."""
+
+    max_tokens: int | None = None
+    """Stop after this many tokens (default: one pass over the dataset)."""
+
+    save_every: int = 1000
+    """Save a checkpoint every this many optimizer steps (and at the end)."""
+
+    save_dir: str = "checkpoints"
+    """Folder under which the run folder is created."""
+
+    run_name: str | None = None
+    """Name of the run folder (default: a name derived from model and time)."""
+
+    log_every: int = 10
+    """Write a metrics line every this many optimizer steps."""
+
+    log_to_wandb: bool = False
+    """Also log metrics to Weights & Biases (when installed)."""
+
+    log_to_tensorboard: bool = False
+    """Also log metrics to TensorBoard (when installed)."""
+
+    seed: int = 42
+    """Random seed for SAE initialisation."""
+
+    sae_dtype: str = "float32"
+    """Parameter dtype of the SAEs: float32 or float64 (for half-precision compute use --autocast)."""
+
+    autocast: str | None = None
+    """Compute dtype for the SAE encoder matmul: 'bfloat16' or None (exact)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
@@ -135,13 +153,89 @@ class TrainConfig:
             raise ConfigError(f"max_tokens must be positive, got {self.max_tokens}")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
-        if self.sae_dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise ConfigError(f"sae_dtype must be one of float32, float64, bfloat16, float16; got {self.sae_dtype!r}")
+        if self.sae_dtype in ("bfloat16", "float16"):
+            # Half-precision weights lose Adam's small updates (and the CPU backward has no half kernels):
+            # keep fp32 weights and compute in half precision with autocast instead.
+            raise ConfigError(
+                f"sae_dtype={self.sae_dtype} is not supported: half-precision weights lose small updates; keep "
+                f"sae_dtype float32 and pass --autocast {self.sae_dtype} for half-precision compute"
+            )
+        if self.sae_dtype not in ("float32", "float64"):
+            raise ConfigError(f"sae_dtype must be float32 or float64, got {self.sae_dtype!r}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ConfigError(f"autocast must be 'bfloat16', 'float16' or unset, got {self.autocast!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, nested SaeConfig included, except the secrets (SECRET_FIELDS)."""
+        return {k: v for k, v in asdict(self).items() if k not in SECRET_FIELDS}
+
+
+@dataclass(kw_only=True)
+class RunConfig(TrainConfig):
+    """TrainConfig plus where the model and the data come from: what `python -m sae_core` runs."""
+
+    model: str | None = None
+    """Hub id or local folder of a causal LM; default: the embedded SmolLM2-135M."""
+
+    dataset: str | None = None
+    """Hub id, local file/folder, or saved (tokenized) dataset; default: the embedded corpus."""
+
+    split: str = "train"
+    """Dataset split."""
+
+    text_column: str = "text"
+    """Column holding the text."""
+
+    data_args: str = ""
+    """Extra load_dataset arguments as key=value,key=value (e.g. name=wikitext-2-raw-v1)."""
+
+    ctx_len: int = 2048
+    """Tokens per training sequence."""
+
+    max_examples: int | None = None
+    """Use at most this many documents of the dataset."""
+
+    shuffle_seed: int | None = 42
+    """Shuffle documents with this seed before tokenizing (None: keep order)."""
+
+    data_preprocessing_num_proc: int | None = None
+    """Processes for tokenization (default: half the cores)."""
+
+    hf_token: str | None = None
+    """Hugging Face token (default: HF_TOKEN); never logged or saved."""
+
+    revision: str | None = None
+    """Model revision (branch, tag or commit)."""
+
+    dtype: str = "float32"
+    """Dtype of the language model: float32, bfloat16, float16."""
+
+    attn_implementation: str | None = None
+    """Attention implementation passed to transformers (e.g. eager, sdpa)."""
+
+    load_in_8bit: bool = False
+    """Load the language model in 8 bit with bitsandbytes (works on CPU too)."""
+
+    trust_remote_code: bool = False
+    """Allow model code from the Hub to run (off unless asked)."""
+
+    device: str | None = None
+    """cpu or cuda (default: cuda when available)."""
+
+    backend: str | None = None
+    """torch.distributed backend (default: nccl on GPU, gloo on CPU)."""
+
+    resume: bool = False
+    """Continue the run in save_dir/run_name from its newest checkpoint."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ctx_len < 2:
+            raise ConfigError(f"ctx_len must be at least 2, got {self.ctx_len}")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as saved and logged (the same as to_dict: secrets are never serialised)."""
+        return self.to_dict()
 
 
 def default_lr(num_latents: int) -> float:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from .embedded import embedded_corpus
 from .errors import ConfigError, DatasetLoadError
 from .utils import first_line
 
@@ -108,8 +109,6 @@ def load_text_dataset(
     `input_ids` column (e.g. the output of `chunk_and_tokenize` saved to disk) is returned as is.
     """
     if name is None or name in EMBEDDED_DATASET_NAMES:
-        from .embedded import embedded_corpus
-
         ds = embedded_corpus()
     elif os.path.exists(name):
         ds = _load_local(Path(name), split)

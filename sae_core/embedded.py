@@ -15,7 +15,6 @@ with no arguments should still train on something real. Two things ship with an 
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import gc
 import hashlib
@@ -25,18 +24,16 @@ import logging
 import os
 import shutil
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from filelock import FileLock
+
+from .utils import atomic_folder
+
 if TYPE_CHECKING:
     from datasets import Dataset
-
-try:  # file locks exist on POSIX only; elsewhere concurrent conversions fall back to "first rename wins"
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -100,46 +97,24 @@ def embedded_model_path() -> Path:
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(folder.parent / f"{folder.name}.lock"):
+    with FileLock(folder.parent / f"{folder.name}.lock"):  # one process converts; the others wait, then reuse it
         if folder.is_dir():  # another process converted it while we waited for the lock
             return folder
-        if fcntl is not None:
-            _remove_stale_conversions(folder)
+        _remove_stale_conversions(folder)
         logger.info("converting the embedded model %s once into %s", gguf.name, folder)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
-            _convert_gguf(gguf, tmp)
-            # mkdtemp (and the weight writer) create owner-only modes; a cache is often shared by a team.
-            for path in (tmp, *tmp.iterdir()):
+        with atomic_folder(folder) as staging:
+            _convert_gguf(gguf, staging)
+            # The staging folder (and the weight writer) have owner-only modes; a cache is often shared by a team.
+            for path in (staging, *staging.iterdir()):
                 path.chmod(0o755 if path.is_dir() else 0o644)
-            os.rename(tmp, folder)
-        except OSError:
-            # Without a lock another process may have renamed its copy first; theirs is as good as ours.
-            if not folder.is_dir():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
     return folder
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (blocking), so only one process converts at a time."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_stale_conversions(folder: Path) -> None:
     # Called under the lock: any temporary folder still there was left by a conversion that was killed.
-    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .embedded import embedded_model_path, is_embedded_model
 from .errors import ConfigError, ModelLoadError
-from .utils import first_line
+from .utils import first_line, natural_key
 
 BLOCK_LIST_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
 
@@ -33,9 +36,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a causal LM by Hub id, local folder, or the embedded default (None, 'embedded', 'smollm2-135m')."""
-    from transformers import AutoModelForCausalLM
-
-    from .embedded import embedded_model_path, is_embedded_model
+    from transformers import AutoModelForCausalLM  # heavy: only loading a model needs it
 
     if name is None or is_embedded_model(name):
         path = str(embedded_model_path())
@@ -90,11 +91,7 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The module path and list of the model's transformer blocks."""
     for path in BLOCK_LIST_PATHS:
-        mod: nn.Module | None = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
+        mod = submodule(model, path)
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             return path, mod
     # Fallback: the longest ModuleList in the model is almost always the block stack.
@@ -120,6 +117,19 @@ def max_context(model: nn.Module) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Hookpoint names: the one place that knows how they are spelled, parsed and found in a folder.
+#
+# `layers.<i>` is the output of block i. EleutherAI's oldest repos name the same folder `layer_<i>`: both are read,
+# only the first is written. A folder of SAEs holds one sub-folder per hookpoint: <hookpoint>/{cfg.json,
+# sae.safetensors}.
+
+CFG_FILE = "cfg.json"
+SAE_FILE = "sae.safetensors"
+HOOKPOINT_FILES = (CFG_FILE, SAE_FILE)
+_LAYER_HOOKPOINT = re.compile(r"layers\.(\d+)|layer_(\d+)")
+
+
 def all_hookpoints(model: nn.Module) -> list[str]:
     _, blocks = find_blocks(model)
     return [f"layers.{i}" for i in range(len(blocks))]
@@ -140,7 +150,7 @@ def select_hookpoints(
                     f"hookpoint {pat!r} matches nothing; this model has hookpoints layers.0 .. layers.{n - 1}"
                 )
             chosen += [m for m in matches if m not in chosen]
-        return sorted(chosen, key=lambda h: int(h.split(".")[1]))
+        return sorted(chosen, key=layer_index)
     if layers:
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
@@ -149,12 +159,61 @@ def select_hookpoints(
     return names[::layer_stride]
 
 
+def hookpoint_layer(name: str) -> int | None:
+    """The block index of a hookpoint named 'layers.10' or 'layer_10' (10); None for any other name."""
+    match = _LAYER_HOOKPOINT.fullmatch(name)
+    return int(match.group(1) or match.group(2)) if match else None
+
+
 def layer_index(hookpoint: str) -> int:
-    return int(hookpoint.split(".")[1])
+    """The block index of a hookpoint ('layers.10' or 'layer_10' -> 10); a ConfigError for any other name."""
+    index = hookpoint_layer(hookpoint)
+    if index is None:
+        raise ConfigError(f"hookpoint {hookpoint!r} does not name a block: expected layers.<i> (or layer_<i>)")
+    return index
 
 
-class _StopForward(Exception):
-    """Raised by the hook of the deepest hooked block: the layers above it are not needed."""
+def hookpoint_aliases(pattern: str) -> list[str]:
+    """A hookpoint name or glob and its other spelling: 'layers.3' <-> 'layer_3', 'layers.*' <-> 'layer_*'."""
+    if pattern.startswith("layers."):
+        return [pattern, "layer_" + pattern[len("layers."):]]
+    if pattern.startswith("layer_"):
+        return [pattern, "layers." + pattern[len("layer_"):]]
+    return [pattern]
+
+
+def matches_hookpoint(name: str, pattern: str) -> bool:
+    """Whether the hookpoint `name` matches the glob `pattern` in either spelling."""
+    return any(fnmatch.fnmatchcase(name, alias) for alias in hookpoint_aliases(pattern))
+
+
+def list_hookpoints(folder: str | os.PathLike[str]) -> list[str]:
+    """The hookpoint folders of `folder` (sub-folders holding a cfg.json), in natural order (layers.2 before
+    layers.10). Hidden folders are left out: they are temporary copies being written or swapped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CFG_FILE).is_file()]
+    return sorted(names, key=natural_key)
+
+
+def submodule(model: nn.Module, path: str) -> Any:
+    """The attribute at the dotted `path` under `model` (e.g. "model.norm"); None where a part is missing."""
+    mod: Any = model
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+class StopForward(Exception):
+    """Raised by a hook after the deepest block a caller needs: the layers above it are not run."""
+
+
+def hidden_state(block_output: Any) -> Tensor:
+    """A block's hidden state: blocks return a tensor, or a tuple whose first element is it."""
+    return block_output[0] if isinstance(block_output, tuple) else block_output
 
 
 @contextlib.contextmanager
@@ -170,9 +229,9 @@ def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: b
 
     def make_hook(name: str, last: bool):
         def hook(_module, _inputs, output):
-            acts[name] = output[0] if isinstance(output, tuple) else output
+            acts[name] = hidden_state(output)
             if last and stop_early:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -190,7 +249,7 @@ def run_until_captured(model: nn.Module, input_ids: Tensor, **kwargs) -> None:
     """Forward `input_ids` through the model, swallowing the early stop of `capture_residuals`."""
     try:
         model(input_ids=input_ids, use_cache=False, **kwargs)
-    except _StopForward:
+    except StopForward:
         pass
 
 

@@ -4,7 +4,7 @@
     z       = TopK(pre, k)                             # k (value, index) pairs per token
     x_hat   = sum_j z_j W_dec[idx_j] + b_dec           # sparse decode, rows of W_dec at unit norm
 
-Losses (definitions in DESIGN.md section 2): FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, and AuxK,
+Losses (definitions in docs/metrics.md): FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, and AuxK,
 which reconstructs the detached residual from the top k_aux pre-activations of dead latents (no b_dec)
 so that dead latents receive gradient again.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,13 +23,18 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .config import SaeConfig
-from .errors import SaeLoadError
+from .download import download_saes
+from .errors import ConfigError, SaeLoadError
 from .kernels import EncoderOutput, sparse_decode, topk_encode
-from .utils import atomic_write_bytes, atomic_write_json, first_line, natural_key
+from .models import (
+    CFG_FILE,
+    SAE_FILE,
+    hookpoint_aliases,
+    list_hookpoints,
+)
+from .utils import atomic_write_bytes, atomic_write_json, first_line
 from .version import __version__
 
-SAE_FILE = "sae.safetensors"
-CFG_FILE = "cfg.json"
 TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 
@@ -55,7 +59,7 @@ class Sae(nn.Module):
     ):
         super().__init__()
         if not isinstance(d_in, int) or d_in <= 0:
-            raise ValueError(f"d_in must be a positive integer (the model's hidden size), got {d_in!r}")
+            raise ConfigError(f"d_in must be a positive integer (the model's hidden size), got {d_in!r}")
         self.cfg = cfg = cfg if cfg is not None else SaeConfig()
         self.d_in = d_in
         self.hookpoint = hookpoint
@@ -246,11 +250,9 @@ class Sae(nn.Module):
 
         `layer=10` finds `layers.10` or, in EleutherAI's older repos, `layer_10`.
         """
-        from .hub import download_saes
-
         if (layer is None) == (hookpoint is None):
-            raise ValueError("give exactly one of layer=<int> or hookpoint=<name>, e.g. layer=10 or hookpoint='layers.10'")
-        candidates = [f"layers.{layer}", f"layer_{layer}"] if layer is not None else [hookpoint]
+            raise ConfigError("give exactly one of layer=<int> or hookpoint=<name>, e.g. layer=10 or hookpoint='layers.10'")
+        candidates = hookpoint_aliases(f"layers.{layer}") if layer is not None else [hookpoint]
         root = download_saes(name, candidates, revision=revision, endpoint=endpoint, token=token)
         for c in candidates:
             if (root / c).is_dir():
@@ -275,13 +277,11 @@ class Sae(nn.Module):
 
         Returns a dict from hookpoint folder name to SAE, in natural order (layers.2 before layers.10).
         """
-        from .hub import download_saes
-
         patterns = None
         if pattern is not None:
             patterns = [pattern]
         elif layers is not None:
-            patterns = [p for i in layers for p in (f"layers.{i}", f"layer_{i}")]
+            patterns = [p for i in layers for p in hookpoint_aliases(f"layers.{i}")]
         root = download_saes(name, patterns, revision=revision, endpoint=endpoint, token=token)
         return cls.load_many_from_disk(root, patterns, device=device, dtype=dtype, decoder=decoder)
 
@@ -317,16 +317,3 @@ def read_cfg(cfg_path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise SaeLoadError(f"{cfg_path}: expected a JSON object, got {type(d).__name__}")
     return d
-
-
-def list_hookpoints(root: Path) -> list[str]:
-    """Names of the sub-folders of `root` that hold an SAE (a cfg.json), in natural order."""
-    if not root.is_dir():
-        return []
-    return sorted((p.name for p in root.iterdir() if (p / CFG_FILE).is_file()), key=natural_key)
-
-
-def hookpoint_layer(name: str) -> int | None:
-    """Layer index of a hookpoint name like 'layers.10' or 'layer_10'."""
-    m = re.fullmatch(r"layers?[._](\d+)", name)
-    return int(m.group(1)) if m else None

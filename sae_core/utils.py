@@ -1,11 +1,14 @@
-"""Small helpers shared by the library: atomic file writes and natural sorting."""
+"""Small helpers shared by the library: atomic file and folder writes, one-line errors, natural sorting."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +51,49 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def staging_folder(target: str | os.PathLike) -> Path:
+    """An empty hidden folder beside `target` (same file system, so `replace_folder` is a rename)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder `staging` in the place of `target`, by renames: a reader sees the old folder or the
+    new one, never a mix, and the old one is deleted only once the new one is in place.
+
+    The old folder is first renamed into a hidden folder beside it (a rename cannot replace a non-empty folder);
+    if the second rename fails, it is moved back.
+    """
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / target.name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)  # make the rename itself durable
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without an error it replaces `target` (see
+    `replace_folder`). On an error the staging folder is deleted and `target` is untouched."""
+    staging = staging_folder(target)
+    try:
+        yield staging
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a no-op once renamed
+
+
 def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -78,9 +124,6 @@ def release_free_memory() -> None:
     Tokenizing leaves ~50 MB of freed but still resident heap behind; trimming it before training lowers the
     run's peak RSS by as much. A no-op where there is no glibc.
     """
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(argv: list[str], pipes: Any | None) -> None:
     """Train as `python -m sae_core argv` would; with `pipes`, report progress and the result to Dagster."""
-    from sae_core.__main__ import parse_run_config, run
+    from sae_core.run import parse_run_config, run
 
     cfg = _parse(argv, parse_run_config)
     run_dir = Path(cfg.save_dir) / (cfg.run_name or "run")

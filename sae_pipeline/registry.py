@@ -39,6 +39,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from sae_core.config import RunConfig, SaeConfig
+from sae_core.errors import ConfigError
+
 from .partitions import PartitionKeyError, check_model_key, model_key_for
 
 REGISTRY_ENV = "SAE_PIPELINE_REGISTRY"
@@ -221,11 +224,6 @@ class ModelEntry(_Strict):
 
 def _check_train_options(options: dict[str, Any]) -> None:
     """Check training options against sae_core's own config classes, so a bad value fails at registry load."""
-    # Imported here, not at the top: sae_core loads torch, and the code location loads without it.
-    from sae_core.__main__ import RunConfig  # TODO(lead): sae_core.config.RunConfig
-    from sae_core.config import SaeConfig
-    from sae_core.errors import ConfigError
-
     for key in options:
         if key in RESERVED_TRAIN_OPTIONS:
             raise _invalid(f"train.{key} is set by {RESERVED_TRAIN_OPTIONS[key]}, not here")

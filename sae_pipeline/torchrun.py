@@ -36,6 +36,8 @@ from typing import IO, Any
 import dagster as dg
 import psutil
 
+from sae_core.distributed import die_with_parent
+
 RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
 _STDERR_TAIL_LINES = 40
 _PARENT_POLL_S = 1.0
@@ -57,9 +59,6 @@ def run_torchrun(
 
     Raises dg.Failure naming the failing rank and quoting its traceback when torchrun exits non-zero.
     """
-    # Imported here, not at the top: sae_core loads torch, and the code location loads without it.
-    from sae_core.distributed import die_with_parent
-
     def die_with_step(parent: int) -> None:
         """In the child, before exec: SIGTERM when the step process dies; exit at once if it already has."""
         if not die_with_parent(parent):

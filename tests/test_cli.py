@@ -6,19 +6,23 @@ import sys
 
 import pytest
 
-from sae_core.__main__ import build_parser, main, parse_run_config
+from sae_core.run import main, parse_run_config
 from tests.tiny import child_env
 
 TINY = ["--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4"]
 
 
-def test_every_config_field_is_a_flag_with_help():
-    text = build_parser().format_help()
+def test_every_config_field_is_a_flag_with_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_run_config(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
     for flag in ("--expansion_factor", "--k", "--num_latents", "--layers", "--layer_stride", "--grad_acc_steps",
                  "--micro_acc_steps", "--distribute_layers", "--load_in_8bit", "--auxk_alpha", "--resume",
                  "--exclude_tokens", "--save_every", "--run_name", "--dead_feature_threshold"):
         assert flag in text
-    assert "Number of latents kept active per token" in text
+    assert "Number of latents kept active per token" in text  # the field's docstring
+    assert "Shuffle documents with this seed before tokenizing" in text
 
 
 def test_flag_values_parse_like_the_seed_cli():
@@ -36,6 +40,41 @@ def test_typo_in_a_flag_is_one_line_with_a_suggestion(capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert "--lyers (did you mean --layers?)" in err
+
+
+def test_abbreviated_flags_are_refused_not_guessed(capsys):
+    # argparse's default would read --lr_warmup 3 as --lr_warmup_steps 3, silently.
+    with pytest.raises(SystemExit) as e:
+        parse_run_config(["m", "--lr_warmup", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "--lr_warmup (did you mean --lr_warmup_steps?)" in err
+
+
+def test_optional_values_accept_none_and_demo_defaults_yield_to_flags():
+    cfg = parse_run_config(["m", "--shuffle_seed", "none", "--lr", "null", "--exclude_tokens", "1", "2"])
+    assert cfg.shuffle_seed is None and cfg.lr is None and cfg.exclude_tokens == [1, 2]
+    assert parse_run_config(["m"]).shuffle_seed == 42
+    demo = parse_run_config(["--batch_size", "3", "--k", "8"])
+    assert demo.batch_size == 3 and demo.sae.k == 8 and demo.ctx_len == 256 and demo.lr == 2e-3
+
+
+def test_config_values_are_checked_at_parse_time_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_run_config(["m", "--batch_size", "0"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith("batch_size must be a positive integer, got 0") and "\n" not in err
+
+
+def test_half_precision_sae_weights_are_refused_with_the_working_alternative(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["m", "--sae_dtype", "bfloat16"])
+    err = capsys.readouterr().err.strip()
+    assert "half-precision weights lose small updates" in err and "--autocast bfloat16" in err and "\n" not in err
+
+
+def test_the_token_is_never_serialised():
+    cfg = parse_run_config(["m", "--hf_token", "hf_SECRET"])
+    assert cfg.hf_token == "hf_SECRET" and "hf_token" not in cfg.to_dict()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The evaluation metrics contract (DESIGN.md section 2), on tiny float64 models against plain PyTorch."""
+"""The evaluation metrics contract (docs/metrics.md), on tiny float64 models against plain PyTorch."""
 
 import json
 import subprocess
@@ -303,7 +303,7 @@ def test_bad_input_is_a_one_line_eval_error(llama, saes, ids, message):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, tiny_text_file):
-    from sae_core.__main__ import main as train
+    from sae_core.run import main as train
 
     save_dir = tmp_path_factory.mktemp("runs")
     train([str(tiny_model_dir), str(tiny_text_file), "--ctx_len", "32", "--batch_size", "4",
@@ -368,6 +368,13 @@ def test_cli_bad_input_is_one_line_and_exits_2(trained_run, tmp_path, capsys):
         assert "Traceback" not in err
 
 
+def test_cli_rejects_abbreviated_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["model", "sae", "--max_tok", "100"])  # argparse's default would take it for --max_tokens
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: unrecognized arguments: --max_tok 100 (see --help)\n"
+
+
 def test_dead_pct_train_comes_from_the_training_counters(trained_run):
     from sae_core.evaluate import training_dead_pct
 
@@ -380,3 +387,18 @@ def test_dead_pct_train_comes_from_the_training_counters(trained_run):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert training_dead_pct(trained_run / "layers.0") == {}  # no trainer state there
+
+
+def test_dead_pct_train_skips_a_step_that_not_every_rank_saved(tmp_path):
+    # --distribute_layers on 2 ranks: rank 0 holds layers.0, rank 1 layers.1. A crash after rank 0 saved
+    # step 4 but before rank 1 did: the counters must come from step 2, the newest complete one.
+    from sae_core.checkpoint import save_state
+    from sae_core.evaluate import training_dead_pct
+
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 2, "distribute_layers": True}))
+    config = json.dumps({"dead_feature_threshold": 10})
+    for rank, step, dead in [(0, 2, 1), (1, 2, 3), (0, 4, 2)]:
+        counters = torch.tensor([0] * (4 - dead) + [10] * dead)
+        save_state(tmp_path, rank, step, {"step": step, "saes": {}, "config": config,
+                                          "tokens_since_fired": {f"layers.{rank}": counters}})
+    assert training_dead_pct(tmp_path) == {"layers.0": 25.0, "layers.1": 75.0}

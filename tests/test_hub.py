@@ -24,7 +24,9 @@ from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
 
 from sae_core.card import public_config, render_model_card
+from sae_core.errors import HubError
 from sae_core.hub import PublishResult, download_saes, main, publish
+from sae_core.utils import atomic_folder
 from tests.hub_server import HubServer
 from tests.tiny import child_env
 
@@ -249,9 +251,9 @@ def test_unknown_repo_or_revision_is_a_one_line_error(hub, repo_id, tmp_path):
 
     make_run(tmp_path / "run")
     publish(tmp_path / "run", repo_id, token=TOKEN, endpoint=hub.url)
-    with pytest.raises(ValueError, match="revision 'v9' not found"):
+    with pytest.raises(HubError, match="revision 'v9' not found"):
         download_saes(repo_id, revision="v9", endpoint=hub.url)
-    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+    with pytest.raises(HubError, match="not a valid Hub repo id"):
         download_saes("not a repo!", endpoint=hub.url)
     with pytest.raises(FileNotFoundError, match="no SAE folder"):
         download_saes(str(tmp_path / "missing" / "folder"))
@@ -261,7 +263,7 @@ def test_wrong_token_is_refused_with_a_one_line_error_without_the_token(hub, rep
     make_run(tmp_path / "run")
     before = len(hub.requests)
 
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(HubError) as error:  # a ValueError too, as before errors.py
         publish(tmp_path / "run", repo_id, token=WRONG_TOKEN, endpoint=hub.url)
 
     message = str(error.value)
@@ -313,7 +315,7 @@ def test_a_file_holding_the_token_is_refused_before_any_upload(hub, repo_id, tmp
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "hf_token": TOKEN}))
     before = len(hub.requests)
 
-    with pytest.raises(ValueError, match="contains the Hugging Face token") as error:
+    with pytest.raises(HubError, match="contains the Hugging Face token") as error:
         publish(tmp_path / "run", repo_id, token=TOKEN, endpoint=hub.url)
 
     assert TOKEN not in str(error.value) and len(hub.requests) == before  # refused before any request
@@ -333,7 +335,7 @@ def test_a_connection_lost_mid_upload_is_retried_by_the_client(hub, repo_id, tmp
 def test_client_failures_become_one_line_errors_without_a_chain():
     import httpx2
 
-    from sae_core.hub import _hub_call, _Where
+    from sae_core.download import HubTarget, hub_call
 
     def lost_upload():
         try:
@@ -342,7 +344,7 @@ def test_client_failures_become_one_line_errors_without_a_chain():
             raise RuntimeError(f"Error while uploading 'layers.1/sae.safetensors' to the Hub.\n{TOKEN}") from cause
 
     with pytest.raises(ConnectionError) as error:
-        _hub_call(lost_upload, _Where("alice/x", "http://hub", [TOKEN]))
+        hub_call(lost_upload, HubTarget("alice/x", "http://hub", [TOKEN]))
 
     message = str(error.value)
     assert "layers.1/sae.safetensors" in message and "cannot reach the Hub" in message and "\n" not in message
@@ -443,8 +445,40 @@ def test_local_dir_publishing_writes_a_loadable_folder_atomically(tmp_path):
     assert replaced.created_commit and sorted(p.name for p in target.iterdir()) == ["README.md", "layers.1"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["saes"]  # no temporary or old folder left
 
-    with pytest.raises(ValueError, match="must not be the run folder"):
+    with pytest.raises(HubError, match="must not be the run folder"):
         publish(tmp_path / "run", local_dir=tmp_path / "run")
+
+
+def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with atomic_folder(target) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".out.tmp-") and not target.exists()
+        (staging / "a.txt").write_text("one")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "a.txt").read_text() == "one"
+
+    # A failure while writing leaves the old folder as it was, and no leftover.
+    with pytest.raises(RuntimeError, match="disk full"), atomic_folder(target) as staging:
+        (staging / "b.txt").write_text("half")
+        raise RuntimeError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == ["a.txt"]
+
+    # A failure of the final rename puts the old folder back in place.
+    real_replace = os.replace
+
+    def replace_fails_into_target(src, dst):
+        if Path(dst) == target and ".tmp-" in Path(src).name:
+            raise OSError("rename refused")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_fails_into_target)
+    with pytest.raises(OSError, match="rename refused"), atomic_folder(target) as staging:
+        (staging / "c.txt").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == ["a.txt"]
+
+    with atomic_folder(target) as staging:
+        (staging / "d.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["d.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,13 +543,34 @@ def test_card_without_report_or_hub_ids_says_less():
         (["{tmp}/run", "alice/x", "--endpoint", "http://127.0.0.1:9"], "no Hugging Face token"),
     ],
 )
-def test_cli_user_errors_are_one_line(tmp_path, argv, expected):
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, argv, expected, capsys):
     (tmp_path / "empty").mkdir()
     make_run(tmp_path / "run", with_eval=False)
     with pytest.raises(SystemExit) as error:
         main([arg.format(tmp=tmp_path) for arg in argv])
-    message = str(error.value.code)
-    assert message.startswith("error: ") and expected.format(tmp=tmp_path) in message and "\n" not in message
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert expected.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_cli_rejects_abbreviated_flags(tmp_path, capsys):
+    make_run(tmp_path / "run", with_eval=False)
+    with pytest.raises(SystemExit) as error:
+        main([str(tmp_path / "run"), "--local", str(tmp_path / "out")])  # not --local_dir
+    assert error.value.code == 2 and "unrecognized arguments: --local" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_lets_a_bug_keep_its_traceback(tmp_path, monkeypatch):
+    # Only SaeCoreError and OSError are user errors; anything else is a bug and must not be dressed as one.
+    import sae_core.hub as hub_module
+
+    def broken_publish(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(hub_module, "publish", broken_publish)
+    with pytest.raises(KeyError, match="a bug"):
+        main([str(tmp_path / "run"), "--local_dir", str(tmp_path / "out")])
 
 
 def test_cli_writes_a_local_folder(tmp_path, capsys):

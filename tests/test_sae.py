@@ -1,6 +1,8 @@
 """The SAE model: kernels against plain PyTorch, losses, decoder constraints, saving and loading."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 
 from sae_core import ConfigError, Sae, SaeConfig, SaeLoadError, kernels
 from sae_core.kernels import dense_decode, sparse_decode, topk_encode
+from sae_core.models import hookpoint_aliases, hookpoint_layer, layer_index, list_hookpoints
+from tests.tiny import child_env
 
 
 def reference_encode(x, w, b, k):
@@ -238,6 +242,40 @@ def test_load_many_sorts_naturally_filters_and_reads_both_namings(tmp_path):
         Sae.load_many_from_hub(str(tmp_path), pattern="layers.99")
 
 
+def test_hookpoint_names_have_one_definition_of_both_spellings():
+    # The index, the aliases and the folder listing used to be written three times and disagreed:
+    # models.layer_index crashed on `layer_3`, sae.hookpoint_layer also took `layer.3`/`layers_3`.
+    assert [hookpoint_layer(n) for n in ("layers.10", "layer_10", "layer.10", "layers_10", "blocks.1")] == [
+        10, 10, None, None, None]
+    assert layer_index("layer_3") == layer_index("layers.3") == 3
+    with pytest.raises(ConfigError, match="does not name a block"):
+        layer_index("embed_tokens")
+    assert hookpoint_aliases("layers.*") == ["layers.*", "layer_*"]
+    assert hookpoint_aliases("layer_3") == ["layer_3", "layers.3"] and hookpoint_aliases("mlp") == ["mlp"]
+
+
+def test_a_hidden_staging_folder_is_not_an_sae(tmp_path):
+    # sae.list_hookpoints used to list `.layers.3.tmp-*` (a folder being written or swapped); hub's copy did not.
+    Sae(8, SaeConfig(expansion_factor=1, k=2)).save_to_disk(tmp_path / "layers.3")
+    Sae(8, SaeConfig(expansion_factor=1, k=2)).save_to_disk(tmp_path / ".layers.3.tmp-x1")
+    (tmp_path / "layers.4").mkdir()  # no cfg.json: not an SAE either
+    assert list_hookpoints(tmp_path) == ["layers.3"]
+    assert list(Sae.load_many_from_disk(tmp_path)) == ["layers.3"]
+
+
+def test_loading_an_sae_imports_neither_the_publisher_nor_the_card(tmp_path):
+    Sae(8, SaeConfig(expansion_factor=1, k=2)).save_to_disk(tmp_path / "layers.1")
+    code = (
+        "import sys\n"
+        "from sae_core import Sae\n"
+        f"Sae.load_from_hub({str(tmp_path)!r}, layer=1)\n"
+        "print(sorted(m for m in ('sae_core.hub', 'sae_core.card', 'yaml') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_cfg_extra_keys_are_tolerated(tmp_path):
     Sae(8, SaeConfig(expansion_factor=1, k=2)).save_to_disk(tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
@@ -269,7 +307,7 @@ def test_damaged_files_give_one_line_errors_naming_the_file(tmp_path, damage, me
 
 
 def test_config_rejects_bad_values_and_positional_hidden_size():
-    with pytest.raises(ConfigError, match="keyword arguments only"):
+    with pytest.raises(TypeError, match="positional argument"):  # kw_only: SaeConfig(hidden_size) is refused
         SaeConfig(576)
     with pytest.raises(ConfigError, match="k must be a positive"):
         SaeConfig(k=0)

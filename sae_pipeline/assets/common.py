@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+
+from sae_core.errors import SaeCoreError
+from sae_core.utils import replace_folder, staging_folder
 
 from ..partitions import ModelStride, PartitionKeyError, parse_model_stride
 from ..registry import ModelEntry, RegistryError
@@ -29,9 +29,6 @@ def fail_step_on_bad_input(
     Bad input is sae_core's SaeCoreError and the kinds in `also`. Retrying cannot fix it, so retries are off
     unless asked for; any other exception is a bug and keeps its traceback.
     """
-    # Imported here, not at the top: sae_core loads torch, and the code location loads without it.
-    from sae_core.errors import SaeCoreError
-
     try:
         yield
     except (SaeCoreError, *also) as error:
@@ -66,16 +63,9 @@ def model_and_stride(
 
 def staging_dir(target: Path) -> Path:
     """An empty folder next to `target` (same filesystem, so `swap_in` is a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    return staging_folder(target)
 
 
 def swap_in(staging: Path, target: Path) -> None:
     """Replace `target` by `staging` with renames: readers see the old folder or the new one, never a mix."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(staging, target)

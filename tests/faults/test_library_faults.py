@@ -150,6 +150,6 @@ def test_damaged_tokenized_dataset_folder_is_a_clear_error(tmp_path):
 
 
 def test_trust_remote_code_is_off_by_default():
-    from sae_core.__main__ import parse_run_config
+    from sae_core.run import parse_run_config
 
     assert parse_run_config(["some/model"]).trust_remote_code is False

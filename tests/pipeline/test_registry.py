@@ -106,7 +106,7 @@ def test_train_options_become_sae_core_flags(tmp_path):
     entry = load_registry(registry_with(tmp_path, train=train)).get("some--model")
     assert entry.train_args() == ["--k", "16", "--normalize_decoder", "false", "--exclude_tokens", "0", "2",
                                   "--lr", "none"]
-    from sae_core.__main__ import parse_run_config
+    from sae_core.run import parse_run_config
 
     cfg = parse_run_config(["m", *entry.train_args()])
     assert cfg.sae.k == 16 and cfg.sae.normalize_decoder is False and cfg.exclude_tokens == [0, 2]

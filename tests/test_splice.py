@@ -1,0 +1,59 @@
+"""Running the LM with one block's output replaced (sae_core.splice), on tiny float64 models."""
+
+import pytest
+import torch
+
+from sae_core.errors import EvalError
+from sae_core.models import find_blocks
+from sae_core.splice import Splicer, block_means
+from tests.tiny import tiny_model
+
+
+class NoBar:
+    def update(self):
+        pass
+
+
+def count_block_calls(model):
+    calls = [0] * len(find_blocks(model)[1])
+    for i, block in enumerate(find_blocks(model)[1]):
+        block.register_forward_hook(lambda _m, _a, _o, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_recording_with_stop_after_runs_no_block_above_it():
+    model = tiny_model("llama", n_layers=4, d=16).double()
+    calls = count_block_calls(model)
+    splicer = Splicer(model, [0, 1], "auto")
+    ids = torch.randint(3, 300, (2, 8))
+    with torch.no_grad(), splicer.recording(stop_after=1):
+        assert splicer.forward(ids) is None
+    assert calls == [1, 1, 0, 0] and sorted(splicer.outputs) == [0, 1]
+    # The mean pass stops there too, and counts only the tokens that are not excluded.
+    means, n_tokens = block_means(splicer, {"layers.1": 1}, [ids], torch.tensor([ids[0, 0].item()]), NoBar())
+    assert calls == [2, 2, 0, 0] and n_tokens == int((ids != ids[0, 0]).sum())
+    assert means["layers.1"].dtype == torch.float64 and means["layers.1"].shape == (16,)
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2"])
+def test_suffix_logits_equal_a_full_forward_with_the_block_output_replaced(kind):
+    model = tiny_model(kind, n_layers=3, d=16).double()
+    ids = torch.randint(3, 300, (2, 8))
+    suffix, full = Splicer(model, [1], "suffix"), Splicer(model, [1], "full")
+    assert (suffix.mode, full.mode) == ("suffix", "full")
+    with torch.no_grad():
+        for splicer in (suffix, full):
+            with splicer.recording():
+                clean = splicer.forward(ids)
+        suffix.check_suffix(ids, clean, required=True)  # replays the clean logits
+        hidden = suffix.outputs[1] * 0.5
+        assert torch.allclose(suffix.logits(1, hidden, ids), full.logits(1, hidden, ids), rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(suffix.logits(1, hidden, ids), clean)
+
+
+def test_suffix_mode_without_a_known_final_norm_is_an_eval_error():
+    model = tiny_model("llama", n_layers=2, d=16)
+    model.model.norm = None  # as if the final norm lived elsewhere
+    with pytest.raises(EvalError, match="needs a known final norm and unembedding"):
+        Splicer(model, [0], "suffix")
+    assert Splicer(model, [0], "auto").mode == "full"
