@@ -59,8 +59,8 @@ def published_saes(
         raise dg.Failure(description=f"refusing to publish, quality checks failed: {reasons}",
                          allow_retries=False)
 
-    # sae_core.hub's messages are one line and never hold the token. ValueError: hub.repo_id's template errors,
-    # and sae_core.hub's own until they become HubError. Retries stay allowed: a Hub outage may pass.
+    # sae_core.hub's messages are one line and never hold the token. ValueError: the hub resource's repo_template.
+    # Retries stay allowed, as before: a Hub outage may pass.
     with fail_step_on_bad_input(f"publishing {run_dir} failed", also=(ValueError, OSError), allow_retries=True):
         repo_id = config.repo_id or hub.repo_id(key.model, key.stride)
         result = publish(
