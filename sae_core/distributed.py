@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +22,19 @@ from torch import Tensor
 from .config import ConfigError
 
 DEFAULT_TIMEOUT_S = 600
+_PR_SET_PDEATHSIG = 1
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+# Looked up once, at import: die_with_parent also runs in a forked child before exec, where loading a library
+# could deadlock on a lock another thread of the parent held.
+_PRCTL = _find_prctl()
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,7 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if world <= 1:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return DistContext(device=dev)
-    _die_with_parent()
+    die_with_parent()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda:
@@ -69,13 +83,18 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: if torchrun is killed (even with SIGKILL), this rank gets SIGTERM."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def die_with_parent(parent: int | None = None, signum: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send this process `signum` when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG;
+    a no-op on systems without prctl). Returns whether the parent is still alive.
+
+    The signal only covers a death after this call, so a caller that may already be orphaned checks the
+    result. `parent` is the pid the caller expects (recorded before a fork, or before slow imports); without
+    it, having been re-parented to init (pid 1) means the parent is gone.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signum)
+    ppid = os.getppid()
+    return ppid == parent if parent is not None else ppid != 1
 
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:

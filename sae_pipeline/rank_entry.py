@@ -2,10 +2,11 @@
 
 It is `python -m sae_core` plus three things the pipeline needs, so that sae_core never imports Dagster:
 
-- the rank asks the kernel for SIGTERM when its parent (torchrun) dies, first thing, before the slow imports;
+- the rank asks the kernel for SIGTERM when its parent (torchrun) dies, first thing (sae_core.distributed's
+  die_with_parent), and exits if torchrun is already gone;
 - global rank 0, and only it, opens the Dagster Pipes session that every rank inherited in its environment: it
-  streams training progress (from the run's metrics.jsonl) into the run's log and, at the end, reports the
-  materialization with the run's metrics;
+  passes a logger into sae_core.run.run that streams training progress into the run's log and, at the end,
+  reports the materialization with the run's metrics;
 - a rank that fails writes its traceback to $SAE_PIPELINE_RANK_ERRORS/rank<R>.txt, which the step failure
   quotes.
 
@@ -15,13 +16,11 @@ This module imports only the standard library and dagster_pipes at the top: it r
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import os
-import signal
 import sys
-import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,13 @@ _TRACEBACK_LINES = 30
 
 
 def main(argv: list[str] | None = None) -> None:
-    _die_with_parent()
+    # Imported here, not at the top: it loads torch, and the module docstring promises a light import.
+    from sae_core.distributed import die_with_parent
+
+    # SIGTERM this rank when torchrun dies, even when torchrun is SIGKILLed. Had it died already (during the
+    # imports), this rank would now be a child of init.
+    if not die_with_parent():
+        sys.exit("torchrun exited before this rank started")
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -52,16 +57,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(argv: list[str], pipes: Any | None) -> None:
     """Train as `python -m sae_core argv` would; with `pipes`, report progress and the result to Dagster."""
+    # Imported here, not at the top: sae_core.run loads transformers and datasets.
     from sae_core.run import parse_run_config, run
 
     cfg = _parse(argv, parse_run_config)
     run_dir = Path(cfg.save_dir) / (cfg.run_name or "run")
-    progress = _MetricsTail(run_dir / "metrics.jsonl", pipes) if pipes is not None else None
+    progress = PipesProgress(pipes) if pipes is not None else None
     try:
-        final = run(cfg)
+        final = run(cfg, loggers=[progress] if progress is not None else [])
     finally:
         if progress is not None:
-            progress.stop()
+            progress.flush()
     if pipes is not None:
         pipes.report_asset_materialization(metadata=run_metadata(run_dir, final))
 
@@ -122,38 +128,26 @@ def _last_metrics(path: Path) -> dict[str, float]:
         return {}
 
 
-class _MetricsTail:
-    """Follow metrics.jsonl from its current end and log each new record to Dagster (at most every 2 s)."""
+class PipesProgress:
+    """A training logger: the trainer's metrics records reach Dagster's log as progress lines, at most one every
+    PROGRESS_INTERVAL_S (the newest record then), so a fast run does not flood the run's log."""
 
-    def __init__(self, path: Path, pipes: Any) -> None:
-        self.path, self.pipes = path, pipes
-        # A resumed run appends to the file of the earlier attempt: report only what this attempt writes.
-        self.offset = path.stat().st_size if path.exists() else 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="metrics-tail", daemon=True)
-        self._thread.start()
+    def __init__(self, pipes: Any, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        self.pipes, self.interval_s = pipes, interval_s
+        self._pending: dict[str, Any] | None = None
+        self._last_logged = time.monotonic()
 
-    def _follow(self) -> None:
-        while not self._stop.wait(PROGRESS_INTERVAL_S):
-            self._report_new()
-        self._report_new()
+    def __call__(self, record: dict[str, Any]) -> None:
+        self._pending = record
+        if time.monotonic() - self._last_logged >= self.interval_s:
+            self.flush()
 
-    def _report_new(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        self.offset += len(complete)
-        records = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-        if records:
-            self.pipes.log.info(progress_line(records[-1]))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def flush(self) -> None:
+        """Log the newest record not logged yet, if any."""
+        if self._pending is not None:
+            self.pipes.log.info(progress_line(self._pending))
+            self._pending = None
+            self._last_logged = time.monotonic()
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -177,13 +171,6 @@ def _record_failure(rank: int, error: BaseException) -> None:
     with contextlib.suppress(OSError):
         Path(folder, f"rank{rank}.txt").write_text(text)
 
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: SIGTERM this rank when torchrun dies, even when torchrun is SIGKILLed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    if os.getppid() == 1:  # torchrun died before we got here
-        sys.exit("torchrun exited before this rank started")
 
 
 if __name__ == "__main__":

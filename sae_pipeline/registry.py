@@ -21,11 +21,26 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from sae_core.config import RunConfig, SaeConfig
+from sae_core.errors import ConfigError
 
 from .partitions import PartitionKeyError, check_model_key, model_key_for
 
@@ -51,49 +66,140 @@ RESERVED_TRAIN_OPTIONS = {
     "shuffle_seed": "the entry's `shuffle_seed`",
     "hf_token": "the HF_TOKEN environment variable (a token must never be written to the registry)",
 }
+MODEL_HINT = "a Hub id, a local folder, or smollm2-135m"
 
 
 class RegistryError(ValueError):
     """The registry file is missing or malformed; the message names the file, the entry and the field."""
 
 
-@dataclass(frozen=True)
-class Thresholds:
+# Validation errors: a field's type says in words what it must be (`_must_be`), and our own checks raise
+# `_invalid` with their whole text; `_one_line` turns either into the one-line message of a RegistryError.
+
+
+def _invalid(text: str) -> PydanticCustomError:
+    return PydanticCustomError("registry", "{text}", {"text": text})
+
+
+def _requirement(what: str) -> PydanticCustomError:
+    return PydanticCustomError("requirement", "must be {what}", {"what": what})
+
+
+def _must_be(what: str) -> WrapValidator:
+    """Report any failure of the annotated type as "must be <what>" (the message adds the field and value)."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise _requirement(what) from None
+
+    return WrapValidator(validate)
+
+
+def _a_list(value: Any) -> Any:
+    # A tuple field would also take a string or a set; the registry's YAML must say a list.
+    if value is not None and not isinstance(value, list):
+        raise _requirement("a list")
+    return value
+
+
+def _required_model(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(f"`model` is required ({MODEL_HINT})")
+    return value.strip()
+
+
+def _model_key(value: Any) -> str:
+    try:
+        return check_model_key(value)
+    except PartitionKeyError as e:
+        raise _invalid(str(e)) from None
+
+
+Text = Annotated[str, Field(strict=True), _must_be("a str")]
+StrideCount = Annotated[int, Field(strict=True, ge=1), _must_be("an integer >= 1")]
+NonNegativeLimit = Annotated[
+    Annotated[float, Field(strict=True, ge=0)] | None, _must_be("a non-negative number or null")
+]
+PositiveSetting = Annotated[Annotated[int, Field(strict=True, gt=0)] | None, _must_be("a positive integer")]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo must not silently mean the default), and entries never change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Thresholds(_Strict):
     """Quality bars of the blocking checks on `sae_evaluation`: the worst hookpoint must stay at or below
     each.
 
     None turns a check into a pass that says no threshold is set.
     """
 
-    max_fvu: float | None = 0.5
-    max_dead_pct: float | None = 50.0
-    max_delta_ce: float | None = 1.0
-    max_kl: float | None = 1.0
+    max_fvu: NonNegativeLimit = 0.5
+    max_dead_pct: NonNegativeLimit = 50.0
+    max_delta_ce: NonNegativeLimit = 1.0
+    max_kl: NonNegativeLimit = 1.0
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    max_tokens: int = 16_384
-    batch_size: int = 8
+class EvalSettings(_Strict):
+    """How `sae_evaluation` measures (a run's config may override each)."""
+
+    max_tokens: PositiveSetting = 16_384
+    batch_size: PositiveSetting = 8
 
 
-@dataclass(frozen=True)
-class ModelEntry:
+class ModelEntry(_Strict):
     """One model of the registry: where it and its data come from, and how its SAEs are trained and judged."""
 
-    name: str
-    model: str
-    dataset: str = "embedded"
-    split: str = "train"
-    text_column: str = "text"
-    data_args: dict[str, str] = field(default_factory=dict)
-    max_examples: int | None = None
-    shuffle_seed: int | None = 42
-    ctx_len: int = 256
-    strides: tuple[int, ...] | None = None
-    train: dict[str, Any] = field(default_factory=dict)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    thresholds: Thresholds = field(default_factory=Thresholds)
+    name: Annotated[str, BeforeValidator(_model_key)]
+    model: Annotated[str, BeforeValidator(_required_model)]
+    dataset: Text = "embedded"
+    split: Text = "train"
+    text_column: Text = "text"
+    data_args: Annotated[dict[Any, Any], Field(strict=True), _must_be("a dict")] = {}
+    max_examples: Annotated[Annotated[int, Field(strict=True, ge=1)] | None, _must_be("an integer >= 1")] = None
+    shuffle_seed: Annotated[int | None, Field(strict=True), _must_be("a int")] = 42
+    ctx_len: Annotated[int, Field(strict=True, ge=2), _must_be("an integer >= 2")] = 256
+    strides: Annotated[tuple[StrideCount, ...] | None, BeforeValidator(_a_list)] = None
+    train: Annotated[dict[str, Any], Field(strict=True), _must_be("a dict")] = {}
+    eval: EvalSettings = EvalSettings()
+    thresholds: Thresholds = Thresholds()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, item: Any) -> Any:
+        """The name defaults to one derived from the model; an empty section means its defaults."""
+        if not isinstance(item, dict):
+            return item
+        item = {k: v for k, v in item.items() if not (k in ("train", "eval", "thresholds") and v is None)}
+        item.setdefault("model", None)  # so that a missing model gets the message that says what to write
+        if "name" not in item:
+            try:
+                item["name"] = model_key_for(_required_model(item["model"]))
+            except PartitionKeyError as e:
+                raise _invalid(str(e)) from None
+        return item
+
+    @field_validator("data_args")
+    @classmethod
+    def _as_strings(cls, data_args: dict[Any, Any]) -> dict[str, str]:
+        return {str(k): str(v) for k, v in data_args.items()}
+
+    @field_validator("strides")
+    @classmethod
+    def _sorted_unique(cls, strides: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if strides is not None and not strides:
+            raise _invalid("`strides` is empty; omit it to train every stride")
+        return None if strides is None else tuple(sorted(set(strides)))
+
+    @field_validator("train")
+    @classmethod
+    def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        _check_train_options(options)
+        return dict(options)
 
     def train_args(self) -> list[str]:
         """The entry's training options as `python -m sae_core` flags (the pipeline adds model, data,
@@ -116,6 +222,57 @@ class ModelEntry:
         }
 
 
+def _check_train_options(options: dict[str, Any]) -> None:
+    """Check training options against sae_core's own config classes, so a bad value fails at registry load."""
+    for key in options:
+        if key in RESERVED_TRAIN_OPTIONS:
+            raise _invalid(f"train.{key} is set by {RESERVED_TRAIN_OPTIONS[key]}, not here")
+    sae_fields = {f.name for f in fields(SaeConfig)}
+    run_fields = {f.name for f in fields(RunConfig)} - {"sae"}
+    for key in options:
+        if key not in sae_fields | run_fields:
+            raise _invalid(f"train: {_unknown_key(key, sae_fields | run_fields)}")
+    try:
+        sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
+        RunConfig(sae=sae, **{k: v for k, v in options.items() if k in run_fields})
+    except (ConfigError, TypeError) as e:
+        raise _invalid(f"train: {e}") from None
+
+
+def _unknown_key(key: Any, known: set[str]) -> str:
+    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+    return f"unknown key {key!r}{hint}"
+
+
+def _one_line(error: ValidationError, where: str) -> str:
+    """The first problem of a ModelEntry's validation, as "<where>: <what is wrong with which field>"."""
+    # Unknown keys first: a misspelt key is the likelier cause of any other error.
+    problems = sorted(error.errors(), key=lambda p: p["type"] != "extra_forbidden")
+    problem = problems[0]
+    fields_path = [str(part) for part in problem["loc"] if isinstance(part, str)]
+    if problem["type"] == "registry":
+        return f"{where}: {problem['ctx']['text']}"
+    if problem["type"] == "extra_forbidden":
+        known = set(_section_at(fields_path[:-1]).model_fields)
+        section = f"{'.'.join(fields_path[:-1])}: " if len(fields_path) > 1 else ""
+        return f"{where}: {section}{_unknown_key(fields_path[-1], known)}"
+    field = f"`{fields_path[0]}`" if len(fields_path) == 1 else ".".join(fields_path)
+    if problem["type"] in ("requirement", "model_type"):  # model_type: a section that is not a mapping
+        what = problem["ctx"]["what"] if problem["type"] == "requirement" else "a dict"
+        return f"{where}: {field} must be {what}, got {problem['input']!r}"
+    if problem["type"] == "missing":
+        return f"{where}: {field} is required"
+    return f"{where}: {field}: {problem['msg']}"
+
+
+def _section_at(path: list[str]) -> type[BaseModel]:
+    section: type[BaseModel] = ModelEntry
+    for name in path:
+        section = section.model_fields[name].annotation
+    return section
+
+
 def _flag_value(value: Any) -> str:
     if value is None:
         return "none"
@@ -127,7 +284,7 @@ class Registry:
     path: Path
     entries: dict[str, ModelEntry]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self.entries.values())
 
     def __len__(self) -> int:
@@ -181,91 +338,16 @@ def parse_entry(item: Any, where: str = "registry entry") -> ModelEntry:
     """Validate one registry entry (a mapping read from YAML) into a ModelEntry."""
     if not isinstance(item, dict):
         raise RegistryError(f"{where}: expected a mapping with at least `model:`, got {type(item).__name__}")
-    _reject_unknown(item, {f.name for f in fields(ModelEntry)}, where)
-    model = item.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise RegistryError(f"{where}: `model` is required (a Hub id, a local folder, or smollm2-135m)")
     try:
-        name = check_model_key(item["name"]) if "name" in item else model_key_for(model)
-    except PartitionKeyError as e:
-        raise RegistryError(f"{where}: {e}") from None
-    where = f"{where} ({name!r})"
-
-    kwargs: dict[str, Any] = {"name": name, "model": model.strip()}
-    for key in ("dataset", "split", "text_column"):
-        if key in item:
-            kwargs[key] = _typed(item[key], str, where, key)
-    if "data_args" in item:
-        data_args = _typed(item["data_args"], dict, where, "data_args")
-        kwargs["data_args"] = {str(k): str(v) for k, v in data_args.items()}
-    if item.get("max_examples") is not None:
-        kwargs["max_examples"] = _positive_int(item["max_examples"], where, "max_examples")
-    if "shuffle_seed" in item:
-        seed = item["shuffle_seed"]
-        kwargs["shuffle_seed"] = None if seed is None else _typed(seed, int, where, "shuffle_seed")
-    if "ctx_len" in item:
-        kwargs["ctx_len"] = _positive_int(item["ctx_len"], where, "ctx_len", minimum=2)
-    if item.get("strides") is not None:
-        strides = _typed(item["strides"], list, where, "strides")
-        kwargs["strides"] = tuple(sorted({_positive_int(s, where, "strides") for s in strides}))
-        if not kwargs["strides"]:
-            raise RegistryError(f"{where}: `strides` is empty; omit it to train every stride")
-    kwargs["train"] = _train_options(item.get("train") or {}, where)
-    kwargs["eval"] = _section(item.get("eval") or {}, EvalSettings, where, "eval")
-    kwargs["thresholds"] = _section(item.get("thresholds") or {}, Thresholds, where, "thresholds")
-    return ModelEntry(**kwargs)
+        return ModelEntry.model_validate(item)
+    except ValidationError as e:
+        raise RegistryError(_one_line(e, _where_with_name(item, where))) from None
 
 
-def _train_options(options: Any, where: str) -> dict[str, Any]:
-    """Check training options against sae_core's own config classes, so a bad value fails at registry load."""
-    from sae_core.config import ConfigError, RunConfig, SaeConfig
-
-    options = _typed(options, dict, f"{where}: train", "train")
-    for key in options:
-        if key in RESERVED_TRAIN_OPTIONS:
-            raise RegistryError(f"{where}: train.{key} is set by {RESERVED_TRAIN_OPTIONS[key]}, not here")
-    sae_fields = {f.name for f in fields(SaeConfig)}
-    run_fields = {f.name for f in fields(RunConfig)} - {"sae"}
-    _reject_unknown(options, sae_fields | run_fields, f"{where}: train")
+def _where_with_name(item: dict[str, Any], where: str) -> str:
+    """`where` with the entry's name, when it has a valid one."""
     try:
-        sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
-        RunConfig(sae=sae, **{k: v for k, v in options.items() if k in run_fields})
-    except (ConfigError, TypeError) as e:
-        raise RegistryError(f"{where}: train: {e}") from None
-    return dict(options)
-
-
-def _section(options: Any, cls: type, where: str, name: str) -> Any:
-    options = _typed(options, dict, where, name)
-    _reject_unknown(options, {f.name for f in fields(cls)}, f"{where}: {name}")
-    for f in fields(cls):
-        value = options.get(f.name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise RegistryError(
-                f"{where}: {name}.{f.name} must be a non-negative number or null, got {value!r}"
-            )
-        if cls is EvalSettings and (not isinstance(value, int) or value == 0):
-            raise RegistryError(f"{where}: {name}.{f.name} must be a positive integer, got {value!r}")
-    return cls(**options)
-
-
-def _reject_unknown(mapping: dict[str, Any], known: set[str], where: str) -> None:
-    for key in mapping:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
-            raise RegistryError(f"{where}: unknown key {key!r}{hint}")
-
-
-def _typed(value: Any, kind: type, where: str, key: str) -> Any:
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise RegistryError(f"{where}: `{key}` must be a {kind.__name__}, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, where: str, key: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RegistryError(f"{where}: `{key}` must be an integer >= {minimum}, got {value!r}")
-    return value
+        name = check_model_key(item["name"]) if "name" in item else model_key_for(_required_model(item.get("model")))
+    except (PartitionKeyError, PydanticCustomError, KeyError):
+        return where
+    return f"{where} ({name!r})"

@@ -13,13 +13,13 @@ so two partitions never share a file, and nothing a registry says can point outs
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+from filelock import FileLock, Timeout
 from pydantic import Field
 
 from .partitions import check_model_key
@@ -67,18 +67,18 @@ class ArtefactStore(dg.ConfigurableResource):
         The kernel releases the lock when the holder dies, so a killed run never leaves a stale lock behind.
         """
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise dg.Failure(
-                    description=f"{folder} is in use by another run of the same partition; wait for it",
-                    allow_retries=False,
-                ) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        lock = FileLock(folder.parent / f".{folder.name}.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise dg.Failure(
+                description=f"{folder} is in use by another run of the same partition; wait for it",
+                allow_retries=False,
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 class ModelRegistry(dg.ConfigurableResource):

@@ -20,7 +20,6 @@ in sessions of their own) are orphaned and keep the GPUs busy. So here:
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import shlex
 import shutil
@@ -37,14 +36,12 @@ from typing import IO, Any
 import dagster as dg
 import psutil
 
+from sae_core.distributed import die_with_parent
+
 RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
 _STDERR_TAIL_LINES = 40
 _PARENT_POLL_S = 1.0
 
-# Loaded before any fork: the child between fork and exec must not load libraries (locks held by other
-# threads).
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
 
 
 def run_torchrun(
@@ -62,6 +59,11 @@ def run_torchrun(
 
     Raises dg.Failure naming the failing rank and quoting its traceback when torchrun exits non-zero.
     """
+    def die_with_step(parent: int) -> None:
+        """In the child, before exec: SIGTERM when the step process dies; exit at once if it already has."""
+        if not die_with_parent(parent):
+            os._exit(1)
+
     error_dir = Path(tempfile.mkdtemp(prefix="sae-pipeline-ranks-"))
     try:
         with dg.open_pipes_session(
@@ -77,7 +79,7 @@ def run_torchrun(
             parent = os.getpid()
             process = subprocess.Popen(
                 list(command), env=full_env, cwd=cwd, stderr=subprocess.PIPE,
-                start_new_session=True, preexec_fn=lambda: _die_with(parent),
+                start_new_session=True, preexec_fn=lambda: die_with_step(parent),
             )
             stderr_tail = _StderrTail(process.stderr)
             try:
@@ -137,13 +139,6 @@ def _metadata_value(value: Any) -> dg.MetadataValue:
     if isinstance(value, float):
         return dg.MetadataValue.float(value)
     return dg.MetadataValue.text(str(value))
-
-
-def _die_with(parent: int) -> None:
-    """In the child, before exec: SIGTERM when the parent dies; exit at once if it already has."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def stop_process_tree(process: subprocess.Popen, timeout_s: float) -> None:

@@ -1,11 +1,14 @@
-"""Helpers the assets share: registry look-ups that fail as clean step failures, and atomic folder swaps."""
+"""Helpers the assets share: bad input as clean step failures, registry look-ups, and atomic folder swaps."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 
+from sae_core.errors import SaeCoreError
 from sae_core.utils import replace_folder, staging_folder
 
 from ..partitions import ModelStride, PartitionKeyError, parse_model_stride
@@ -13,23 +16,41 @@ from ..registry import ModelEntry, RegistryError
 from ..resources import ModelRegistry
 
 
+@contextlib.contextmanager
+def fail_step_on_bad_input(
+    doing: str | None = None,
+    *,
+    also: tuple[type[BaseException], ...] = (),
+    allow_retries: bool = False,
+) -> Iterator[None]:
+    """Turn an error that means bad input, raised in the block, into a step failure with a one-line message:
+    "<doing>: <the error's first line>" (the error alone without `doing`).
+
+    Bad input is sae_core's SaeCoreError and the kinds in `also`. Retrying cannot fix it, so retries are off
+    unless asked for; any other exception is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (SaeCoreError, *also) as error:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise dg.Failure(
+            description=f"{doing}: {message}" if doing else message, allow_retries=allow_retries
+        ) from None
+
+
 def registry_entry(registry: ModelRegistry, model: str) -> ModelEntry:
     """The registry entry of a model partition; a missing entry or a bad registry fails the step with its
     message."""
-    try:
+    with fail_step_on_bad_input(also=(RegistryError,)):
         return registry.entry(model)
-    except RegistryError as e:
-        raise dg.Failure(description=str(e), allow_retries=False) from None
 
 
 def model_and_stride(
     context: dg.AssetExecutionContext, registry: ModelRegistry
 ) -> tuple[ModelStride, ModelEntry]:
     """This step's (model, stride) and the model's registry entry, checked against the entry's strides."""
-    try:
+    with fail_step_on_bad_input(also=(PartitionKeyError,)):
         key = parse_model_stride(context.partition_key)
-    except PartitionKeyError as e:
-        raise dg.Failure(description=str(e), allow_retries=False) from None
     entry = registry_entry(registry, key.model)
     if entry.strides is not None and key.stride not in entry.strides:
         raise dg.Failure(

@@ -12,7 +12,7 @@ from pydantic import Field
 from ..checks import quality_check_results, quality_check_specs
 from ..partitions import model_stride_partitions
 from ..resources import ArtefactStore, ModelRegistry
-from .common import model_and_stride, staging_dir, swap_in
+from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in
 from .training import sae_checkpoints
 
 SUMMARY_METRICS = ("fvu", "l0", "dead_pct_eval", "delta_ce", "kl", "loss_recovered_zero")
@@ -52,15 +52,15 @@ def sae_evaluation(
     target = artefacts.eval_dir(key.model, key.stride)
     staging = staging_dir(target)
     try:
-        report = evaluate_run(
-            entry.model, str(run_dir),
-            max_tokens=config.max_tokens or entry.eval.max_tokens,
-            batch_size=config.batch_size or entry.eval.batch_size,
-            out_dir=staging,
-        )
-        swap_in(staging, target)  # publishing never sees half a report
-    except (ValueError, OSError) as e:  # EvalError, ModelLoadError, SaeLoadError, missing files
-        raise dg.Failure(description=f"evaluation of {run_dir} failed: {e}", allow_retries=False) from None
+        # EvalError, ModelLoadError, SaeLoadError; OSError: missing or unreadable files.
+        with fail_step_on_bad_input(f"evaluation of {run_dir} failed", also=(OSError,)):
+            report = evaluate_run(
+                entry.model, str(run_dir),
+                max_tokens=config.max_tokens or entry.eval.max_tokens,
+                batch_size=config.batch_size or entry.eval.batch_size,
+                out_dir=staging,
+            )
+            swap_in(staging, target)  # publishing never sees half a report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

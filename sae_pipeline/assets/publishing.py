@@ -10,7 +10,7 @@ from pydantic import Field
 from ..checks import failed_checks, quality_check_results
 from ..partitions import model_stride_partitions
 from ..resources import ArtefactStore, HubPublisher, ModelRegistry
-from .common import model_and_stride
+from .common import fail_step_on_bad_input, model_and_stride
 from .evaluation import sae_evaluation
 
 
@@ -59,15 +59,15 @@ def published_saes(
         raise dg.Failure(description=f"refusing to publish, quality checks failed: {reasons}",
                          allow_retries=False)
 
-    try:
+    # sae_core.hub's messages are one line and never hold the token. ValueError: the hub resource's repo_template.
+    # Retries stay allowed, as before: a Hub outage may pass.
+    with fail_step_on_bad_input(f"publishing {run_dir} failed", also=(ValueError, OSError), allow_retries=True):
         repo_id = config.repo_id or hub.repo_id(key.model, key.stride)
         result = publish(
             run_dir, repo_id, token=hub.token or None, endpoint=hub.endpoint, private=hub.private,
             commit_message=f"SAEs for {key.model}, stride {key.stride} (Dagster run {context.run.run_id})",
             eval_dir=eval_dir, local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
         )
-    except (ValueError, OSError) as e:  # sae_core.hub's messages are one line and never hold the token
-        raise dg.Failure(description=f"publishing {run_dir} failed: {e}") from None
     context.log.info(result.describe())
     metadata: dict[str, object] = {
         "revision": result.revision,

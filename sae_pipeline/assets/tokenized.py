@@ -9,7 +9,7 @@ import dagster as dg
 
 from ..partitions import model_partitions
 from ..resources import ArtefactStore, ModelRegistry
-from .common import registry_entry, staging_dir, swap_in
+from .common import fail_step_on_bad_input, registry_entry, staging_dir, swap_in
 
 PIPELINE_INFO = "pipeline.json"  # written next to the dataset files: what it was made from
 
@@ -19,45 +19,34 @@ PIPELINE_INFO = "pipeline.json"  # written next to the dataset files: what it wa
     group_name="sae",
     kinds={"python"},
     description="The registry entry's dataset, tokenized with the model's tokenizer into ctx_len sequences "
-    "(chunk_and_tokenize), saved with Dataset.save_to_disk under <root>/tokenized/<model>/.",
+    "(sae_core.data.prepare_dataset), saved with Dataset.save_to_disk under <root>/tokenized/<model>/.",
 )
 def tokenized_dataset(
     context: dg.AssetExecutionContext, registry: ModelRegistry, artefacts: ArtefactStore
 ) -> dg.MaterializeResult:
     from transformers import AutoTokenizer
 
-    from sae_core.config import ConfigError
-    from sae_core.data import DatasetLoadError, chunk_and_tokenize, load_text_dataset
+    from sae_core.data import prepare_dataset
     from sae_core.embedded import embedded_corpus_fingerprint, embedded_model_path, is_embedded_model
 
     entry = registry_entry(registry, context.partition_key)
     target = artefacts.tokenized_dir(entry.name)
     token = os.environ.get("HF_TOKEN") or None
     embedded_data = entry.dataset in ("embedded", "python-docs")
-    try:
+    with fail_step_on_bad_input(
+        f"cannot load the tokenizer of model {entry.model!r} (registry entry {entry.name!r})",
+        also=(OSError, ValueError, ModuleNotFoundError),  # what transformers raises for a missing or odd model
+    ):
         model_path = str(embedded_model_path()) if is_embedded_model(entry.model) else entry.model
         tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
-    except (OSError, ValueError, ModuleNotFoundError) as e:
-        raise dg.Failure(
-            description=f"cannot load the tokenizer of model {entry.model!r} (registry entry "
-            f"{entry.name!r}): {_first_line(e)}",
-            allow_retries=False,
-        ) from None
-    try:
-        texts = load_text_dataset(
-            None if embedded_data else entry.dataset, split=entry.split, text_column=entry.text_column,
-            data_args=entry.data_args, max_examples=entry.max_examples, shuffle_seed=entry.shuffle_seed,
-            token=token,
+    context.log.info(f"tokenizing dataset {entry.dataset!r} into rows of {entry.ctx_len} tokens")
+    with fail_step_on_bad_input(f"dataset {entry.dataset!r} of registry entry {entry.name!r}"):
+        prepared = prepare_dataset(
+            None if embedded_data else entry.dataset, tokenizer, ctx_len=entry.ctx_len, split=entry.split,
+            text_column=entry.text_column, data_args=entry.data_args, max_examples=entry.max_examples,
+            shuffle_seed=entry.shuffle_seed, token=token,
         )
-        context.log.info(f"tokenizing {len(texts):,} documents into rows of {entry.ctx_len} tokens")
-        sequences = chunk_and_tokenize(
-            texts, tokenizer, text_key=entry.text_column, max_seq_len=entry.ctx_len
-        )
-    except (DatasetLoadError, ConfigError) as e:
-        raise dg.Failure(
-            description=f"dataset {entry.dataset!r} of registry entry {entry.name!r}: {_first_line(e)}",
-            allow_retries=False,
-        ) from None
+    sequences = prepared.sequences
     if len(sequences) == 0:
         raise dg.Failure(
             description=f"dataset {entry.dataset!r} yields no full {entry.ctx_len}-token sequence: use more "
@@ -65,10 +54,10 @@ def tokenized_dataset(
             allow_retries=False,
         )
 
-    fingerprint = embedded_corpus_fingerprint() if embedded_data else getattr(texts, "_fingerprint", None)
+    fingerprint = embedded_corpus_fingerprint() if embedded_data else prepared.fingerprint
     info = {
         "registry_entry": entry.tokenization_settings(),
-        "documents": len(texts),
+        "documents": prepared.documents,
         "sequences": len(sequences),
         "tokens": len(sequences) * entry.ctx_len,
         "dataset_fingerprint": fingerprint,
@@ -91,13 +80,9 @@ def tokenized_dataset(
             "sequences": len(sequences),
             "tokens": info["tokens"],
             "ctx_len": entry.ctx_len,
-            "documents": len(texts),
+            "documents": prepared.documents,
             "tokenizer": f"{entry.model} ({type(tokenizer).__name__}, vocab {len(tokenizer):,})",
             "dataset": entry.dataset,
             "dataset_fingerprint": str(fingerprint),
         }
     )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -20,7 +20,7 @@ from pydantic import Field
 from ..partitions import model_stride_partitions
 from ..resources import ArtefactStore, ModelRegistry, TorchrunLauncher
 from ..torchrun import run_torchrun
-from .common import model_and_stride
+from .common import fail_step_on_bad_input, model_and_stride
 from .tokenized import tokenized_dataset
 
 
@@ -56,10 +56,8 @@ def sae_checkpoints(
             f"partition {key.model!r} first (tokenize_job)",
             allow_retries=False,
         )
-    try:
+    with fail_step_on_bad_input("launcher resource", also=(ValueError,)):
         launcher.check()
-    except ValueError as e:
-        raise dg.Failure(description=f"launcher resource: {e}", allow_retries=False) from None
     run_dir = artefacts.run_dir(key.model, key.stride)
     with artefacts.exclusive(run_dir):
         resume = prepare_run_dir(run_dir, restart=config.restart, log=context.log)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 
+from sae_core.errors import ConfigError
 from sae_pipeline.assets import published_saes, sae_checkpoints, sae_evaluation, tokenized_dataset
+from sae_pipeline.assets.common import fail_step_on_bad_input
 from sae_pipeline.assets.training import prepare_run_dir
+from sae_pipeline.rank_entry import PipesProgress
 from tests.pipeline.conftest import (
     MODEL,
     PARTITION,
@@ -171,3 +175,32 @@ def test_publishing_to_a_hub_repo_reads_the_token_from_the_environment_only(trai
     run = trained.instance.get_run_by_id(result.run_id)
     logged = [str(r.dagster_event or r.user_message) for r in trained.instance.all_logs(result.run_id)]
     assert token not in str(run.run_config) and not any(token in line for line in logged)
+
+
+def test_bad_input_fails_the_step_in_one_line_without_retries_and_a_bug_keeps_its_traceback():
+    with pytest.raises(dg.Failure) as failure:
+        with fail_step_on_bad_input("reading the run"):
+            raise ConfigError("k must be a positive integer\n(details)")
+    assert failure.value.description == "reading the run: k must be a positive integer"
+    assert failure.value.allow_retries is False
+    with pytest.raises(dg.Failure, match="^no such file$"):
+        with fail_step_on_bad_input(also=(OSError,)):
+            raise FileNotFoundError("no such file")
+    with pytest.raises(KeyError):
+        with fail_step_on_bad_input("reading the run"):
+            raise KeyError("a bug")
+
+
+def test_training_progress_reaches_the_log_at_most_once_per_interval_and_the_last_record_is_kept():
+    lines: list[str] = []
+    progress = PipesProgress(SimpleNamespace(log=SimpleNamespace(info=lines.append)), interval_s=3600)
+    for step in (1, 2, 3):
+        progress({"step": step, "tokens": 10 * step, "tokens_per_s": 5.0, "fvu/layers.0": 0.5})
+    assert lines == []  # within the interval: held back
+    progress.flush()  # the end of training
+    assert len(lines) == 1 and lines[0].startswith("step 3: 30 tokens") and "layers.0 0.500" in lines[0]
+    progress.flush()
+    assert len(lines) == 1  # nothing new, nothing logged
+    progress.interval_s = 0
+    progress({"step": 4, "tokens": 40, "tokens_per_s": 5.0, "fvu/layers.0": 0.4})
+    assert lines[-1].startswith("step 4: 40 tokens")

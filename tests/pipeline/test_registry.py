@@ -63,6 +63,9 @@ def test_model_keys_are_derived_from_hub_ids_and_paths():
         ({"train": {"k": 0}}, "k must be a positive integer"),
         ({"train": {"expansion_factr": 4}}, "did you mean 'expansion_factor'?"),
         ({"thresholds": {"max_fvu": -1}}, "thresholds.max_fvu must be a non-negative number"),
+        ({"thresholds": {"max_fvux": 1}}, "thresholds: unknown key 'max_fvux' (did you mean 'max_fvu'?)"),
+        ({"eval": 3}, "`eval` must be a dict, got 3"),
+        ({"strides": "2"}, "`strides` must be a list, got '2'"),
         ({"eval": {"max_tokens": 0}}, "eval.max_tokens must be a positive integer"),
         ({"ctx_len": 1}, "`ctx_len` must be an integer >= 2"),
         ({"strides": [0]}, "`strides` must be an integer >= 1"),
@@ -136,3 +139,16 @@ def test_artefact_paths_are_per_partition_and_stay_under_the_root(tmp_path):
         with pytest.raises(PartitionKeyError):
             store.run_dir(bad, 1)
     assert check_model_key("ok-1.2_b") == "ok-1.2_b"
+
+
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path):
+    store = ArtefactStore(root=str(tmp_path))
+    folder = store.run_dir("m", 1)
+    with store.exclusive(folder):
+        with pytest.raises(dg.Failure, match="in use by another run"):
+            with store.exclusive(folder):
+                pass
+        with store.exclusive(store.run_dir("m", 2)):  # another partition is not held up
+            pass
+    with store.exclusive(folder):  # released at the end of the block
+        pass
