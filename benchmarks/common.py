@@ -1,7 +1,5 @@
 """Shared by the benchmark scripts: machine description and appending a row to RESULTS.md."""
 
-from __future__ import annotations
-
 import datetime
 import os
 import platform

@@ -6,8 +6,6 @@ Same global batch in every mode (batch_size x ranks is constant). On a 2-core CP
 cores, so tokens/s cannot double here: the numbers show the per-rank memory split and the communication cost.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

@@ -8,8 +8,6 @@ the CLI runs `torchrun -m sae_core` with the same flags on the same tokenized da
 as a user would see them (process start to exit).
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

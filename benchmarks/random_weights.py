@@ -6,8 +6,6 @@ For throughput runs on a machine the real weights cannot reach (a GPU machine wi
 the LM forward and of the SAE steps does not depend on the weights' values. Its FVUs mean nothing.
 """
 
-from __future__ import annotations
-
 import argparse
 import shutil
 from pathlib import Path

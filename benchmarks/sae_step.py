@@ -7,8 +7,6 @@ Roofline ratio = time of the single dense N x d x M product (same dtype, same pr
 The step cannot be faster than that product, which it must compute once.
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 import time

@@ -3,8 +3,6 @@
     python benchmarks/tokenization.py [--num_proc 1] [--ctx_len 2048]
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 import time

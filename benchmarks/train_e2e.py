@@ -11,8 +11,6 @@ logging, checkpoints, start-up excluded), and the peak RSS against the sum of it
 SAE parameters, gradients and two Adam moments + one batch of activations for every layer.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import resource

@@ -8,8 +8,6 @@ Secrets never reach the card: configuration keys that name a credential (`hf_tok
 values that look like a Hugging Face token or equal a known secret are masked.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any

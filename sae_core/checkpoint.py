@@ -13,8 +13,6 @@ removed only after a newer complete one exists on every rank, and resume picks t
 rank completed. States load with `torch.load(weights_only=True)`: no pickled code runs.
 """
 
-from __future__ import annotations
-
 import json
 import re
 from pathlib import Path

@@ -7,8 +7,6 @@ the next, so no tokens are dropped except the final partial chunk (EleutherAI's 
 every map batch).
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Any, NamedTuple

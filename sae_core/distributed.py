@@ -6,8 +6,6 @@ ranks ask the kernel to kill them when their parent (torchrun) dies, so a failur
 waiting forever.
 """
 
-from __future__ import annotations
-
 import ctypes
 import os
 import signal

@@ -12,8 +12,6 @@ chaining it would let a traceback printer or an error serializer reach it.
 Nothing here renders a card or reads YAML: loading an SAE needs neither.
 """
 
-from __future__ import annotations
-
 import os
 import re
 from collections.abc import Callable, Iterable

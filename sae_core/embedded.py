@@ -12,8 +12,6 @@ with no arguments should still train on something real. Two things ship with an 
   with the same Python version.
 """
 
-from __future__ import annotations
-
 import ast
 import functools
 import gc
@@ -141,7 +139,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # The corpus
 
 
-def embedded_corpus() -> Dataset:
+def embedded_corpus() -> "Dataset":
     """Human-written English that ships with Python: its documentation topics, then its stdlib docstrings.
 
     One column, "text"; the same rows in the same order on every machine with the same Python version.

@@ -10,8 +10,6 @@ Pass 1 computes x̄, pass 2 the clean forward and the spliced variants; splice.p
 when a variant runs only the blocks after the hooked one. heldout.py says which tokens a run did not train on.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import math

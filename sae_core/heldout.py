@@ -10,8 +10,6 @@ The evaluation sequences are a [sequences, tokens] tensor or a Dataset with an "
 `sequence_shape` and `sequence_rows` read either.
 """
 
-from __future__ import annotations
-
 import json
 import math
 from collections.abc import Mapping

@@ -13,8 +13,6 @@ The token (argument, HF_TOKEN, or `hf auth login`) is handed to the client and n
 one-line messages without it (`sae_core.download.hub_call`).
 """
 
-from __future__ import annotations
-
 import argparse
 import hashlib
 import json

@@ -10,8 +10,6 @@ Everything after the top-k touches only k of the M latents per token, so:
 - `sparse_decode` is an embedding-bag: x_hat[t] = sum_j acts[t, j] * W_dec[idx[t, j]] (+ bias).
 """
 
-from __future__ import annotations
-
 import warnings
 from typing import NamedTuple
 

@@ -11,8 +11,6 @@ when `TrainConfig.profile` is set; it syncs the GPU every batch, so ordinary run
 run.json holds no such numbers.
 """
 
-from __future__ import annotations
-
 import json
 import resource
 import time

@@ -4,8 +4,6 @@ Hookpoint `layers.<i>` is the output of decoder block i, i.e. the residual strea
 live in `model.layers` (Llama, Mistral, Qwen, SmolLM2), `gpt_neox.layers` (Pythia) or `transformer.h` (GPT-2).
 """
 
-from __future__ import annotations
-
 import contextlib
 import fnmatch
 import os

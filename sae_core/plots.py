@@ -8,8 +8,6 @@ Figures are built with matplotlib's object API on the Agg canvas, never through 
 switched, no window opens, and nothing is left in pyplot's figure registry (safe in servers and test runs).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path

@@ -9,8 +9,6 @@ which reconstructs the detached residual from the top k_aux pre-activations of d
 so that dead latents receive gradient again.
 """
 
-from __future__ import annotations
-
 import fnmatch
 import json
 import os
@@ -193,7 +191,7 @@ class Sae(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         decoder: bool = True,
-    ) -> Sae:
+    ) -> "Sae":
         """Load an SAE folder (cfg.json + sae.safetensors). The stored dtype is kept unless `dtype` is given."""
         path = Path(path)
         cfg_path, sae_path = path / CFG_FILE, path / SAE_FILE
@@ -245,7 +243,7 @@ class Sae(nn.Module):
         decoder: bool = True,
         endpoint: str | None = None,
         token: str | None = None,
-    ) -> Sae:
+    ) -> "Sae":
         """Load one SAE from a Hub repo (or a local folder of hookpoint folders) by layer or hookpoint name.
 
         `layer=10` finds `layers.10` or, in EleutherAI's older repos, `layer_10`.
@@ -272,7 +270,7 @@ class Sae(nn.Module):
         decoder: bool = True,
         endpoint: str | None = None,
         token: str | None = None,
-    ) -> dict[str, Sae]:
+    ) -> "dict[str, Sae]":
         """Load every SAE of a Hub repo or local folder, optionally filtered by a glob `pattern` or `layers`.
 
         Returns a dict from hookpoint folder name to SAE, in natural order (layers.2 before layers.10).
@@ -294,7 +292,7 @@ class Sae(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         decoder: bool = True,
-    ) -> dict[str, Sae]:
+    ) -> "dict[str, Sae]":
         root = Path(path)
         names = list_hookpoints(root)
         if patterns:

@@ -18,8 +18,6 @@ i.e. (max(S)+1) + L + 3·Σ_{i∈S}(L−1−i) blocks and 1 + 3·|S| heads, wher
 otherwise every variant is a full forward with a hook that replaces the block's output.
 """
 
-from __future__ import annotations
-
 import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence

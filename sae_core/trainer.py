@@ -20,8 +20,6 @@ The file reads in that order: building the trainer, `fit`, one training step, on
 checkpoints (save and resume), then the helpers they use.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import time
@@ -319,7 +317,7 @@ class SaeTrainer:
 
     # ------------------------------------------------------------------ one optimizer step per SAE
     def _optimizer_step(
-        self, hookpoint: str, variance: _VarianceStats, fired: Tensor, sse: float, auxk: float
+        self, hookpoint: str, variance: "_VarianceStats", fired: Tensor, sse: float, auxk: float
     ) -> tuple[int, dict[str, float]]:
         """Normalise, sum across ranks and apply one SAE's gradient of the step; (step tokens, metrics)."""
         cfg = self.cfg

@@ -1,7 +1,5 @@
 """Small helpers shared by the library: atomic file and folder writes, one-line errors, natural sorting."""
 
-from __future__ import annotations
-
 import contextlib
 import ctypes
 import gc

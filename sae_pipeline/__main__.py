@@ -7,8 +7,6 @@ the sensor yet; this does what the sensor does to partitions (without requesting
     python -m sae_pipeline register                 # prints the partition keys, e.g. smollm2-135m|1 ...
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 

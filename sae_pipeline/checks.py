@@ -7,8 +7,6 @@ in that run. `published_saes` re-applies the same bars to the report before publ
 later run that selects the publish step alone.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any

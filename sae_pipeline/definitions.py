@@ -7,8 +7,6 @@
 Importing this module is cheap (no torch): the assets import sae_core when they run.
 """
 
-from __future__ import annotations
-
 import os
 
 import dagster as dg

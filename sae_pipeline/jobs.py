@@ -2,8 +2,6 @@
 schemes in one job, so there are two (the sensor starts the first; the schedule, the UI or the CLI the
 second). Each job's partitions come from the assets it selects."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from .assets import published_saes, sae_checkpoints, sae_evaluation, tokenized_dataset

@@ -10,8 +10,6 @@ they double as folder names under the artefact root, so they also exclude "/", "
 filesystem would trip on.
 """
 
-from __future__ import annotations
-
 import os
 import re
 from typing import NamedTuple

@@ -13,8 +13,6 @@ It is `python -m sae_core` plus three things the pipeline needs, so that sae_cor
 This module imports only the standard library and dagster_pipes at the top: it runs once per rank.
 """
 
-from __future__ import annotations
-
 import contextlib
 import io
 import json

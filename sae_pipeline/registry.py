@@ -17,8 +17,6 @@ model or a dataset actually exists is only known when the tokenize step loads it
 alone.
 """
 
-from __future__ import annotations
-
 import difflib
 import os
 from collections.abc import Callable, Iterator

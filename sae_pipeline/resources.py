@@ -10,8 +10,6 @@ Every artefact path is built here, from validated partition keys, under one root
 so two partitions never share a file, and nothing a registry says can point outside the root.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import sys

@@ -4,7 +4,6 @@ Off by default (a full retraining costs hours of GPU time): turn it on in the UI
 $SAE_PIPELINE_RETRAIN_CRON (default: Sundays at 03:00 UTC).
 """
 
-# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 import os
 
 import dagster as dg

@@ -6,7 +6,6 @@ model is tokenized when it first appears and again whenever its dataset, ctx_len
 Models removed from the registry keep their partitions (and history); delete those in the UI.
 """
 
-# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 import hashlib
 import json
 

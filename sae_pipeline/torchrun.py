@@ -17,8 +17,6 @@ in sessions of their own) are orphaned and keep the GPUs busy. So here:
   traceback to a per-launch folder when they fail, and the step failure quotes the rank that failed first.
 """
 
-from __future__ import annotations
-
 import collections
 import os
 import shlex

@@ -32,8 +32,6 @@ Xet storage is not implemented: uploads use the LFS protocol, so clients must ru
 (downloads need nothing: files are served without an X-Xet-Hash header).
 """
 
-from __future__ import annotations
-
 import base64
 import datetime as dt
 import fnmatch
@@ -181,7 +179,7 @@ class HubServer:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
-    def start(self) -> HubServer:
+    def start(self) -> "HubServer":
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.hub = self  # type: ignore[attr-defined]

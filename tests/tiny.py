@@ -3,8 +3,6 @@
 No downloads: the tokenizer is a byte-level BPE trained on a few sentences; models are built from configs.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import random

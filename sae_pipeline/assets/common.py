@@ -1,7 +1,5 @@
 """Helpers the assets share: bad input as clean step failures, registry look-ups, and atomic folder swaps."""
 
-from __future__ import annotations
-
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path

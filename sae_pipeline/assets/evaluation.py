@@ -1,6 +1,5 @@
 """sae_evaluation: sae_core's evaluation report for one model x stride, judged by blocking quality checks."""
 
-# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 import base64
 import shutil
 from pathlib import Path

@@ -1,7 +1,6 @@
 """published_saes: the trained SAEs with their evaluation and a model card, on the Hub or in a local
 folder."""
 
-# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 import json
 
 import dagster as dg

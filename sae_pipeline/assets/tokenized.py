@@ -1,6 +1,5 @@
 """tokenized_dataset: a model's training text, tokenized with its tokenizer and cut into ctx_len sequences."""
 
-# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 import json
 import os
 import shutil

@@ -9,7 +9,6 @@ and training starts over (the retraining schedule); `restart: true` in the run c
 unfinished one.
 """
 
-# No `from __future__ import annotations`: Dagster reads the context and resource annotations at runtime.
 import json
 import shutil
 from pathlib import Path

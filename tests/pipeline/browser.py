@@ -6,8 +6,6 @@ offers navigate / wait for text / click / screenshot. `stop_process_group` ends 
 or a `dagster dev`) and reports any process of it that is still alive.
 """
 
-from __future__ import annotations
-
 import base64
 import contextlib
 import itertools

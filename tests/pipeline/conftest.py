@@ -1,8 +1,6 @@
 """Fixtures for the pipeline tests: a tiny model and corpus, registries written on the fly, and one trained
 partition (tokenize -> train with 2 torchrun ranks -> evaluate -> publish) shared by the tests of a module."""
 
-from __future__ import annotations
-
 import copy
 from dataclasses import dataclass
 from pathlib import Path

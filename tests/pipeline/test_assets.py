@@ -2,8 +2,6 @@
 failures (a quality check, a rank, missing inputs, a bad model) stop the right step with a message that says
 why."""
 
-from __future__ import annotations
-
 import json
 import shutil
 from types import SimpleNamespace

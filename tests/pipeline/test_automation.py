@@ -1,8 +1,6 @@
 """Definitions load; the sensor turns registry entries into partitions and tokenize runs; the schedule
 requests one training run per registered model x stride."""
 
-from __future__ import annotations
-
 import subprocess
 import sys
 from datetime import datetime, timezone

@@ -6,8 +6,6 @@ end. A fake HF_TOKEN is in the environment throughout: it must show up in no fil
 published folder, DAGSTER_HOME with its SQLite storage and compute logs) nor in what the commands printed.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import subprocess

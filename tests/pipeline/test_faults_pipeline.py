@@ -15,8 +15,6 @@
   processes listen on is bound to 127.0.0.1.
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import hashlib

@@ -1,8 +1,6 @@
 """The registry, partition keys and artefact paths: bad input fails early, with a message that says what to
 fix."""
 
-from __future__ import annotations
-
 import dagster as dg
 import pytest
 

@@ -6,8 +6,6 @@ kills it outright (SIGKILL: a lost step worker), then checks the process table. 
 carries the test's own artefact root on its command line, which is how they are found.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import signal

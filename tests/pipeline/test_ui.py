@@ -7,8 +7,6 @@ they show, and takes a screenshot of each: under the test's tmp dir, copied to $
 The server and the browser are stopped whatever happens, and none of their processes may be left running.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import socket
