@@ -49,7 +49,7 @@ def score(run_dir: Path) -> dict[str, dict[str, float]]:
 
     report = evaluate_run(None, str(run_dir), max_tokens=HELD_OUT_CHUNKS * CTX_LEN, ctx_len=CTX_LEN)
     return {h: {"fvu": m["fvu"], "dead_pct": m["dead_pct_eval"], "delta_ce": m["delta_ce"], "kl": m["kl"]}
-            for h, m in report.metrics.items()}
+            for h, m in report.hookpoints.items()}
 
 
 def training_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
