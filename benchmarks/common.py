@@ -30,14 +30,18 @@ def machine() -> str:
 def append_row(benchmark: str, result: str) -> None:
     """Append `| date | benchmark | machine | result |` to benchmarks/RESULTS.md."""
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nOne row per run, appended by the scripts in this folder.\n\n"
-                           "| date (UTC) | benchmark | machine | result |\n| --- | --- | --- | --- |\n")
+        RESULTS.write_text(
+            "# Benchmark results\n\nOne row per run, appended by the scripts in this folder.\n\n"
+            "| date (UTC) | benchmark | machine | result |\n| --- | --- | --- | --- |\n"
+        )
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     row = f"| {now} | {benchmark} | {machine()} | {result} |"
     # Into the table, after its last row: prose may follow the table.
     lines = RESULTS.read_text().splitlines()
-    last = max((i for i, line in enumerate(lines) if line.startswith("| ") and not line.startswith("| date")),
-               default=len(lines) - 1)
+    last = max(
+        (i for i, line in enumerate(lines) if line.startswith("| ") and not line.startswith("| date")),
+        default=len(lines) - 1,
+    )
     lines.insert(last + 1, row)
     RESULTS.write_text("\n".join(lines) + "\n")
 

@@ -36,32 +36,74 @@ def main() -> None:
     args = ap.parse_args()
     cores = os.cpu_count() or 2
     rows = []
-    for name, ranks, extra in (("1 rank", 1, []), ("2 ranks DDP", 2, []),
-                               ("2 ranks --distribute_layers", 2, ["--distribute_layers"])):
+    for name, ranks, extra in (
+        ("1 rank", 1, []),
+        ("2 ranks DDP", 2, []),
+        ("2 ranks --distribute_layers", 2, ["--distribute_layers"]),
+    ):
         with tempfile.TemporaryDirectory() as tmp:
             # --profile: run.json records each rank's peak RSS.
-            train = ["smollm2-135m", "embedded", "--layers", *map(str, args.layers), "--expansion_factor",
-                     str(args.expansion), "--ctx_len", "256", "--batch_size", str(args.global_batch // ranks),
-                     "--max_tokens", str(args.tokens), "--save_dir", tmp, "--run_name", "b",
-                     "--save_every", "100000", "--lr_warmup_steps", "1", "--profile", *extra]
+            train = [
+                "smollm2-135m",
+                "embedded",
+                "--layers",
+                *map(str, args.layers),
+                "--expansion_factor",
+                str(args.expansion),
+                "--ctx_len",
+                "256",
+                "--batch_size",
+                str(args.global_batch // ranks),
+                "--max_tokens",
+                str(args.tokens),
+                "--save_dir",
+                tmp,
+                "--run_name",
+                "b",
+                "--save_every",
+                "100000",
+                "--lr_warmup_steps",
+                "1",
+                "--profile",
+                *extra,
+            ]
             if ranks == 1:
                 cmd = [sys.executable, "-m", "sae_core", *train]
             else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                       "--master-port", str(free_port()), "-m", "sae_core", *train]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    str(ranks),
+                    "--master-port",
+                    str(free_port()),
+                    "-m",
+                    "sae_core",
+                    *train,
+                ]
             env = child_env(OMP_NUM_THREADS=str(max(cores // ranks, 1)))
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             run = json.loads((Path(tmp) / "b" / "run.json").read_text())
         peaks = [p["rss"] for p in run["peak_memory_mb_per_rank"]]
         rows.append((name, run["tokens"] / run["wall_time_s"], peaks))
-    print(f"distributed: embedded model, layers {args.layers}, {args.expansion}x, global batch {args.global_batch}")
+    print(
+        f"distributed: embedded model, layers {args.layers}, {args.expansion}x, global batch {args.global_batch}"
+    )
     print(f"{'mode':30} {'tokens/s':>9}  peak RSS per rank (MiB)")
     for name, rate, peaks in rows:
         print(f"{name:30} {rate:9,.0f}  {', '.join(f'{p:,.0f}' for p in peaks)}")
     if not args.no_record:
-        append_row("distributed", "; ".join(f"{n}: {r:,.0f} tok/s, peak RSS/rank {'/'.join(f'{p:,.0f}' for p in pk)} MiB"
-                                            for n, r, pk in rows)
-                   + f" [layers {args.layers}, {args.expansion}x, {args.tokens} tokens]")
+        append_row(
+            "distributed",
+            "; ".join(
+                f"{n}: {r:,.0f} tok/s, peak RSS/rank {'/'.join(f'{p:,.0f}' for p in pk)} MiB"
+                for n, r, pk in rows
+            )
+            + f" [layers {args.layers}, {args.expansion}x, {args.tokens} tokens]",
+        )
 
 
 if __name__ == "__main__":

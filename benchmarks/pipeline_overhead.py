@@ -52,21 +52,73 @@ def main() -> None:
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         config = tmp / "run.yaml"
         config.write_text(json.dumps({"resources": {"launcher": {"config": {"nproc_per_node": args.nproc}}}}))
-        env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_REGISTRY": str(registry),
-               "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1", "PYTHONPATH": child_env()["PYTHONPATH"]}
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "SAE_PIPELINE_REGISTRY": str(registry),
+            "SAE_PIPELINE_ROOT": str(root),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": child_env()["PYTHONPATH"],
+        }
         dagster = [sys.executable, "-m", "dagster"]
         timed([sys.executable, "-m", "sae_pipeline", "register"], env)
-        timed([*dagster, "job", "execute", "-m", "sae_pipeline.definitions", "-j", "tokenize_job",
-               "--tags", json.dumps({"dagster/partition": "bench"})], env)
+        timed(
+            [
+                *dagster,
+                "job",
+                "execute",
+                "-m",
+                "sae_pipeline.definitions",
+                "-j",
+                "tokenize_job",
+                "--tags",
+                json.dumps({"dagster/partition": "bench"}),
+            ],
+            env,
+        )
 
-        t_pipe = timed([*dagster, "asset", "materialize", "-m", "sae_pipeline.definitions", "--select",
-                        "sae_checkpoints", "--partition", "bench|1", "-c", str(config)], env)
+        t_pipe = timed(
+            [
+                *dagster,
+                "asset",
+                "materialize",
+                "-m",
+                "sae_pipeline.definitions",
+                "--select",
+                "sae_checkpoints",
+                "--partition",
+                "bench|1",
+                "-c",
+                str(config),
+            ],
+            env,
+        )
 
         flags = parse_entry(entry).train_args()
-        cli = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master-port", "29533", "-m", "sae_core", str(model), str(root / "tokenized" / "bench"),
-               "--ctx_len", str(entry["ctx_len"]), "--layer_stride", "1", "--shuffle_seed", "none", *flags,
-               "--save_dir", str(tmp / "cli"), "--run_name", "r"]
+        cli = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(args.nproc),
+            "--master-port",
+            "29533",
+            "-m",
+            "sae_core",
+            str(model),
+            str(root / "tokenized" / "bench"),
+            "--ctx_len",
+            str(entry["ctx_len"]),
+            "--layer_stride",
+            "1",
+            "--shuffle_seed",
+            "none",
+            *flags,
+            "--save_dir",
+            str(tmp / "cli"),
+            "--run_name",
+            "r",
+        ]
         t_cli = timed(cli, env)
         steps = json.loads((tmp / "cli" / "r" / "run.json").read_text())["steps"]
 
@@ -74,8 +126,11 @@ def main() -> None:
     print(f"pipeline_overhead: {steps} steps on {args.nproc} ranks, tiny model")
     print(f"dagster asset materialize {t_pipe:.1f} s, torchrun CLI {t_cli:.1f} s, overhead {overhead:.1f} s")
     if not args.no_record:
-        append_row("pipeline_overhead", f"pipeline {t_pipe:.1f} s vs CLI {t_cli:.1f} s: overhead {overhead:.1f} s "
-                   f"per run [tiny model, {steps} steps, {args.nproc} ranks]")
+        append_row(
+            "pipeline_overhead",
+            f"pipeline {t_pipe:.1f} s vs CLI {t_cli:.1f} s: overhead {overhead:.1f} s "
+            f"per run [tiny model, {steps} steps, {args.nproc} ranks]",
+        )
 
 
 if __name__ == "__main__":

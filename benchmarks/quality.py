@@ -30,14 +30,40 @@ HELD_OUT_CHUNKS = 64
 
 def train(budget: int, args: argparse.Namespace, save_dir: Path) -> tuple[Path, float]:
     """One training run through the CLI; returns its folder and wall time."""
-    cmd = [sys.executable, "-m", "sae_core", "smollm2-135m", "embedded", "--layers", *map(str, args.layers),
-           "--expansion_factor", str(args.expansion), "--k", str(args.k), "--ctx_len", str(CTX_LEN),
-           "--batch_size", str(args.batch_size), "--max_tokens", str(budget), "--seed", str(args.seed),
-           "--save_dir", str(save_dir), "--run_name", f"tokens{budget}", "--save_every", "1000000",
-           "--log_every", "1", *args.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sae_core",
+        "smollm2-135m",
+        "embedded",
+        "--layers",
+        *map(str, args.layers),
+        "--expansion_factor",
+        str(args.expansion),
+        "--k",
+        str(args.k),
+        "--ctx_len",
+        str(CTX_LEN),
+        "--batch_size",
+        str(args.batch_size),
+        "--max_tokens",
+        str(budget),
+        "--seed",
+        str(args.seed),
+        "--save_dir",
+        str(save_dir),
+        "--run_name",
+        f"tokens{budget}",
+        "--save_every",
+        "1000000",
+        "--log_every",
+        "1",
+        *args.extra,
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if proc.returncode != 0:
         sys.exit(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return save_dir / f"tokens{budget}", time.perf_counter() - t0
@@ -48,8 +74,10 @@ def score(run_dir: Path) -> dict[str, dict[str, float]]:
     from sae_core.evaluate import evaluate_run
 
     report = evaluate_run(None, str(run_dir), max_tokens=HELD_OUT_CHUNKS * CTX_LEN, ctx_len=CTX_LEN)
-    return {h: {"fvu": m["fvu"], "dead_pct": m["dead_pct_eval"], "delta_ce": m["delta_ce"], "kl": m["kl"]}
-            for h, m in report.hookpoints.items()}
+    return {
+        h: {"fvu": m["fvu"], "dead_pct": m["dead_pct_eval"], "delta_ce": m["delta_ce"], "kl": m["kl"]}
+        for h, m in report.hookpoints.items()
+    }
 
 
 def training_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -75,8 +103,13 @@ def plot(results: dict[int, dict], curves: dict[str, tuple[list[int], list[float
         color = f"C{i}"
         ax.plot(xs, ys, color=color, alpha=0.4, label=f"{hookpoint} training (longest run)")
         budgets = sorted(results)
-        ax.plot(budgets, [results[b]["metrics"][hookpoint]["fvu"] for b in budgets], "o-", color=color,
-                label=f"{hookpoint} held-out")
+        ax.plot(
+            budgets,
+            [results[b]["metrics"][hookpoint]["fvu"] for b in budgets],
+            "o-",
+            color=color,
+            label=f"{hookpoint} held-out",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
@@ -89,24 +122,31 @@ def plot(results: dict[int, dict], curves: dict[str, tuple[list[int], list[float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[60_000, 400_000], help="training tokens per run")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    ap.add_argument(
+        "--budgets", type=int, nargs="+", default=[60_000, 400_000], help="training tokens per run"
+    )
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 18])
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label", default="defaults", help="name of the recipe in the row and the plot")
-    ap.add_argument("--plot", type=Path, default=None, help="PNG path (default: benchmarks/quality_<label>.png)")
+    ap.add_argument(
+        "--plot", type=Path, default=None, help="PNG path (default: benchmarks/quality_<label>.png)"
+    )
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: further training flags, as they are")
     args = ap.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
     max_budget = 1770 * CTX_LEN - HELD_OUT_CHUNKS * CTX_LEN
     if max(args.budgets) > max_budget:
-        ap.error(f"the embedded corpus leaves {HELD_OUT_CHUNKS} held-out chunks only up to {max_budget:,} "
-                 f"training tokens; got --budgets {max(args.budgets):,}")
+        ap.error(
+            f"the embedded corpus leaves {HELD_OUT_CHUNKS} held-out chunks only up to {max_budget:,} "
+            f"training tokens; got --budgets {max(args.budgets):,}"
+        )
 
     results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,8 +156,11 @@ def main() -> None:
             results[budget] = {"metrics": score(run_dir), "seconds": seconds, "tokens": run["tokens"]}
             curves = training_curves(run_dir)
             for hookpoint, m in results[budget]["metrics"].items():
-                print(f"{budget:>8,} tokens  {hookpoint:<10} FVU {m['fvu']:.3f}  dead {m['dead_pct']:.2f}%  "
-                      f"dCE {m['delta_ce']:.3f}  KL {m['kl']:.3f}  ({seconds:.0f} s)", flush=True)
+                print(
+                    f"{budget:>8,} tokens  {hookpoint:<10} FVU {m['fvu']:.3f}  dead {m['dead_pct']:.2f}%  "
+                    f"dCE {m['delta_ce']:.3f}  KL {m['kl']:.3f}  ({seconds:.0f} s)",
+                    flush=True,
+                )
     path = args.plot or ROOT / "benchmarks" / f"quality_{args.label}.png"
     plot(results, curves, path, args.label)
     print(f"plot: {path}")
@@ -128,9 +171,12 @@ def main() -> None:
                 f"{h}: FVU {m['fvu']:.3f}, dead {m['dead_pct']:.2f}%, dCE {m['delta_ce']:.3f}, KL {m['kl']:.3f}"
                 for h, m in r["metrics"].items()
             )
-            append_row("quality", f"{args.label} ({recipe}): {r['tokens']:,} tokens -> {per_layer} "
-                       f"[expansion {args.expansion}, k {args.k}, batch {args.batch_size}x{CTX_LEN}, seed "
-                       f"{args.seed}, {HELD_OUT_CHUNKS} held-out chunks; {r['seconds']:.0f} s]")
+            append_row(
+                "quality",
+                f"{args.label} ({recipe}): {r['tokens']:,} tokens -> {per_layer} "
+                f"[expansion {args.expansion}, k {args.k}, batch {args.batch_size}x{CTX_LEN}, seed "
+                f"{args.seed}, {HELD_OUT_CHUNKS} held-out chunks; {r['seconds']:.0f} s]",
+            )
 
 
 if __name__ == "__main__":

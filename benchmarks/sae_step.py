@@ -59,10 +59,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--grad_w", choices=["csr", "index_add", "embedding_bag"], default=None,
-                    help="how the encoder weight gradient is computed (default: the kernel's choice for the device)")
+    ap.add_argument(
+        "--grad_w",
+        choices=["csr", "index_add", "embedding_bag"],
+        default=None,
+        help="how the encoder weight gradient is computed (default: the kernel's choice for the device)",
+    )
     ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    ap.add_argument("--profile", action="store_true", help="also print the top operators of one step per dtype")
+    ap.add_argument(
+        "--profile", action="store_true", help="also print the top operators of one step per dtype"
+    )
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = ap.parse_args()
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,9 +108,14 @@ def main() -> None:
     for r in rows:
         print(f"{r[0]:6} {r[1]:10,.0f} {r[2] * 1e3:10.4g} {r[3] * 1e3:9.4g} {r[4]:9.2f} {r[5]:8.0f}")
     if not args.no_record:
-        append_row("sae_step", "; ".join(
-            f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms)" for r in rows
-        ) + f" [N={n}, d={d}, M={m}, k={args.k}, {dev}, grad_w {grad_w}]")
+        append_row(
+            "sae_step",
+            "; ".join(
+                f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms)"
+                for r in rows
+            )
+            + f" [N={n}, d={d}, M={m}, k={args.k}, {dev}, grad_w {grad_w}]",
+        )
 
 
 if __name__ == "__main__":

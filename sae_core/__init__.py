@@ -15,4 +15,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sae_core' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "ForwardOutput", "Sae", "SaeConfig", "SaeCoreError", "SaeLoadError", "SaeTrainer", "TrainConfig", "__version__"]
+__all__ = [
+    "ConfigError",
+    "ForwardOutput",
+    "Sae",
+    "SaeConfig",
+    "SaeCoreError",
+    "SaeLoadError",
+    "SaeTrainer",
+    "TrainConfig",
+    "__version__",
+]

@@ -153,7 +153,9 @@ def _one_or_varies(values: list[Any]) -> str:
 
 def _summary_table(names, hookpoints, run, model, dataset) -> str:
     rows = [("Base model", f"`{model}`" if model else "—"), ("Dataset", f"`{dataset}`" if dataset else "—")]
-    shown = ", ".join(f"`{n}`" for n in names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
+    shown = ", ".join(f"`{n}`" for n in names[:12]) + (
+        f", … ({len(names)} in all)" if len(names) > 12 else ""
+    )
     rows.append(("Hookpoints", shown))
     rows.append(("Latents per SAE", _one_or_varies([num_latents(hookpoints[n]) for n in names])))
     rows.append(("k (active latents per token)", _one_or_varies([hookpoints[n].get("k") for n in names])))
@@ -185,8 +187,16 @@ def _saes_table(names, hookpoints) -> str:
     rows = []
     for name in names:
         cfg = hookpoints[name]
-        rows.append((f"`{name}`", cfg.get("d_in"), num_latents(cfg), cfg.get("k"),
-                     cfg.get("expansion_factor"), cfg.get("normalize_decoder")))
+        rows.append(
+            (
+                f"`{name}`",
+                cfg.get("d_in"),
+                num_latents(cfg),
+                cfg.get("k"),
+                cfg.get("expansion_factor"),
+                cfg.get("normalize_decoder"),
+            )
+        )
     header = ["hookpoint", "d_in", "latents", "k", "expansion factor", "normalized decoder"]
     return "## SAEs\n\n" + _table(header, rows)
 

@@ -36,7 +36,9 @@ class SaeConfig:
 
     def __post_init__(self) -> None:
         if self.num_latents < 0:
-            raise ConfigError(f"num_latents must be >= 0 (0 means expansion_factor * d_in), got {self.num_latents}")
+            raise ConfigError(
+                f"num_latents must be >= 0 (0 means expansion_factor * d_in), got {self.num_latents}"
+            )
         if self.num_latents == 0 and self.expansion_factor <= 0:
             raise ConfigError(f"expansion_factor must be a positive integer, got {self.expansion_factor}")
         if self.k <= 0:
@@ -141,7 +143,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sae, dict):
             self.sae = SaeConfig.from_dict(self.sae)
-        for name in ("batch_size", "grad_acc_steps", "micro_acc_steps", "layer_stride", "save_every", "log_every"):
+        for name in (
+            "batch_size",
+            "grad_acc_steps",
+            "micro_acc_steps",
+            "layer_stride",
+            "save_every",
+            "log_every",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):

@@ -119,7 +119,9 @@ def load_text_dataset(
                 "id, a folder written by Dataset.save_to_disk, a .txt/.jsonl/.parquet file or folder, or 'embedded'"
             ) from None
     if "input_ids" not in ds.column_names and text_column not in ds.column_names:
-        raise ConfigError(f"text column {text_column!r} not found in {name or 'embedded'}; columns: {ds.column_names}")
+        raise ConfigError(
+            f"text column {text_column!r} not found in {name or 'embedded'}; columns: {ds.column_names}"
+        )
     if shuffle_seed is not None:
         ds = ds.shuffle(seed=shuffle_seed)
     if max_examples is not None:
@@ -153,13 +155,20 @@ def prepare_dataset(
     if isinstance(data_args, str):
         data_args = parse_data_args(data_args)
     texts = load_text_dataset(
-        name, split=split, text_column=text_column, data_args=data_args, max_examples=max_examples,
-        shuffle_seed=shuffle_seed, token=token,
+        name,
+        split=split,
+        text_column=text_column,
+        data_args=data_args,
+        max_examples=max_examples,
+        shuffle_seed=shuffle_seed,
+        token=token,
     )
     if "input_ids" in texts.column_names:
         sequences = texts.with_format("torch", columns=["input_ids"])
     else:
-        sequences = chunk_and_tokenize(texts, tokenizer, text_key=text_column, max_seq_len=ctx_len, num_proc=num_proc)
+        sequences = chunk_and_tokenize(
+            texts, tokenizer, text_key=text_column, max_seq_len=ctx_len, num_proc=num_proc
+        )
     return PreparedDataset(sequences, len(texts), getattr(texts, "_fingerprint", None))
 
 
@@ -175,11 +184,15 @@ def parse_data_args(text: str) -> dict[str, str]:
 
 
 def _load_local(path: Path, split: str) -> Dataset:
-    if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")):
+    if path.is_dir() and any(
+        (path / f).exists() for f in ("state.json", "dataset_dict.json", "dataset_info.json")
+    ):
         try:
             ds = load_from_disk(str(path))
         except Exception as e:
-            raise DatasetLoadError(f"{path}: not a readable saved dataset (corrupt or partial?): {first_line(e)}") from None
+            raise DatasetLoadError(
+                f"{path}: not a readable saved dataset (corrupt or partial?): {first_line(e)}"
+            ) from None
         if isinstance(ds, DatasetDict):
             if split not in ds:
                 raise ConfigError(f"{path}: split {split!r} not found; it has splits {list(ds)}")

@@ -62,7 +62,9 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
-            raise ConfigError("device cuda requested but no GPU is available; use --device cpu (gloo backend)")
+            raise ConfigError(
+                "device cuda requested but no GPU is available; use --device cpu (gloo backend)"
+            )
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"rank with LOCAL_RANK {local_rank} has no GPU of its own: {torch.cuda.device_count()} visible; use "

@@ -52,7 +52,9 @@ def download_saes(
         _check_patterns(path, patterns, where=f"'{repo_or_path}'", available=lambda: list_hookpoints(path))
         return path
     if path.exists():
-        raise NotADirectoryError(f"'{repo_or_path}' is a file; expected a folder of hookpoint folders or a repo id")
+        raise NotADirectoryError(
+            f"'{repo_or_path}' is a file; expected a folder of hookpoint folders or a repo id"
+        )
     if _looks_like_path(repo_or_path):
         raise FileNotFoundError(f"no SAE folder at '{repo_or_path}'")
     check_repo_id(repo_or_path, alternative="an existing folder")
@@ -62,7 +64,9 @@ def download_saes(
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if patterns is None:
-        allow = [f"*/{name}" for name in HOOKPOINT_FILES]  # every hookpoint, but not the card, report or plots
+        allow = [
+            f"*/{name}" for name in HOOKPOINT_FILES
+        ]  # every hookpoint, but not the card, report or plots
     else:
         allow = sorted({f"{alias}/*" for pattern in patterns for alias in hookpoint_aliases(pattern)})
     target = HubTarget(repo_or_path, (endpoint or constants.ENDPOINT), known_tokens(token), revision)
@@ -70,8 +74,13 @@ def download_saes(
     try:
         folder = Path(
             snapshot_download(
-                repo_or_path, repo_type="model", revision=revision, allow_patterns=allow, endpoint=endpoint,
-                token=token, cache_dir=cache_dir,
+                repo_or_path,
+                repo_type="model",
+                revision=revision,
+                allow_patterns=allow,
+                endpoint=endpoint,
+                token=token,
+                cache_dir=cache_dir,
             )
         )
     except LocalEntryNotFoundError:  # includes an incomplete cached snapshot
@@ -79,8 +88,11 @@ def download_saes(
             f"'{repo_or_path}' (revision {revision or 'main'}"
             + (f", hookpoints {patterns})" if patterns else ")")
             + " is not in the local Hugging Face cache and "
-            + ("HF_HUB_OFFLINE=1 forbids downloading it: load it once online first" if offline
-               else f"the Hub at {target.endpoint} cannot be reached: check the network or HF_ENDPOINT")
+            + (
+                "HF_HUB_OFFLINE=1 forbids downloading it: load it once online first"
+                if offline
+                else f"the Hub at {target.endpoint} cannot be reached: check the network or HF_ENDPOINT"
+            )
         )
     except Exception as exc:  # translated below; anything we cannot explain is re-raised as is
         error = explain_client_error(exc, target) or exc
@@ -88,7 +100,9 @@ def download_saes(
             raise
     else:
         _check_patterns(
-            folder, patterns, where=f"Hub repo '{repo_or_path}' (revision {revision or 'main'})",
+            folder,
+            patterns,
+            where=f"Hub repo '{repo_or_path}' (revision {revision or 'main'})",
             available=lambda: _cached_hookpoints(repo_or_path, revision, cache_dir, folder),
         )
         return folder
@@ -103,7 +117,11 @@ def _check_patterns(
     missing = [p for p in wanted if not any(matches_hookpoint(h, p) for h in present)]
     if missing:
         names = available()
-        has = f"it has: {', '.join(names)}" if names else f"it has no hookpoint folders (<hookpoint>/{CFG_FILE})"
+        has = (
+            f"it has: {', '.join(names)}"
+            if names
+            else f"it has no hookpoint folders (<hookpoint>/{CFG_FILE})"
+        )
         raise FileNotFoundError(f"no hookpoint matching {', '.join(missing)} in {where}; {has}")
 
 
@@ -115,7 +133,9 @@ def _cached_hookpoints(repo_id: str, revision: str | None, cache_dir: Any, folde
     except ImportError:  # an older client: fall back to what is on disk
         return list_hookpoints(folder)
     try:
-        paths = [entry.path for entry in get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)]
+        paths = [
+            entry.path for entry in get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)
+        ]
     except (CachedRepoTreeNotFoundError, OSError, ValueError):
         return list_hookpoints(folder)
     names = {p.split("/")[0] for p in paths if p.count("/") == 1 and p.endswith(f"/{CFG_FILE}")}
@@ -191,12 +211,16 @@ def explain_client_error(error: BaseException, target: HubTarget) -> Exception |
                 "set HF_TOKEN or pass token= with a valid token"
             )
         if status == 403:
-            return HubError(f"the token may not write to '{repo}' (HTTP 403): use a write token for that namespace")
+            return HubError(
+                f"the token may not write to '{repo}' (HTTP 403): use a write token for that namespace"
+            )
         if status in (409, 412):
             return HubError(
                 f"'{repo}' changed on the Hub while publishing (HTTP {status}); nothing was committed, publish again"
             )
-        return ConnectionError(f"the Hub at {endpoint} answered HTTP {status} for '{repo}'" + (f": {said}" if said else ""))
+        return ConnectionError(
+            f"the Hub at {endpoint} answered HTTP {status} for '{repo}'" + (f": {said}" if said else "")
+        )
     if isinstance(error, RuntimeError) and error.__cause__ is not None:
         # The client wraps a failed LFS upload as RuntimeError("Error while uploading '<file>' ...") from <cause>.
         cause = explain_client_error(error.__cause__, target)
@@ -216,7 +240,12 @@ def _is_network_error(error: BaseException) -> bool:
     # The client's HTTP library changed across versions (requests, httpx, httpx2): recognise any of them.
     top_module = type(error).__module__.split(".")[0]
     return isinstance(error, (ConnectionError, TimeoutError)) or top_module in {
-        "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3",
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "requests",
+        "urllib3",
     }
 
 

@@ -95,7 +95,9 @@ def embedded_model_path() -> Path:
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.parent / f"{folder.name}.lock"):  # one process converts; the others wait, then reuse it
+    with FileLock(
+        folder.parent / f"{folder.name}.lock"
+    ):  # one process converts; the others wait, then reuse it
         if folder.is_dir():  # another process converted it while we waited for the lock
             return folder
         _remove_stale_conversions(folder)

@@ -36,8 +36,20 @@ from .splice import FINAL_NORMS, Splicer, block_means, check_saes
 from .utils import atomic_write_bytes, atomic_write_json
 
 __all__ = [
-    "DEFAULT_MAX_TOKENS", "FALLBACK_CTX_LEN", "FINAL_NORMS", "METRIC_KEYS", "PLOT_FILES", "EvalError", "EvalReport",
-    "build_parser", "check_saes", "density_histogram", "evaluate", "evaluate_run", "main", "training_dead_pct",
+    "DEFAULT_MAX_TOKENS",
+    "FALLBACK_CTX_LEN",
+    "FINAL_NORMS",
+    "METRIC_KEYS",
+    "PLOT_FILES",
+    "EvalError",
+    "EvalReport",
+    "build_parser",
+    "check_saes",
+    "density_histogram",
+    "evaluate",
+    "evaluate_run",
+    "main",
+    "training_dead_pct",
 ]
 
 # Enough for a stable FVU and ΔCE, in minutes rather than hours on a laptop CPU (SmolLM2-135M, 4 layers).
@@ -45,9 +57,24 @@ DEFAULT_MAX_TOKENS = 8192
 VARIANTS = ("sae", "zero", "mean")
 # Per-hookpoint keys of report.json, in order. The Hub model card and the pipeline read them by name.
 METRIC_KEYS = (
-    "fvu", "mse", "cosine", "rel_bias", "l0", "dead_pct_eval", "dead_pct_train",
-    "ce_clean", "ce_sae", "ce_zero", "ce_mean", "delta_ce", "loss_recovered_zero", "loss_recovered_mean",
-    "kl", "kl_zero", "kl_mean", "density_hist",
+    "fvu",
+    "mse",
+    "cosine",
+    "rel_bias",
+    "l0",
+    "dead_pct_eval",
+    "dead_pct_train",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero",
+    "ce_mean",
+    "delta_ce",
+    "loss_recovered_zero",
+    "loss_recovered_mean",
+    "kl",
+    "kl_zero",
+    "kl_mean",
+    "density_hist",
 )
 PLOT_FILES = ("fvu_l0_dead.png", "kl_dce.png", "density.png")
 
@@ -74,9 +101,13 @@ class EvalReport:
         if s.get("held_out"):
             intro += f" Held out: {s['held_out']}."
         columns = [
-            ("FVU", "fvu"), ("L0", "l0"), ("dead % (eval)", "dead_pct_eval"),
+            ("FVU", "fvu"),
+            ("L0", "l0"),
+            ("dead % (eval)", "dead_pct_eval"),
             ("dead % (train)", "dead_pct_train"),
-            ("ΔCE", "delta_ce"), ("KL", "kl"), ("loss recovered (zero)", "loss_recovered_zero"),
+            ("ΔCE", "delta_ce"),
+            ("KL", "kl"),
+            ("loss recovered (zero)", "loss_recovered_zero"),
             ("loss recovered (mean)", "loss_recovered_mean"),
         ]
         lines = [intro, "", "| hookpoint | " + " | ".join(t for t, _ in columns) + " |"]
@@ -257,11 +288,17 @@ def evaluate(
             bar.update()
     bar.close()
 
-    report = EvalReport(settings={
-        "tokens": n_tokens, "ce_positions": n_positions, "sequences": n_seq, "ctx_len": seq_len,
-        "exclude_tokens": exclude.tolist(), "include_special_tokens": exclude.numel() == 0,
-        "splice": splicer.mode,
-    })
+    report = EvalReport(
+        settings={
+            "tokens": n_tokens,
+            "ce_positions": n_positions,
+            "sequences": n_seq,
+            "ctx_len": seq_len,
+            "exclude_tokens": exclude.tolist(),
+            "include_special_tokens": exclude.numel() == 0,
+            "splice": splicer.mode,
+        }
+    )
     npos = n_positions or float("nan")  # no countable position: CE and KL are undefined (null)
     for h in saes:
         m = recon[h].metrics()
@@ -269,11 +306,15 @@ def evaluate(
         clean = ce_clean / npos
         m.update(
             dead_pct_train=_num(dead_pct_train[h]) if dead_pct_train and h in dead_pct_train else None,
-            ce_clean=_num(clean), ce_sae=_num(c["sae"]), ce_zero=_num(c["zero"]), ce_mean=_num(c["mean"]),
+            ce_clean=_num(clean),
+            ce_sae=_num(c["sae"]),
+            ce_zero=_num(c["zero"]),
+            ce_mean=_num(c["mean"]),
             delta_ce=_num(c["sae"] - clean),
             loss_recovered_zero=_recovered(c["zero"], c["sae"], clean),
             loss_recovered_mean=_recovered(c["mean"], c["sae"], clean),
-            kl=_num(kl[h]["sae"] / npos), kl_zero=_num(kl[h]["zero"] / npos),
+            kl=_num(kl[h]["sae"] / npos),
+            kl_zero=_num(kl[h]["zero"] / npos),
             kl_mean=_num(kl[h]["mean"] / npos),
         )
         report.hookpoints[h] = {k: m[k] for k in METRIC_KEYS}
@@ -354,15 +395,34 @@ def evaluate_run(
     tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
 
     data, settings = held_out_sequences(
-        run, tokenizer, dataset, split=split, offset=offset, ctx_len=ctx_len, text_column=text_column,
-        max_tokens=max_tokens, model_max=max_context(model), token=token,
+        run,
+        tokenizer,
+        dataset,
+        split=split,
+        offset=offset,
+        ctx_len=ctx_len,
+        text_column=text_column,
+        max_tokens=max_tokens,
+        model_max=max_context(model),
+        token=token,
     )
     exclude = [] if include_special_tokens else special_token_ids(tokenizer)
     dead_train = training_dead_pct(local) if local.is_dir() else {}
-    report = evaluate(model, saes, data, exclude_tokens=exclude, batch_size=batch_size, splice=splice,
-                      dead_pct_train=dead_train, progress=progress)
+    report = evaluate(
+        model,
+        saes,
+        data,
+        exclude_tokens=exclude,
+        batch_size=batch_size,
+        splice=splice,
+        dead_pct_train=dead_train,
+        progress=progress,
+    )
     report.settings = {
-        "model": model_name, **settings, **report.settings, "include_special_tokens": include_special_tokens,
+        "model": model_name,
+        **settings,
+        **report.settings,
+        "include_special_tokens": include_special_tokens,
         "sae_path": str(sae_path_or_repo),
     }
     if out_dir is not None:
@@ -381,33 +441,54 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m sae_core.evaluate", allow_abbrev=False,
+        prog="python -m sae_core.evaluate",
+        allow_abbrev=False,
         description="Evaluate SAEs on held-out tokens: FVU, L0, dead latents, and the LM's cross-entropy "
         "and KL with each SAE spliced in. Writes report.json, report.md and PNG plots.",
     )
-    p.add_argument("model", help="Hub id or local folder of the LM; 'smollm2-135m' or 'embedded' for the "
-                   "embedded one")
-    p.add_argument("sae", metavar="sae_path_or_repo",
-                   help="run folder, folder of hookpoint folders, or Hub repo")
-    p.add_argument("dataset", nargs="?", default=None,
-                   help="dataset (default: the run's training dataset, else the embedded corpus)")
-    p.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help="evaluation tokens (default: %(default)s)")
+    p.add_argument(
+        "model", help="Hub id or local folder of the LM; 'smollm2-135m' or 'embedded' for the embedded one"
+    )
+    p.add_argument(
+        "sae", metavar="sae_path_or_repo", help="run folder, folder of hookpoint folders, or Hub repo"
+    )
+    p.add_argument(
+        "dataset",
+        nargs="?",
+        default=None,
+        help="dataset (default: the run's training dataset, else the embedded corpus)",
+    )
+    p.add_argument(
+        "--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="evaluation tokens (default: %(default)s)"
+    )
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward (default: %(default)s)")
     p.add_argument("--ctx_len", type=int, default=None, help="tokens per sequence (default: the run's)")
     p.add_argument("--split", default=None, help="dataset split (default: the run's)")
-    p.add_argument("--offset", type=int, default=None,
-                   help="first sequence to evaluate (default: right after the training sequences)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: SAE_PATH/eval; ./eval for a Hub repo)")
-    p.add_argument("--include_special_tokens", action="store_true",
-                   help="count BOS and pad tokens in every metric (default: excluded)")
+    p.add_argument(
+        "--offset",
+        type=int,
+        default=None,
+        help="first sequence to evaluate (default: right after the training sequences)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: SAE_PATH/eval; ./eval for a Hub repo)"
+    )
+    p.add_argument(
+        "--include_special_tokens",
+        action="store_true",
+        help="count BOS and pad tokens in every metric (default: excluded)",
+    )
     p.add_argument("--hookpoints", default=None, help="glob of the hookpoints to evaluate, e.g. 'layers.1*'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32",
-                   help="LM dtype: float32, bfloat16, float16 (default: %(default)s)")
-    p.add_argument("--splice", choices=("auto", "suffix", "full"), default="auto",
-                   help="spliced variants run from the block on (suffix; auto = when verified) or in full")
+    p.add_argument(
+        "--dtype", default="float32", help="LM dtype: float32, bfloat16, float16 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--splice",
+        choices=("auto", "suffix", "full"),
+        default="auto",
+        help="spliced variants run from the block on (suffix; auto = when verified) or in full",
+    )
     return p
 
 
@@ -417,10 +498,20 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else (local / "eval" if local.is_dir() else Path("eval"))
     try:
         report = evaluate_run(
-            args.model, args.sae, args.dataset, max_tokens=args.max_tokens, ctx_len=args.ctx_len,
-            split=args.split, offset=args.offset, out_dir=out,
-            include_special_tokens=args.include_special_tokens, batch_size=args.batch_size,
-            hookpoints=args.hookpoints, device=args.device, dtype=args.dtype, splice=args.splice,
+            args.model,
+            args.sae,
+            args.dataset,
+            max_tokens=args.max_tokens,
+            ctx_len=args.ctx_len,
+            split=args.split,
+            offset=args.offset,
+            out_dir=out,
+            include_special_tokens=args.include_special_tokens,
+            batch_size=args.batch_size,
+            hookpoints=args.hookpoints,
+            device=args.device,
+            dtype=args.dtype,
+            splice=args.splice,
             progress=True,
         )
     except (SaeCoreError, OSError) as e:  # bad input or no such file; anything else is a bug: traceback

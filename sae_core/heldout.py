@@ -66,10 +66,13 @@ def held_out_sequences(
     # The training data is loaded as in training, so that its token stream is the same one.
     text_column = text_column or (cfg.get("text_column", "text") if same_data else "text")
     ds = load_text_dataset(
-        None if name == "embedded" else name, split=split, text_column=text_column,
+        None if name == "embedded" else name,
+        split=split,
+        text_column=text_column,
         data_args=parse_data_args(cfg.get("data_args", "")) if same_data else None,
         max_examples=cfg.get("max_examples") if same_data else None,
-        shuffle_seed=cfg.get("shuffle_seed", 42) if same_data else 42, token=token,
+        shuffle_seed=cfg.get("shuffle_seed", 42) if same_data else 42,
+        token=token,
     )
     train_len = run.get("seq_len") or cfg.get("ctx_len")
     if "input_ids" in ds.column_names:  # already tokenized: its sequence length is fixed
@@ -89,8 +92,10 @@ def held_out_sequences(
         bos = 1 if tokenizer.bos_token_id is not None else 0
         used = run["train_sequences"] * ((train_len or seq_len) - bos)
         start = math.ceil(used / max(seq_len - bos, 1))
-        held_out = (f"sequences after the {run['train_sequences']} training sequences of the same dataset "
-                    f"and split (from sequence {start})")
+        held_out = (
+            f"sequences after the {run['train_sequences']} training sequences of the same dataset "
+            f"and split (from sequence {start})"
+        )
     elif same_data and split != train_split:
         start, held_out = 0, f"split {split!r}; training used split {train_split!r}"
     elif same_data:

@@ -81,8 +81,14 @@ class _Bundle:
 
     def card(self, repo_id: str | None, license: str, secrets: list[str]) -> bytes:
         return render_model_card(
-            repo_id=repo_id, hookpoints=self.hookpoints, run=self.run, report=self.report,
-            report_md=self.report_md, plots=self.plots, license=license, secrets=secrets,
+            repo_id=repo_id,
+            hookpoints=self.hookpoints,
+            run=self.run,
+            report=self.report,
+            report_md=self.report_md,
+            plots=self.plots,
+            license=license,
+            secrets=secrets,
         ).encode()
 
 
@@ -108,7 +114,9 @@ def _gather(run_dir: Path, eval_dir: Path | None) -> _Bundle:
     for name in names:
         for filename in HOOKPOINT_FILES:
             if not (run_dir / name / filename).is_file():  # a half-written checkpoint must not be published
-                raise FileNotFoundError(f"'{run_dir / name}' has no {filename}: is training still writing it?")
+                raise FileNotFoundError(
+                    f"'{run_dir / name}' has no {filename}: is training still writing it?"
+                )
             bundle.files[f"{name}/{filename}"] = run_dir / name / filename
         bundle.hookpoints[name] = _read_json(run_dir / name / CFG_FILE)
     if (run_dir / "run.json").is_file():
@@ -137,7 +145,9 @@ def _refuse_files_holding(files: dict[str, Path], secrets: list[str]) -> None:
             continue
         with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             if any(data.find(needle) != -1 for needle in needles):
-                raise HubError(f"refusing to publish: {source} contains the Hugging Face token; remove it first")
+                raise HubError(
+                    f"refusing to publish: {source} contains the Hugging Face token; remove it first"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,8 +201,14 @@ def publish(
 
 
 def _publish_to_hub(
-    bundle: _Bundle, repo_id: str, token: str, endpoint: str | None, private: bool, commit_message: str,
-    license: str, secrets: list[str],
+    bundle: _Bundle,
+    repo_id: str,
+    token: str,
+    endpoint: str | None,
+    private: bool,
+    commit_message: str,
+    license: str,
+    secrets: list[str],
 ) -> PublishResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi  # lazy, as in publish()
 
@@ -215,16 +231,21 @@ def _publish_to_hub(
         ),
         target,
     )
-    result = PublishResult(repo_id, None, commit.oid, commit.commit_url, created_commit=commit.oid != head.sha)
+    result = PublishResult(
+        repo_id, None, commit.oid, commit.commit_url, created_commit=commit.oid != head.sha
+    )
     logger.info(result.describe())
     return result
 
 
 def _stale_files(remote_files: list[str], keep: set[str]) -> list[str]:
     """Remote files that an earlier publish wrote and this one would not: old hookpoints, plots, the report."""
-    hookpoint_dirs = {path.split("/")[0] for path in remote_files if path.count("/") == 1 and path.endswith(f"/{CFG_FILE}")}
+    hookpoint_dirs = {
+        path.split("/")[0] for path in remote_files if path.count("/") == 1 and path.endswith(f"/{CFG_FILE}")
+    }
     managed = [
-        path for path in remote_files
+        path
+        for path in remote_files
         if path.startswith(EVAL_PREFIX) or ("/" in path and path.split("/")[0] in hookpoint_dirs)
     ]
     return sorted(path for path in managed if path not in keep)
@@ -333,11 +354,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         result = publish(
-            args.run_dir, args.repo_id, endpoint=args.endpoint, private=args.private,
-            commit_message=args.commit_message, eval_dir=args.eval_dir, local_dir=args.local_dir,
+            args.run_dir,
+            args.repo_id,
+            endpoint=args.endpoint,
+            private=args.private,
+            commit_message=args.commit_message,
+            eval_dir=args.eval_dir,
+            local_dir=args.local_dir,
             license=args.license,
         )
-    except (SaeCoreError, OSError) as error:  # bad input, refusals, an unreachable Hub: one line; bugs keep theirs
+    except (
+        SaeCoreError,
+        OSError,
+    ) as error:  # bad input, refusals, an unreachable Hub: one line; bugs keep theirs
         _fail(str(error))
     print(result.describe())
 

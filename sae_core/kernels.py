@@ -48,8 +48,9 @@ def _csr_rows_times_dense(rows: Tensor, vals: Tensor, dense: Tensor, num_rows: i
     torch.cumsum(counts, 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        s = torch.sparse_csr_tensor(crow, order // k, vals.reshape(-1)[order], size=(num_rows, n),
-                                    check_invariants=False)
+        s = torch.sparse_csr_tensor(
+            crow, order // k, vals.reshape(-1)[order], size=(num_rows, n), check_invariants=False
+        )
         return s @ dense
 
 
@@ -109,7 +110,9 @@ class _TopKEncode(torch.autograd.Function):
             torch.topk(block, k, dim=1, sorted=False, out=(acts[start:stop], idx[start:stop]))
             if use_aux:
                 candidates = block.index_select(1, dead_idx)
-                _, pos = torch.topk(candidates, k_aux, dim=1, sorted=False, out=(aux_acts[start:stop], aux_idx[start:stop]))
+                _, pos = torch.topk(
+                    candidates, k_aux, dim=1, sorted=False, out=(aux_acts[start:stop], aux_idx[start:stop])
+                )
                 aux_idx[start:stop] = dead_idx[pos]
         del pre
         acts.relu_()

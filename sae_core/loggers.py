@@ -79,8 +79,15 @@ def tensorboard_logger(folder: Path) -> list[Logger]:
 class Progress:
     """The progress bar (FVU and tokens/s) and the metrics records of one `fit`, on the main rank."""
 
-    def __init__(self, loggers: list[Logger], cfg: TrainConfig, total_steps: int, step: int, tokens: int,
-                 show_bar: bool) -> None:
+    def __init__(
+        self,
+        loggers: list[Logger],
+        cfg: TrainConfig,
+        total_steps: int,
+        step: int,
+        tokens: int,
+        show_bar: bool,
+    ) -> None:
         self.loggers, self.log_every, self.total_steps = loggers, cfg.log_every, total_steps
         self.bar = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not show_bar)
         self.started, self.tokens_at_start = time.perf_counter(), tokens

@@ -79,7 +79,13 @@ def module_device(module: Any, default: torch.device | str = "cpu") -> torch.dev
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
-    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    aliases = {
+        "fp32": "float32",
+        "fp16": "float16",
+        "bf16": "bfloat16",
+        "half": "float16",
+        "float": "float32",
+    }
     dt = getattr(torch, aliases.get(name, name), None)
     if not isinstance(dt, torch.dtype):
         raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
@@ -167,16 +173,18 @@ def layer_index(hookpoint: str) -> int:
     """The block index of a hookpoint ('layers.10' or 'layer_10' -> 10); a ConfigError for any other name."""
     index = hookpoint_layer(hookpoint)
     if index is None:
-        raise ConfigError(f"hookpoint {hookpoint!r} does not name a block: expected layers.<i> (or layer_<i>)")
+        raise ConfigError(
+            f"hookpoint {hookpoint!r} does not name a block: expected layers.<i> (or layer_<i>)"
+        )
     return index
 
 
 def hookpoint_aliases(pattern: str) -> list[str]:
     """A hookpoint name or glob and its other spelling: 'layers.3' <-> 'layer_3', 'layers.*' <-> 'layer_*'."""
     if pattern.startswith("layers."):
-        return [pattern, "layer_" + pattern[len("layers."):]]
+        return [pattern, "layer_" + pattern[len("layers.") :]]
     if pattern.startswith("layer_"):
-        return [pattern, "layers." + pattern[len("layer_"):]]
+        return [pattern, "layers." + pattern[len("layer_") :]]
     return [pattern]
 
 

@@ -83,7 +83,9 @@ def build_parser(defaults: RunConfig | None = None) -> simple_parsing.ArgumentPa
         "With no MODEL, trains on the embedded SmolLM2-135M and Python-docs corpus (a short demo run). "
         "Optional values also accept 'none'.",
     )
-    parser.add_argument("model_pos", nargs="?", metavar="MODEL", help="Hub id or local folder of a causal LM.")
+    parser.add_argument(
+        "model_pos", nargs="?", metavar="MODEL", help="Hub id or local folder of a causal LM."
+    )
     parser.add_argument("dataset_pos", nargs="?", metavar="DATASET", help="Hub id, local data file/folder.")
     parser.add_arguments(RunConfig, dest=_CFG, default=defaults)
     return parser
@@ -133,30 +135,51 @@ def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[
             barrier(ctx)  # let local rank 0 convert/download first
         # The model first: an unknown name fails there with the clearest message, after one round of retries.
         model = load_model(
-            model_path, dtype=cfg.dtype, device=ctx.device, attn_implementation=cfg.attn_implementation,
-            load_in_8bit=cfg.load_in_8bit, revision=cfg.revision, token=token,
+            model_path,
+            dtype=cfg.dtype,
+            device=ctx.device,
+            attn_implementation=cfg.attn_implementation,
+            load_in_8bit=cfg.load_in_8bit,
+            revision=cfg.revision,
+            token=token,
             trust_remote_code=cfg.trust_remote_code,
         )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.revision, token=token,
-                                                      trust_remote_code=cfg.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
+            )
         except OSError as e:
             raise ModelLoadError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}") from None
         limit = max_context(model)
         if limit is not None and cfg.ctx_len > limit:
             raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's maximum context of {limit} tokens")
         data = prepare_dataset(
-            cfg.dataset, tokenizer, ctx_len=cfg.ctx_len, split=cfg.split, text_column=cfg.text_column,
-            data_args=cfg.data_args, max_examples=cfg.max_examples, shuffle_seed=cfg.shuffle_seed,
-            num_proc=cfg.data_preprocessing_num_proc, token=token,
+            cfg.dataset,
+            tokenizer,
+            ctx_len=cfg.ctx_len,
+            split=cfg.split,
+            text_column=cfg.text_column,
+            data_args=cfg.data_args,
+            max_examples=cfg.max_examples,
+            shuffle_seed=cfg.shuffle_seed,
+            num_proc=cfg.data_preprocessing_num_proc,
+            token=token,
         ).sequences
         if ctx.enabled and ctx.local_rank == 0:
             barrier(ctx)
         release_free_memory()
         cfg.run_name = cfg.run_name or _default_run_name(model_name)
         run_info = {"model": model_name, "dataset": cfg.dataset or "embedded", "config": cfg.to_dict()}
-        trainer = SaeTrainer(cfg, data, model, tokenizer=tokenizer, dist_ctx=ctx, resume=cfg.resume,
-                             run_info=run_info, loggers=loggers)
+        trainer = SaeTrainer(
+            cfg,
+            data,
+            model,
+            tokenizer=tokenizer,
+            dist_ctx=ctx,
+            resume=cfg.resume,
+            run_info=run_info,
+            loggers=loggers,
+        )
         if ctx.is_main:
             print(
                 f"training {len(trainer.hookpoints)} SAEs ({', '.join(trainer.hookpoints)}) on {model_name}: "

@@ -98,7 +98,13 @@ class Sae(nn.Module):
         x = x.reshape(-1, self.d_in).to(self.dtype)
         dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
         return topk_encode(
-            x - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, dead_idx, self.k_aux, compute_dtype
+            x - self.b_dec,
+            self.encoder.weight,
+            self.encoder.bias,
+            self.cfg.k,
+            dead_idx,
+            self.k_aux,
+            compute_dtype,
         )
 
     def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
@@ -196,7 +202,9 @@ class Sae(nn.Module):
         path = Path(path)
         cfg_path, sae_path = path / CFG_FILE, path / SAE_FILE
         if not path.is_dir():
-            raise SaeLoadError(f"{path}: no such SAE folder (expected a folder with {CFG_FILE} and {SAE_FILE})")
+            raise SaeLoadError(
+                f"{path}: no such SAE folder (expected a folder with {CFG_FILE} and {SAE_FILE})"
+            )
         cfg_dict = read_cfg(cfg_path)
         try:
             cfg = SaeConfig.from_dict(cfg_dict)
@@ -210,7 +218,9 @@ class Sae(nn.Module):
         try:
             tensors = load_file(str(sae_path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise SaeLoadError(f"{sae_path}: not a valid safetensors file (corrupt or truncated?): {first_line(e)}") from None
+            raise SaeLoadError(
+                f"{sae_path}: not a valid safetensors file (corrupt or truncated?): {first_line(e)}"
+            ) from None
 
         m = cfg.latents_for(d_in)
         expected = {"encoder.weight": (m, d_in), "encoder.bias": (m,), "b_dec": (d_in,)}
@@ -225,7 +235,9 @@ class Sae(nn.Module):
                     f"(d_in={d_in}, {m} latents) implies {shape}"
                 )
         stored = tensors["encoder.weight"].dtype
-        sae = cls(d_in, cfg, device="meta", dtype=stored, decoder=decoder, hookpoint=cfg_dict.get("hookpoint"))
+        sae = cls(
+            d_in, cfg, device="meta", dtype=stored, decoder=decoder, hookpoint=cfg_dict.get("hookpoint")
+        )
         sae.load_state_dict({k: v for k, v in tensors.items() if k in expected}, assign=True)
         sae = sae.to(device=device, dtype=dtype or stored)
         return sae
@@ -249,13 +261,17 @@ class Sae(nn.Module):
         `layer=10` finds `layers.10` or, in EleutherAI's older repos, `layer_10`.
         """
         if (layer is None) == (hookpoint is None):
-            raise ConfigError("give exactly one of layer=<int> or hookpoint=<name>, e.g. layer=10 or hookpoint='layers.10'")
+            raise ConfigError(
+                "give exactly one of layer=<int> or hookpoint=<name>, e.g. layer=10 or hookpoint='layers.10'"
+            )
         candidates = hookpoint_aliases(f"layers.{layer}") if layer is not None else [hookpoint]
         root = download_saes(name, candidates, revision=revision, endpoint=endpoint, token=token)
         for c in candidates:
             if (root / c).is_dir():
                 return cls.load_from_disk(root / c, device=device, dtype=dtype, decoder=decoder)
-        raise SaeLoadError(f"{name}: no SAE folder named {' or '.join(candidates)} (found {list_hookpoints(root)})")
+        raise SaeLoadError(
+            f"{name}: no SAE folder named {' or '.join(candidates)} (found {list_hookpoints(root)})"
+        )
 
     @classmethod
     def load_many_from_hub(

@@ -171,7 +171,11 @@ class Splicer:
 
 
 def block_means(
-    splicer: Splicer, layer_of: Mapping[str, int], batches: Iterable[Tensor], exclude: Tensor, bar: Any,
+    splicer: Splicer,
+    layer_of: Mapping[str, int],
+    batches: Iterable[Tensor],
+    exclude: Tensor,
+    bar: Any,
 ) -> tuple[dict[str, Tensor], int]:
     """({hookpoint: mean block output over the non-excluded tokens}, float64 on the CPU; their number).
 

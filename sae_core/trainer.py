@@ -59,8 +59,17 @@ from .version import __version__
 
 # Fields that may change between a run and its resume without changing what is computed.
 RESUME_MUTABLE = {
-    "save_every", "log_every", "log_to_wandb", "log_to_tensorboard", "save_dir", "run_name", "resume",
-    "device", "backend", "data_preprocessing_num_proc", "profile",
+    "save_every",
+    "log_every",
+    "log_to_wandb",
+    "log_to_tensorboard",
+    "save_dir",
+    "run_name",
+    "resume",
+    "device",
+    "backend",
+    "data_preprocessing_num_proc",
+    "profile",
 }
 
 
@@ -241,8 +250,9 @@ class SaeTrainer:
                     variance[hookpoint].add(x)
                     dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
                     for chunk in x.chunk(cfg.micro_acc_steps):
-                        out = self.saes[hookpoint](chunk, dead_mask, total_variance=1.0,
-                                                   compute_dtype=self.compute_dtype)
+                        out = self.saes[hookpoint](
+                            chunk, dead_mask, total_variance=1.0, compute_dtype=self.compute_dtype
+                        )
                         (out.fvu + cfg.auxk_alpha * out.auxk_loss).backward()
                         fired[hookpoint][out.latent_indices[out.latent_acts > 0].cpu()] = True
                         sse[hookpoint] += out.fvu.item()
@@ -447,7 +457,10 @@ class SaeTrainer:
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         """The state was written by this rank layout and config, and holds every SAE this rank trains."""
-        if state["world_size"] != self.ctx.world_size or state["distribute_layers"] != self.distributed_layers:
+        if (
+            state["world_size"] != self.ctx.world_size
+            or state["distribute_layers"] != self.distributed_layers
+        ):
             raise ConfigError(
                 f"{path}: the run was saved with world size {state['world_size']} "
                 f"(distribute_layers={state['distribute_layers']}); resume it with the same number of ranks "
@@ -458,7 +471,9 @@ class SaeTrainer:
         diff = sorted(k for k in set(saved_cfg) | set(now) if saved_cfg.get(k) != now.get(k))
         if diff:
             detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
-            raise ConfigError(f"--resume with a config that differs from the checkpoint's ({detail}); use the original values")
+            raise ConfigError(
+                f"--resume with a config that differs from the checkpoint's ({detail}); use the original values"
+            )
         saved = set(state["saes"]) & set(state.get("optimizers", {}))
         missing = set(self.local_hookpoints) - saved
         if missing:
@@ -508,10 +523,14 @@ def _dataset_shape(dataset: Any) -> tuple[int, int]:
     """(tokens per sequence, sequences) of a [sequences, tokens] tensor or a dataset with 'input_ids'."""
     if isinstance(dataset, Tensor):
         if dataset.ndim != 2:
-            raise ConfigError(f"a tensor dataset must be [sequences, tokens], got shape {tuple(dataset.shape)}")
+            raise ConfigError(
+                f"a tensor dataset must be [sequences, tokens], got shape {tuple(dataset.shape)}"
+            )
         return dataset.shape[1], dataset.shape[0]
     if "input_ids" not in getattr(dataset, "column_names", []):
-        raise ConfigError("the dataset needs an 'input_ids' column: tokenize it with sae_core.data.chunk_and_tokenize")
+        raise ConfigError(
+            "the dataset needs an 'input_ids' column: tokenize it with sae_core.data.chunk_and_tokenize"
+        )
     if len(dataset) == 0:
         raise ConfigError("the dataset is empty")
     return len(dataset[0]["input_ids"]), len(dataset)

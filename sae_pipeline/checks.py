@@ -39,7 +39,9 @@ QUALITY_CHECKS = (
 def quality_check_specs(asset: dg.AssetKey = EVALUATION_ASSET) -> list[dg.AssetCheckSpec]:
     return [
         dg.AssetCheckSpec(
-            check.name, asset=asset, blocking=True,
+            check.name,
+            asset=asset,
+            blocking=True,
             description=f"The worst hookpoint's {check.label} is at most the registry's "
             f"thresholds.{check.threshold}.",
         )
@@ -57,7 +59,8 @@ def quality_check_results(report: Mapping[str, Any], thresholds: Thresholds) -> 
         missing = sorted(h for h, v in values.items() if v is None)
         known = {h: float(v) for h, v in values.items() if v is not None}
         metadata: dict[str, Any] = {
-            "threshold": limit if limit is not None else "none", "per_hookpoint": known
+            "threshold": limit if limit is not None else "none",
+            "per_hookpoint": known,
         }
         if limit is None:
             passed, why = True, "no threshold set in the registry"
@@ -70,8 +73,12 @@ def quality_check_results(report: Mapping[str, Any], thresholds: Thresholds) -> 
             why = f"{check.label} of {worst} is {known[worst]:.4g} ({'<=' if passed else '>'} {limit:g})"
         results.append(
             dg.AssetCheckResult(
-                check_name=check.name, asset_key=EVALUATION_ASSET, passed=passed, description=why,
-                severity=dg.AssetCheckSeverity.ERROR, metadata=metadata,
+                check_name=check.name,
+                asset_key=EVALUATION_ASSET,
+                passed=passed,
+                description=why,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata=metadata,
             )
         )
     return results

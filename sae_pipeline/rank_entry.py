@@ -170,6 +170,5 @@ def _record_failure(rank: int, error: BaseException) -> None:
         Path(folder, f"rank{rank}.txt").write_text(text)
 
 
-
 if __name__ == "__main__":
     main()

@@ -158,7 +158,9 @@ class ModelEntry(_Strict):
     split: Text = "train"
     text_column: Text = "text"
     data_args: Annotated[dict[Any, Any], Field(strict=True), _must_be("a dict")] = {}
-    max_examples: Annotated[Annotated[int, Field(strict=True, ge=1)] | None, _must_be("an integer >= 1")] = None
+    max_examples: Annotated[Annotated[int, Field(strict=True, ge=1)] | None, _must_be("an integer >= 1")] = (
+        None
+    )
     shuffle_seed: Annotated[int | None, Field(strict=True), _must_be("a int")] = 42
     ctx_len: Annotated[int, Field(strict=True, ge=2), _must_be("an integer >= 2")] = 256
     strides: Annotated[tuple[StrideCount, ...] | None, BeforeValidator(_a_list)] = None
@@ -214,9 +216,14 @@ class ModelEntry(_Strict):
     def tokenization_settings(self) -> dict[str, Any]:
         """What decides the tokenized dataset: when it changes, the model needs tokenizing again."""
         return {
-            "model": self.model, "dataset": self.dataset, "split": self.split,
-            "text_column": self.text_column, "data_args": dict(self.data_args),
-            "max_examples": self.max_examples, "shuffle_seed": self.shuffle_seed, "ctx_len": self.ctx_len,
+            "model": self.model,
+            "dataset": self.dataset,
+            "split": self.split,
+            "text_column": self.text_column,
+            "data_args": dict(self.data_args),
+            "max_examples": self.max_examples,
+            "shuffle_seed": self.shuffle_seed,
+            "ctx_len": self.ctx_len,
         }
 
 
@@ -345,7 +352,11 @@ def parse_entry(item: Any, where: str = "registry entry") -> ModelEntry:
 def _where_with_name(item: dict[str, Any], where: str) -> str:
     """`where` with the entry's name, when it has a valid one."""
     try:
-        name = check_model_key(item["name"]) if "name" in item else model_key_for(_required_model(item.get("model")))
+        name = (
+            check_model_key(item["name"])
+            if "name" in item
+            else model_key_for(_required_model(item.get("model")))
+        )
     except (PartitionKeyError, PydanticCustomError, KeyError):
         return where
     return f"{where} ({name!r})"

@@ -139,8 +139,14 @@ class TorchrunLauncher(dg.ConfigurableResource):
         cmd = [self.python_executable, "-m", "torch.distributed.run"]  # torchrun, with this Python
         cmd += ["--nproc-per-node", str(self.nproc_per_node)]
         if self.nnodes > 1 or self.rdzv_endpoint:
-            cmd += ["--nnodes", str(self.nnodes), "--rdzv-backend", self.rdzv_backend,
-                    "--rdzv-id", self.rdzv_id or run_id]
+            cmd += [
+                "--nnodes",
+                str(self.nnodes),
+                "--rdzv-backend",
+                self.rdzv_backend,
+                "--rdzv-id",
+                self.rdzv_id or run_id,
+            ]
             if self.rdzv_endpoint:
                 cmd += ["--rdzv-endpoint", self.rdzv_endpoint]
             if self.node_rank is not None:

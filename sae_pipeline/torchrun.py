@@ -41,7 +41,6 @@ _STDERR_TAIL_LINES = 40
 _PARENT_POLL_S = 1.0
 
 
-
 def run_torchrun(
     context: dg.AssetExecutionContext,
     command: Sequence[str],
@@ -57,6 +56,7 @@ def run_torchrun(
 
     Raises dg.Failure naming the failing rank and quoting its traceback when torchrun exits non-zero.
     """
+
     def die_with_step(parent: int) -> None:
         """In the child, before exec: SIGTERM when the step process dies; exit at once if it already has."""
         if not die_with_parent(parent):
@@ -71,13 +71,20 @@ def run_torchrun(
             extras=dict(extras or {}),
         ) as session:
             full_env = {
-                **os.environ, **env, **session.get_bootstrap_env_vars(), RANK_ERRORS_ENV: str(error_dir),
+                **os.environ,
+                **env,
+                **session.get_bootstrap_env_vars(),
+                RANK_ERRORS_ENV: str(error_dir),
             }
             context.log.info(f"launching {shlex.join(command)}")
             parent = os.getpid()
             process = subprocess.Popen(
-                list(command), env=full_env, cwd=cwd, stderr=subprocess.PIPE,
-                start_new_session=True, preexec_fn=lambda: die_with_step(parent),
+                list(command),
+                env=full_env,
+                cwd=cwd,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=lambda: die_with_step(parent),
             )
             stderr_tail = _StderrTail(process.stderr)
             try:
@@ -115,8 +122,9 @@ def _parent_is_a_dagster_worker() -> bool:
     return "multiprocessing" in cmdline or "dagster" in cmdline
 
 
-def _wait_while_parent_lives(process: subprocess.Popen, parent: int, enforce: bool = True,
-                             poll_s: float = _PARENT_POLL_S) -> int:
+def _wait_while_parent_lives(
+    process: subprocess.Popen, parent: int, enforce: bool = True, poll_s: float = _PARENT_POLL_S
+) -> int:
     """Wait for `process` to end; with `enforce`, raise StepOrphanedError as soon as our parent `parent` is gone."""
     while True:
         try:

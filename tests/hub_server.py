@@ -51,7 +51,18 @@ import yaml
 
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
-    for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.npy", "*.npz", "*.zip", "*.gz")
+    for pattern in (
+        "*.safetensors",
+        "*.bin",
+        "*.pt",
+        "*.pth",
+        "*.ckpt",
+        "*.h5",
+        "*.npy",
+        "*.npz",
+        "*.zip",
+        "*.gz",
+    )
 )
 LFS_MIN_SIZE = 10 * 2**20  # the Hub stores files above 10 MB with LFS whatever their type
 REPO = r"(?P<repo>[^/]+/[^/]+)"
@@ -60,8 +71,14 @@ REPO = r"(?P<repo>[^/]+/[^/]+)"
 class HubError(Exception):
     """An error answer: status, message (also sent as X-Error-Message) and the Hub's X-Error-Code."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
-                 body: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict | None = None,
+        body: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.headers, self.body = headers or {}, body or {}
@@ -116,7 +133,10 @@ class Repo:
         refs = self.refs
         if revision in refs:
             return refs[revision]
-        if re.fullmatch(r"[0-9a-f]{40}", revision) and (self.folder / "commits" / f"{revision}.json").exists():
+        if (
+            re.fullmatch(r"[0-9a-f]{40}", revision)
+            and (self.folder / "commits" / f"{revision}.json").exists()
+        ):
             return revision
         raise HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
 
@@ -147,7 +167,13 @@ class Repo:
     def add_commit(self, branch: str, files: dict[str, dict], title: str, description: str = "") -> str:
         """Write an immutable commit holding `files`, then move `branch` to it (the ref update is the commit)."""
         parent = self.refs.get(branch)
-        record = {"parent": parent, "title": title, "description": description, "date": _now(), "files": files}
+        record = {
+            "parent": parent,
+            "title": title,
+            "description": description,
+            "date": _now(),
+            "files": files,
+        }
         data = json.dumps(record, sort_keys=True, indent=1).encode()
         oid = hashlib.sha1(data).hexdigest()
         _write_atomic(self.folder / "commits" / f"{oid}.json", data)
@@ -256,7 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(url.query).items()}
-        self.body = self._read_body()  # always drain the body, or keep-alive would read it as the next request
+        self.body = (
+            self._read_body()
+        )  # always drain the body, or keep-alive would read it as the next request
         self.status = 0
         fault = self.hub.take_fault(method, url.path)
         try:
@@ -293,7 +321,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, data: bytes, status: int = 200, headers: dict | None = None, content_type: str = "") -> None:
+    def _send(
+        self, data: bytes, status: int = 200, headers: dict | None = None, content_type: str = ""
+    ) -> None:
         self.status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type or "application/octet-stream")
@@ -304,7 +334,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _send_json(self, obj: object, status: int = 200, headers: dict | None = None, content_type: str = "") -> None:
+    def _send_json(
+        self, obj: object, status: int = 200, headers: dict | None = None, content_type: str = ""
+    ) -> None:
         self._send(json.dumps(obj).encode(), status, headers, content_type or "application/json")
 
     def _json(self) -> dict:
@@ -361,12 +393,17 @@ class _Handler(BaseHTTPRequestHandler):
             (folder / "commits").mkdir(parents=True)
             (folder / "objects").mkdir()
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
-            _write_atomic(folder / "repo.json", json.dumps({"private": private, "created_at": _now()}).encode())
+            _write_atomic(
+                folder / "repo.json", json.dumps({"private": private, "created_at": _now()}).encode()
+            )
             _write_atomic(folder / "refs.json", b"{}")
             repo = Repo(folder, repo_id)
             # Like the Hub, a new repo starts with one commit holding .gitattributes.
-            repo.add_commit("main", {".gitattributes": repo.entry(DEFAULT_GITATTRIBUTES.encode(), lfs=False)},
-                            "initial commit")
+            repo.add_commit(
+                "main",
+                {".gitattributes": repo.entry(DEFAULT_GITATTRIBUTES.encode(), lfs=False)},
+                "initial commit",
+            )
         self._send_json({"url": url, "name": repo_id, "id": repo_id})
 
     def whoami(self) -> None:
@@ -403,15 +440,33 @@ class _Handler(BaseHTTPRequestHandler):
                 sibling.update(size=entry["size"], blobId=entry["blob_id"])
                 if entry["lfs"]:
                     pointer = _lfs_pointer(entry["sha256"], entry["size"])
-                    sibling["lfs"] = {"sha256": entry["sha256"], "size": entry["size"], "pointerSize": len(pointer)}
+                    sibling["lfs"] = {
+                        "sha256": entry["sha256"],
+                        "size": entry["size"],
+                        "pointerSize": len(pointer),
+                    }
             siblings.append(sibling)
         meta, commit = r.meta, r.commit(oid)
-        self._send_json({
-            "_id": hashlib.sha1(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo, "author": r.namespace,
-            "sha": oid, "private": meta["private"], "gated": False, "disabled": False, "downloads": 0, "likes": 0,
-            "createdAt": meta["created_at"], "lastModified": commit["date"], "library_name": card.get("library_name"),
-            "tags": list(card.get("tags") or []), "cardData": card or None, "siblings": siblings,
-        })
+        self._send_json(
+            {
+                "_id": hashlib.sha1(repo.encode()).hexdigest()[:24],
+                "id": repo,
+                "modelId": repo,
+                "author": r.namespace,
+                "sha": oid,
+                "private": meta["private"],
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "createdAt": meta["created_at"],
+                "lastModified": commit["date"],
+                "library_name": card.get("library_name"),
+                "tags": list(card.get("tags") or []),
+                "cardData": card or None,
+                "siblings": siblings,
+            }
+        )
 
     def tree(self, repo: str, rev: str, path: str = "") -> None:
         oid, files = self._repo(repo).files(rev)
@@ -421,7 +476,7 @@ class _Handler(BaseHTTPRequestHandler):
         for file_path in sorted(files):
             if not file_path.startswith(prefix):
                 continue
-            parts = file_path[len(prefix):].split("/")
+            parts = file_path[len(prefix) :].split("/")
             for depth in range(1, len(parts) if recursive else min(2, len(parts))):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
@@ -432,8 +487,13 @@ class _Handler(BaseHTTPRequestHandler):
                     item["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": len(pointer)}
                 entries.append(item)
         if prefix and not entries and not folders:
-            raise HubError(404, f"{path} does not exist at {rev}", code="EntryNotFound", headers={"X-Repo-Commit": oid})
-        listing = [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
+            raise HubError(
+                404, f"{path} does not exist at {rev}", code="EntryNotFound", headers={"X-Repo-Commit": oid}
+            )
+        listing = [
+            {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()}
+            for f in sorted(folders)
+        ]
         self._send_json(listing + entries)
 
     # -- uploads -------------------------------------------------------------------------------------------------
@@ -465,12 +525,16 @@ class _Handler(BaseHTTPRequestHandler):
             stored = r.object_path(oid)
             if not (stored.exists() and stored.stat().st_size == size):  # no "actions": already uploaded
                 answer["actions"] = {
-                    "upload": {"href": f"{self.hub.url}/_lfs/{repo}/{oid}?ticket={self.hub.ticket(repo, oid)}"},
+                    "upload": {
+                        "href": f"{self.hub.url}/_lfs/{repo}/{oid}?ticket={self.hub.ticket(repo, oid)}"
+                    },
                     "verify": {"href": f"{self.hub.url}/{repo}.git/info/lfs/objects/verify"},
                 }
             objects.append(answer)
-        self._send_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                        content_type="application/vnd.git-lfs+json")
+        self._send_json(
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            content_type="application/vnd.git-lfs+json",
+        )
 
     def lfs_upload(self, repo: str, oid: str) -> None:
         # No bearer token here (the client sends none to upload URLs): the signed ticket authorises the upload.
@@ -497,7 +561,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.query.get("create_pr"):
             raise HubError(400, "This server does not implement pull requests")
         if rev not in r.refs:
-            raise HubError(404, f"Invalid rev id: {rev} (commits go to an existing branch)", code="RevisionNotFound")
+            raise HubError(
+                404, f"Invalid rev id: {rev} (commits go to an existing branch)", code="RevisionNotFound"
+            )
         lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The commit payload must start with a header line")
@@ -520,15 +586,24 @@ class _Handler(BaseHTTPRequestHandler):
                     files[path] = r.entry(stored.read_bytes(), lfs=True)
                 elif key == "deletedFile":
                     if files.pop(path, None) is None:
-                        raise HubError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
+                        raise HubError(
+                            404, f"A file with this name doesn't exist: {path}", code="EntryNotFound"
+                        )
                 elif key == "deletedFolder":
                     for gone in [p for p in files if p.startswith(path.rstrip("/") + "/")]:
                         del files[gone]
                 else:
                     raise HubError(400, f"Unknown commit operation {key!r}")
             oid = r.add_commit(rev, files, header.get("summary", ""), header.get("description", ""))
-        self._send_json({"success": True, "commitOid": oid, "commitUrl": f"{self.hub.url}/{repo}/commit/{oid}",
-                         "pullRequestUrl": None, "hookOutput": ""})
+        self._send_json(
+            {
+                "success": True,
+                "commitOid": oid,
+                "commitUrl": f"{self.hub.url}/{repo}/commit/{oid}",
+                "pullRequestUrl": None,
+                "hookOutput": "",
+            }
+        )
 
     # -- downloads -----------------------------------------------------------------------------------------------
 
@@ -536,13 +611,20 @@ class _Handler(BaseHTTPRequestHandler):
         oid, files = self._repo(repo).files(rev)
         entry = files.get(path)
         if entry is None:
-            raise HubError(404, f"{path} does not exist at {rev}", code="EntryNotFound", headers={"X-Repo-Commit": oid})
+            raise HubError(
+                404, f"{path} does not exist at {rev}", code="EntryNotFound", headers={"X-Repo-Commit": oid}
+            )
         # ETag: git blob id for regular files; for LFS files the sha256, also as X-Linked-Etag (what the Hub sends
         # on its redirect to the CDN, and what the client keys its cache blobs on).
         headers = {"X-Repo-Commit": oid, "ETag": f'"{entry["blob_id"]}"', "Accept-Ranges": "bytes"}
         if entry["lfs"]:
-            headers.update({"ETag": f'"{entry["sha256"]}"', "X-Linked-Etag": f'"{entry["sha256"]}"',
-                            "X-Linked-Size": entry["size"]})
+            headers.update(
+                {
+                    "ETag": f'"{entry["sha256"]}"',
+                    "X-Linked-Etag": f'"{entry["sha256"]}"',
+                    "X-Linked-Size": entry["size"],
+                }
+            )
         data = self.hub.repo(repo).object_path(entry["sha256"]).read_bytes()  # type: ignore[union-attr]
         status = 200
         range_match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))

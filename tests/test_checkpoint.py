@@ -15,8 +15,13 @@ from sae_core.checkpoint import (
 
 
 def write_state(run_dir, rank, step, world_size=2, distribute_layers=True):
-    state = {"step": step, "saes": {}, "world_size": world_size, "distribute_layers": distribute_layers,
-             "tokens_since_fired": {f"layers.{rank}": torch.full((4,), step)}}
+    state = {
+        "step": step,
+        "saes": {},
+        "world_size": world_size,
+        "distribute_layers": distribute_layers,
+        "tokens_since_fired": {f"layers.{rank}": torch.full((4,), step)},
+    }
     save_state(run_dir, rank, step, state)
 
 

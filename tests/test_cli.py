@@ -17,19 +17,51 @@ def test_every_config_field_is_a_flag_with_help(capsys):
         parse_run_config(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0
-    for flag in ("--expansion_factor", "--k", "--num_latents", "--layers", "--layer_stride", "--grad_acc_steps",
-                 "--micro_acc_steps", "--distribute_layers", "--load_in_8bit", "--auxk_alpha", "--resume",
-                 "--exclude_tokens", "--save_every", "--run_name", "--dead_feature_threshold"):
+    for flag in (
+        "--expansion_factor",
+        "--k",
+        "--num_latents",
+        "--layers",
+        "--layer_stride",
+        "--grad_acc_steps",
+        "--micro_acc_steps",
+        "--distribute_layers",
+        "--load_in_8bit",
+        "--auxk_alpha",
+        "--resume",
+        "--exclude_tokens",
+        "--save_every",
+        "--run_name",
+        "--dead_feature_threshold",
+    ):
         assert flag in text
     assert "Number of latents kept active per token" in text  # the field's docstring
     assert "Shuffle documents with this seed before tokenizing" in text
 
 
 def test_flag_values_parse_like_the_seed_cli():
-    cfg = parse_run_config(["m", "d", "--layers", "16", "24", "--distribute_layers", "--normalize_decoder", "false",
-                            "--lr", "1e-3", "--k", "64", "--max_tokens", "none"])
+    cfg = parse_run_config(
+        [
+            "m",
+            "d",
+            "--layers",
+            "16",
+            "24",
+            "--distribute_layers",
+            "--normalize_decoder",
+            "false",
+            "--lr",
+            "1e-3",
+            "--k",
+            "64",
+            "--max_tokens",
+            "none",
+        ]
+    )
     assert (cfg.model, cfg.dataset, cfg.layers, cfg.distribute_layers) == ("m", "d", [16, 24], True)
-    assert cfg.sae.normalize_decoder is False and cfg.sae.k == 64 and cfg.lr == 1e-3 and cfg.max_tokens is None
+    assert (
+        cfg.sae.normalize_decoder is False and cfg.sae.k == 64 and cfg.lr == 1e-3 and cfg.max_tokens is None
+    )
     demo = parse_run_config([])
     assert demo.model is None and demo.ctx_len == 256 and demo.sae.expansion_factor == 16
 
@@ -62,14 +94,20 @@ def test_config_values_are_checked_at_parse_time_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         parse_run_config(["m", "--batch_size", "0"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.endswith("batch_size must be a positive integer, got 0") and "\n" not in err
+    assert (
+        e.value.code == 2 and err.endswith("batch_size must be a positive integer, got 0") and "\n" not in err
+    )
 
 
 def test_half_precision_sae_weights_are_refused_with_the_working_alternative(capsys):
     with pytest.raises(SystemExit):
         parse_run_config(["m", "--sae_dtype", "bfloat16"])
     err = capsys.readouterr().err.strip()
-    assert "half-precision weights lose small updates" in err and "--autocast bfloat16" in err and "\n" not in err
+    assert (
+        "half-precision weights lose small updates" in err
+        and "--autocast bfloat16" in err
+        and "\n" not in err
+    )
 
 
 def test_the_token_is_never_serialised():
@@ -102,16 +140,44 @@ def test_unknown_model_is_one_line(tmp_path):
     assert "cannot load model" in str(e.value.code) and "\n" not in str(e.value.code)
 
 
-def test_cli_trains_saves_eleuther_layout_and_never_writes_the_token(tmp_path, tiny_model_dir, tiny_text_file):
+def test_cli_trains_saves_eleuther_layout_and_never_writes_the_token(
+    tmp_path, tiny_model_dir, tiny_text_file
+):
     secret = "hf_SECRETtokenVALUE1234567890"
     env = child_env(HF_TOKEN=secret, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "sae_core", str(tiny_model_dir), str(tiny_text_file), *TINY,
-                        "--layer_stride", "2", "--max_tokens", "600", "--save_dir", str(tmp_path), "--run_name", "r",
-                        "--hf_token", secret], env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_core",
+            str(tiny_model_dir),
+            str(tiny_text_file),
+            *TINY,
+            "--layer_stride",
+            "2",
+            "--max_tokens",
+            "600",
+            "--save_dir",
+            str(tmp_path),
+            "--run_name",
+            "r",
+            "--hf_token",
+            secret,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "r"
-    assert sorted(x.name for x in run.iterdir()) == ["layers.0", "layers.2", "metrics.jsonl", "run.json",
-                                                      "trainer_state"]
+    assert sorted(x.name for x in run.iterdir()) == [
+        "layers.0",
+        "layers.2",
+        "metrics.jsonl",
+        "run.json",
+        "trainer_state",
+    ]
     cfg = json.loads((run / "layers.2" / "cfg.json").read_text())
     assert cfg["hookpoint"] == "layers.2" and cfg["d_in"] == 32 and cfg["expansion_factor"] == 2
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

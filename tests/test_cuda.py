@@ -69,9 +69,14 @@ def test_encoder_with_auxk_matches_plain_autograd_on_cuda(method, monkeypatch):
 
 def test_sparse_decode_matches_dense_on_cuda():
     g = torch.Generator(device=CUDA).manual_seed(0)
-    acts, idx = torch.rand(200, 8, device=CUDA, generator=g), torch.randint(0, 256, (200, 8), device=CUDA, generator=g)
+    acts, idx = (
+        torch.rand(200, 8, device=CUDA, generator=g),
+        torch.randint(0, 256, (200, 8), device=CUDA, generator=g),
+    )
     w, b = torch.randn(256, 32, device=CUDA, generator=g), torch.randn(32, device=CUDA, generator=g)
-    torch.testing.assert_close(sparse_decode(acts, idx, w, b), dense_decode(acts, idx, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sparse_decode(acts, idx, w, b), dense_decode(acts, idx, w, b), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_the_same_seed_gives_the_same_sae_on_cpu_and_cuda():
@@ -110,12 +115,16 @@ def test_trainer_follows_the_model_device_and_matches_the_cpu_run(tmp_path):
     cpu = make_trainer(tmp_path, data=data, run_name="cpu", lr=3e-3, log_every=1)
     assert cpu.ctx.device.type == "cpu"  # a CPU model on a GPU machine stays on the CPU
     cpu.fit()
-    gpu = make_trainer(tmp_path, model=tiny_model().to(CUDA), data=data, run_name="gpu", lr=3e-3, log_every=1,
-                       profile=True)  # run.json records the CUDA peak only when profiling
+    gpu = make_trainer(
+        tmp_path, model=tiny_model().to(CUDA), data=data, run_name="gpu", lr=3e-3, log_every=1, profile=True
+    )  # run.json records the CUDA peak only when profiling
     assert gpu.ctx.device.type == "cuda"
     gpu.fit()
     assert all(p.is_cuda for s in gpu.saes.values() for p in s.parameters())
-    lines = {r: [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("cpu", "gpu")}
+    lines = {
+        r: [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("cpu", "gpu")
+    }
     assert len(lines["cpu"]) == len(lines["gpu"]) == 16
     fvus = [k for k in lines["cpu"][0] if k.startswith("fvu/")]
     for key in fvus:
@@ -159,11 +168,38 @@ def test_evaluate_on_cuda_equals_evaluate_on_cpu():
 def test_cli_trains_and_evaluates_on_cuda(tmp_path, tiny_model_dir, tiny_text_file):
     env = child_env()
     train = subprocess.run(
-        [sys.executable, "-m", "sae_core", str(tiny_model_dir), str(tiny_text_file), "--device", "cuda",
-         "--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4", "--max_tokens", "1024",
-         "--lr_warmup_steps", "1", "--save_dir", str(tmp_path), "--run_name", "r", "--autocast", "bfloat16",
-         "--profile"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sae_core",
+            str(tiny_model_dir),
+            str(tiny_text_file),
+            "--device",
+            "cuda",
+            "--ctx_len",
+            "32",
+            "--batch_size",
+            "4",
+            "--expansion_factor",
+            "2",
+            "--k",
+            "4",
+            "--max_tokens",
+            "1024",
+            "--lr_warmup_steps",
+            "1",
+            "--save_dir",
+            str(tmp_path),
+            "--run_name",
+            "r",
+            "--autocast",
+            "bfloat16",
+            "--profile",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert train.returncode == 0, train.stderr[-3000:]
     run = json.loads((tmp_path / "r" / "run.json").read_text())
@@ -171,8 +207,23 @@ def test_cli_trains_and_evaluates_on_cuda(tmp_path, tiny_model_dir, tiny_text_fi
     sae = Sae.load_from_disk(tmp_path / "r" / "layers.1", device="cuda")
     assert sae.W_dec.is_cuda
     ev = subprocess.run(
-        [sys.executable, "-m", "sae_core.evaluate", str(tiny_model_dir), str(tmp_path / "r"), "--device", "cuda",
-         "--max_tokens", "256", "--batch_size", "4"], env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "sae_core.evaluate",
+            str(tiny_model_dir),
+            str(tmp_path / "r"),
+            "--device",
+            "cuda",
+            "--max_tokens",
+            "256",
+            "--batch_size",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "eval" / "report.json").read_text())

@@ -18,8 +18,14 @@ def tok():
 @pytest.mark.parametrize("batch_size, num_proc", [(7, 1), (50, 2)])
 def test_chunks_keep_every_token_across_map_batches(tok, batch_size, num_proc):
     docs = make_text(120, seed=1)
-    out = chunk_and_tokenize(Dataset.from_dict({"text": docs}), tok, max_seq_len=33, batch_size=batch_size,
-                             num_proc=num_proc, load_from_cache_file=False)
+    out = chunk_and_tokenize(
+        Dataset.from_dict({"text": docs}),
+        tok,
+        max_seq_len=33,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        load_from_cache_file=False,
+    )
     rows = out[:]["input_ids"].tolist()
     assert all(len(r) == 33 and r[0] == tok.bos_token_id for r in rows)
     stream = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
@@ -42,7 +48,9 @@ def test_missing_text_column_lists_the_columns(tok):
 
 
 def test_local_sources(tmp_path):
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", "three"]))
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", "three"])
+    )
     assert load_text_dataset(str(tmp_path / "a.jsonl"), shuffle_seed=None)["text"] == ["one", "two", "three"]
 
     txt = tmp_path / "txt"
@@ -51,8 +59,9 @@ def test_local_sources(tmp_path):
     (txt / "2.txt").write_text("gamma\n")
     assert sorted(load_text_dataset(str(txt))["text"]) == ["alpha", "beta", "gamma"]
 
-    DatasetDict({"train": Dataset.from_dict({"text": ["x"] * 5}), "validation": Dataset.from_dict({"text": ["y"]})}) \
-        .save_to_disk(str(tmp_path / "saved"))
+    DatasetDict(
+        {"train": Dataset.from_dict({"text": ["x"] * 5}), "validation": Dataset.from_dict({"text": ["y"]})}
+    ).save_to_disk(str(tmp_path / "saved"))
     assert load_text_dataset(str(tmp_path / "saved"), split="validation")["text"] == ["y"]
     assert len(load_text_dataset(str(tmp_path / "saved"), max_examples=3)) == 3
     with pytest.raises(ConfigError, match=r"split 'test' not found; it has splits \['train', 'validation'\]"):

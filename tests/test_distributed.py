@@ -17,8 +17,22 @@ from tests.tiny import child_env
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--device", "cpu", "--ctx_len", "32", "--expansion_factor", "4", "--k", "4", "--lr_warmup_steps", "2",
-          "--shuffle_seed", "none", "--log_every", "1"]
+COMMON = [
+    "--device",
+    "cpu",
+    "--ctx_len",
+    "32",
+    "--expansion_factor",
+    "4",
+    "--k",
+    "4",
+    "--lr_warmup_steps",
+    "2",
+    "--shuffle_seed",
+    "none",
+    "--log_every",
+    "1",
+]
 
 
 def env():
@@ -32,8 +46,20 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "sae_core", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "-m",
+        "sae_core",
+        *extra,
+    ]
 
 
 def run(cmd, timeout=240) -> subprocess.CompletedProcess:
@@ -75,23 +101,67 @@ def data(tiny_model_dir, tiny_text_file):
 def single(tmp_path_factory, data):
     """One process fed global batches of 4 sequences: the reference for both distributed modes."""
     out = tmp_path_factory.mktemp("single")
-    check(run([sys.executable, "-m", "sae_core", *data, *COMMON, "--batch_size", "4", "--max_tokens", "2000",
-               "--save_dir", str(out), "--run_name", "r"]))
+    check(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "sae_core",
+                *data,
+                *COMMON,
+                "--batch_size",
+                "4",
+                "--max_tokens",
+                "2000",
+                "--save_dir",
+                str(out),
+                "--run_name",
+                "r",
+            ]
+        )
+    )
     return out / "r"
 
 
 def test_data_parallel_two_ranks_equals_one_process(tmp_path, data, single):
     # Tolerance: the two ranks' gradient sums are added in a different order than one process adds them.
-    p = run(torchrun(2, *data, *COMMON, "--batch_size", "2", "--max_tokens", "2000",
-                     "--save_dir", str(tmp_path), "--run_name", "r"))
+    p = run(
+        torchrun(
+            2,
+            *data,
+            *COMMON,
+            "--batch_size",
+            "2",
+            "--max_tokens",
+            "2000",
+            "--save_dir",
+            str(tmp_path),
+            "--run_name",
+            "r",
+        )
+    )
     check(p)
     assert p.stdout.count("saved SAEs to") == 1  # only rank 0 reports
     assert_same(sae_params(tmp_path / "r"), sae_params(single))
 
 
 def test_distribute_layers_three_layers_on_two_ranks_equals_one_process(tmp_path, data, single):
-    p = run(torchrun(2, *data, *COMMON, "--batch_size", "2", "--max_tokens", "2000", "--distribute_layers",
-                     "--save_dir", str(tmp_path), "--run_name", "r"))
+    p = run(
+        torchrun(
+            2,
+            *data,
+            *COMMON,
+            "--batch_size",
+            "2",
+            "--max_tokens",
+            "2000",
+            "--distribute_layers",
+            "--save_dir",
+            str(tmp_path),
+            "--run_name",
+            "r",
+        )
+    )
     check(p)
     assert_same(sae_params(tmp_path / "r"), sae_params(single))
     # Rank 0 logs every layer's metrics (merged from their owners) and the tokens of the whole global batch.
@@ -107,12 +177,37 @@ def test_distribute_layers_three_layers_on_two_ranks_equals_one_process(tmp_path
 
 def test_two_nodes_rendezvous_on_localhost(tmp_path, data):
     endpoint = f"127.0.0.1:{free_port()}"
-    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", "-m", "sae_core",
-            *data, *COMMON, "--batch_size", "2", "--max_tokens", "1000", "--save_dir", str(tmp_path),
-            "--run_name", "r"]
-    procs = [subprocess.Popen(node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    node = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        endpoint,
+        "--rdzv-id",
+        "two-nodes",
+        "-m",
+        "sae_core",
+        *data,
+        *COMMON,
+        "--batch_size",
+        "2",
+        "--max_tokens",
+        "1000",
+        "--save_dir",
+        str(tmp_path),
+        "--run_name",
+        "r",
+    ]
+    procs = [
+        subprocess.Popen(node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, o[-2000:] + e[-4000:]
@@ -124,8 +219,13 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data):
     check(run(torchrun(2, *args, "--save_dir", str(tmp_path / "full"), "--run_name", "r")))
 
     run_dir = tmp_path / "part" / "r"
-    proc = subprocess.Popen(torchrun(2, *args, "--save_dir", str(tmp_path / "part"), "--run_name", "r"),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(2, *args, "--save_dir", str(tmp_path / "part"), "--run_name", "r"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while not list((run_dir / "trainer_state").glob("rank0-step*.pt")) and time.time() < deadline:
         time.sleep(0.05)
@@ -139,8 +239,19 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data):
     assert_same(sae_params(run_dir), sae_params(tmp_path / "full" / "r"), exact=True)
 
     # A resume with another world size is refused with a clear message.
-    p = run([sys.executable, "-m", "sae_core", *args, "--save_dir", str(tmp_path / "part"), "--run_name", "r",
-             "--resume"])
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "sae_core",
+            *args,
+            "--save_dir",
+            str(tmp_path / "part"),
+            "--run_name",
+            "r",
+            "--resume",
+        ]
+    )
     assert p.returncode != 0
     assert "differs from the checkpoint's" in p.stderr or "world size" in p.stderr, p.stderr[-2000:]
 
@@ -154,8 +265,26 @@ def test_more_ranks_than_layers_is_a_clear_error(tmp_path, data):
 
 def test_8bit_model_trains_and_fvu_falls(tmp_path, data):
     pytest.importorskip("bitsandbytes")
-    p = run([sys.executable, "-m", "sae_core", *data, *COMMON, "--batch_size", "4", "--load_in_8bit",
-             "--max_tokens", "6000", "--lr", "3e-3", "--save_dir", str(tmp_path), "--run_name", "r"])
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "sae_core",
+            *data,
+            *COMMON,
+            "--batch_size",
+            "4",
+            "--load_in_8bit",
+            "--max_tokens",
+            "6000",
+            "--lr",
+            "3e-3",
+            "--save_dir",
+            str(tmp_path),
+            "--run_name",
+            "r",
+        ]
+    )
     check(p)
     import json
 

@@ -76,7 +76,8 @@ def block_output(model, layer, ids):
     captured = {}
     block = find_blocks(model)[1][layer]
     handle = block.register_forward_hook(
-        lambda m, a, o: captured.setdefault("x", o[0] if isinstance(o, tuple) else o))
+        lambda m, a, o: captured.setdefault("x", o[0] if isinstance(o, tuple) else o)
+    )
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     handle.remove()
@@ -131,12 +132,19 @@ def reference(model, sae, layer, ids, exclude=SPECIAL):
         "rel_bias": (x_hat**2).sum().item() / (x * x_hat).sum().item(),
         "l0": (acts > 0).sum(1).double().mean().item(),
         "dead_pct_eval": 100.0 * (~fired).double().mean().item(),
-        "ce_clean": ce_clean, "ce_sae": ce_v["sae"], "ce_zero": ce_v["zero"], "ce_mean": ce_v["mean"],
+        "ce_clean": ce_clean,
+        "ce_sae": ce_v["sae"],
+        "ce_zero": ce_v["zero"],
+        "ce_mean": ce_v["mean"],
         "delta_ce": ce_v["sae"] - ce_clean,
         "loss_recovered_zero": (ce_v["zero"] - ce_v["sae"]) / (ce_v["zero"] - ce_clean),
         "loss_recovered_mean": (ce_v["mean"] - ce_v["sae"]) / (ce_v["mean"] - ce_clean),
-        "kl": kl(logits["sae"]), "kl_zero": kl(logits["zero"]), "kl_mean": kl(logits["mean"]),
-        "tokens": int(keep.sum()), "ce_positions": int(positions.sum()), "mean": mean,
+        "kl": kl(logits["sae"]),
+        "kl_zero": kl(logits["zero"]),
+        "kl_mean": kl(logits["mean"]),
+        "tokens": int(keep.sum()),
+        "ce_positions": int(positions.sum()),
+        "mean": mean,
     }
 
 
@@ -252,8 +260,16 @@ def test_a_model_whose_logits_the_suffix_cannot_replay_falls_back_to_full_forwar
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=300, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=1.0)
+    cfg = Gemma2Config(
+        vocab_size=300,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=1.0,
+    )
     model = Gemma2ForCausalLM(cfg).eval().double()
     ids = token_ids(n_seq=2, seq_len=10)
     saes = {"layers.0": IdentitySae(offset=torch.full((D,), 0.1, dtype=torch.float64))}
@@ -282,8 +298,11 @@ def test_special_tokens_are_excluded_by_default_and_included_on_request(llama):
 @pytest.mark.parametrize(
     "saes, ids, message",
     [
-        ({"layers.0": IdentitySae(d=16)}, token_ids(),
-         "has d_in=16, but the model's residual stream at layers.0 has width 32"),
+        (
+            {"layers.0": IdentitySae(d=16)},
+            token_ids(),
+            "has d_in=16, but the model's residual stream at layers.0 has width 32",
+        ),
         ({"layers.3": IdentitySae()}, token_ids(), "hookpoint 'layers.3' is not in the model"),
         ({"embed": IdentitySae()}, token_ids(), "hookpoint 'embed' is not in the model"),
         ({"layers.0": IdentitySae()}, torch.zeros(0, 16, dtype=torch.long), "no evaluation tokens"),
@@ -306,18 +325,57 @@ def trained_run(tmp_path_factory, tiny_model_dir, tiny_text_file):
     from sae_core.run import main as train
 
     save_dir = tmp_path_factory.mktemp("runs")
-    train([str(tiny_model_dir), str(tiny_text_file), "--ctx_len", "32", "--batch_size", "4",
-           "--expansion_factor", "2", "--k", "4", "--layers", "0", "2", "--max_tokens", "512",
-           "--lr_warmup_steps", "1", "--dead_feature_threshold", "64", "--save_dir", str(save_dir),
-           "--run_name", "r", "--device", "cpu"])
+    train(
+        [
+            str(tiny_model_dir),
+            str(tiny_text_file),
+            "--ctx_len",
+            "32",
+            "--batch_size",
+            "4",
+            "--expansion_factor",
+            "2",
+            "--k",
+            "4",
+            "--layers",
+            "0",
+            "2",
+            "--max_tokens",
+            "512",
+            "--lr_warmup_steps",
+            "1",
+            "--dead_feature_threshold",
+            "64",
+            "--save_dir",
+            str(save_dir),
+            "--run_name",
+            "r",
+            "--device",
+            "cpu",
+        ]
+    )
     return save_dir / "r"
 
 
 def test_cli_writes_report_markdown_and_plots_on_held_out_tokens(trained_run, tiny_model_dir):
     env = child_env(OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "sae_core.evaluate", str(tiny_model_dir), str(trained_run),
-                        "--max_tokens", "256", "--batch_size", "4"], env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_core.evaluate",
+            str(tiny_model_dir),
+            str(trained_run),
+            "--max_tokens",
+            "256",
+            "--batch_size",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = trained_run / "eval"
     report = json.loads((out / "report.json").read_text())
@@ -340,8 +398,9 @@ def test_cli_writes_report_markdown_and_plots_on_held_out_tokens(trained_run, ti
 def test_held_out_offset_follows_ctx_len_and_running_out_is_an_error(trained_run, tiny_model_dir):
     # Training used 16 sequences of 32 tokens = 16 * 31 text tokens after BOS; at ctx_len 64 (63 after BOS)
     # the first sequence that does not overlap them is ceil(496 / 63) = 8.
-    report = evaluate_run(str(tiny_model_dir), str(trained_run), ctx_len=64, max_tokens=128,
-                          hookpoints="layers.0")
+    report = evaluate_run(
+        str(tiny_model_dir), str(trained_run), ctx_len=64, max_tokens=128, hookpoints="layers.0"
+    )
     s = report.settings
     assert s["offset"] == 8 and s["ctx_len"] == 64 and s["sequences"] == 2
     assert list(report.hookpoints) == ["layers.0"]
@@ -355,8 +414,10 @@ def test_cli_bad_input_is_one_line_and_exits_2(trained_run, tmp_path, capsys):
     wide = save_tiny_model(tmp_path / "wide", d=48)  # another model: the SAEs do not fit it
     capsys.readouterr()
     for argv, message in [
-        ([str(wide), str(trained_run)],
-         "has d_in=32, but the model's residual stream at layers.0 has width 48"),
+        (
+            [str(wide), str(trained_run)],
+            "has d_in=32, but the model's residual stream at layers.0 has width 48",
+        ),
         ([str(wide), str(tmp_path / "missing")], "no SAE folder"),
         ([str(wide), str(trained_run), "--max_tokens", "0"], "max_tokens must be positive"),
     ]:
@@ -399,6 +460,10 @@ def test_dead_pct_train_skips_a_step_that_not_every_rank_saved(tmp_path):
     config = json.dumps({"dead_feature_threshold": 10})
     for rank, step, dead in [(0, 2, 1), (1, 2, 3), (0, 4, 2)]:
         counters = torch.tensor([0] * (4 - dead) + [10] * dead)
-        save_state(tmp_path, rank, step, {"step": step, "saes": {}, "config": config,
-                                          "tokens_since_fired": {f"layers.{rank}": counters}})
+        save_state(
+            tmp_path,
+            rank,
+            step,
+            {"step": step, "saes": {}, "config": config, "tokens_since_fired": {f"layers.{rank}": counters}},
+        )
     assert training_dead_pct(tmp_path) == {"layers.0": 25.0, "layers.1": 75.0}

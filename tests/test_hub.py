@@ -28,7 +28,9 @@ from sae_core.utils import atomic_folder
 from tests.hub_server import HubServer
 from tests.tiny import child_env
 
-TOKEN = "hf_AliceWriteToken0123456789abcdef"  # alice's; shaped like a real token so the redaction is exercised
+TOKEN = (
+    "hf_AliceWriteToken0123456789abcdef"  # alice's; shaped like a real token so the redaction is exercised
+)
 WRONG_TOKEN = "hf_NotAKnownToken0123456789abcdef"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
@@ -61,15 +63,27 @@ def repo_id(request) -> str:
     return "alice/" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:80]
 
 
-def make_run(folder: Path, hookpoints=("layers.1", "layers.3"), seed: int = 0, with_eval: bool = True,
-             config: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def make_run(
+    folder: Path,
+    hookpoints=("layers.1", "layers.3"),
+    seed: int = 0,
+    with_eval: bool = True,
+    config: dict | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """A tiny run folder as the trainer and evaluator write it (d=8, M=32); returns the tensors written."""
     generator = torch.Generator().manual_seed(seed)
     written = {}
     for hookpoint in hookpoints:
         (folder / hookpoint).mkdir(parents=True, exist_ok=True)
-        cfg = {"expansion_factor": 4, "normalize_decoder": True, "num_latents": 32, "k": 4, "d_in": 8,
-               "hookpoint": hookpoint, "stream": "residual"}
+        cfg = {
+            "expansion_factor": 4,
+            "normalize_decoder": True,
+            "num_latents": 32,
+            "k": 4,
+            "d_in": 8,
+            "hookpoint": hookpoint,
+            "stream": "residual",
+        }
         (folder / hookpoint / "cfg.json").write_text(json.dumps(cfg))
         tensors = {
             "encoder.weight": torch.randn(32, 8, generator=generator),
@@ -79,18 +93,41 @@ def make_run(folder: Path, hookpoints=("layers.1", "layers.3"), seed: int = 0, w
         }
         save_file(tensors, folder / hookpoint / "sae.safetensors")
         written[hookpoint] = tensors
-    run = {"config": config or {"lr": 5e-4, "k": 4, "tokens": 4096, "batch_size": 8},
-           "model": "HuggingFaceTB/SmolLM2-135M", "dataset": "EleutherAI/fineweb-edu-dedup-10b",
-           "tokens": 4096, "steps": 16, "wall_time_s": 12.5, "sae_core_version": "0.1.0"}
+    run = {
+        "config": config or {"lr": 5e-4, "k": 4, "tokens": 4096, "batch_size": 8},
+        "model": "HuggingFaceTB/SmolLM2-135M",
+        "dataset": "EleutherAI/fineweb-edu-dedup-10b",
+        "tokens": 4096,
+        "steps": 16,
+        "wall_time_s": 12.5,
+        "sae_core_version": "0.1.0",
+    }
     (folder / "run.json").write_text(json.dumps(run))
     if with_eval:
         (folder / "eval").mkdir(exist_ok=True)
-        metrics = {h: {"fvu": 0.1234 + i, "mse": 0.5, "cosine": 0.9, "l0": 4.0, "dead_pct_eval": 1.5,
-                       "dead_pct_train": 2.0, "ce_clean": 3.1, "ce_sae": 3.3, "ce_zero": 9.0, "ce_mean": 7.0,
-                       "delta_ce": 0.2, "loss_recovered_zero": 0.966, "loss_recovered_mean": 0.95, "kl": 0.21}
-                   for i, h in enumerate(hookpoints)}
-        report = {"settings": {"model": run["model"], "dataset": run["dataset"], "split": "train", "tokens": 2048},
-                  "hookpoints": metrics}
+        metrics = {
+            h: {
+                "fvu": 0.1234 + i,
+                "mse": 0.5,
+                "cosine": 0.9,
+                "l0": 4.0,
+                "dead_pct_eval": 1.5,
+                "dead_pct_train": 2.0,
+                "ce_clean": 3.1,
+                "ce_sae": 3.3,
+                "ce_zero": 9.0,
+                "ce_mean": 7.0,
+                "delta_ce": 0.2,
+                "loss_recovered_zero": 0.966,
+                "loss_recovered_mean": 0.95,
+                "kl": 0.21,
+            }
+            for i, h in enumerate(hookpoints)
+        }
+        report = {
+            "settings": {"model": run["model"], "dataset": run["dataset"], "split": "train", "tokens": 2048},
+            "hookpoints": metrics,
+        }
         (folder / "eval" / "report.json").write_text(json.dumps(report))
         (folder / "eval" / "report.md").write_text("| hookpoint | fvu |\n|---|---|\n| layers.1 | 0.1234 |\n")
         (folder / "eval" / "fvu.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
@@ -126,18 +163,29 @@ def test_publish_makes_one_commit_holding_every_file(hub, repo_id, tmp_path):
     assert len(history) == 2 and history[0]["oid"] == result.revision  # the repo's initial commit + ours
     assert history[0]["title"] == "Upload SAEs"
     assert set(history[0]["files"]) == {
-        ".gitattributes", "README.md", "eval/report.json", "eval/report.md", "eval/fvu.png",
-        "layers.1/cfg.json", "layers.1/sae.safetensors", "layers.3/cfg.json", "layers.3/sae.safetensors",
+        ".gitattributes",
+        "README.md",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/fvu.png",
+        "layers.1/cfg.json",
+        "layers.1/sae.safetensors",
+        "layers.3/cfg.json",
+        "layers.3/sae.safetensors",
     }
     files = history[0]["files"]
     assert files["layers.1/sae.safetensors"]["lfs"] and files["eval/fvu.png"]["lfs"]  # binary -> LFS
     assert not files["layers.1/cfg.json"]["lfs"] and not files["README.md"]["lfs"]
     calls = [(method, path) for method, path, _ in hub.requests[before:]]
-    assert [c for c in calls if c[1].endswith("/commit/main")] == [("POST", f"/api/models/{repo_id}/commit/main")]
+    assert [c for c in calls if c[1].endswith("/commit/main")] == [
+        ("POST", f"/api/models/{repo_id}/commit/main")
+    ]
     assert sum(method == "PUT" for method, _ in calls) == 3  # two SAEs and the plot went through LFS uploads
     assert result.url == f"{hub.url}/{repo_id}/commit/{result.revision}"
     # The client sees the same thing as the server's storage.
-    assert sorted(HfApi(endpoint=hub.url, token=TOKEN).list_repo_files(repo_id)) == sorted(history[0]["files"])
+    assert sorted(HfApi(endpoint=hub.url, token=TOKEN).list_repo_files(repo_id)) == sorted(
+        history[0]["files"]
+    )
 
 
 def test_round_trip_gives_bit_identical_tensors(hub, repo_id, tmp_path):
@@ -195,7 +243,11 @@ def test_republishing_a_changed_run_replaces_what_it_no_longer_has(hub, repo_id,
 
     assert result.created_commit
     assert sorted(api.list_repo_files(repo_id)) == [
-        ".gitattributes", "NOTES.md", "README.md", "layers.1/cfg.json", "layers.1/sae.safetensors",
+        ".gitattributes",
+        "NOTES.md",
+        "README.md",
+        "layers.1/cfg.json",
+        "layers.1/sae.safetensors",
     ]
 
 
@@ -223,7 +275,11 @@ def test_loading_one_hookpoint_downloads_only_its_folder(hub, repo_id, tmp_path)
 
     cached = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert cached == ["layers.1/cfg.json", "layers.1/sae.safetensors"]  # not layers.10, the card or the plots
-    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for _, path, _ in hub.requests[before:] if "/resolve/" in path}
+    fetched = {
+        path.split("/resolve/")[1].split("/", 1)[1]
+        for _, path, _ in hub.requests[before:]
+        if "/resolve/" in path
+    }
     assert fetched == {"layers.1/cfg.json", "layers.1/sae.safetensors"}
     # EleutherAI's older spelling finds the same folder, and a glob fetches the rest.
     assert download_saes(repo_id, ["layer_3"], endpoint=hub.url) == folder
@@ -290,8 +346,16 @@ def test_private_repo_is_invisible_without_the_token(hub, repo_id, tmp_path):
 
 def test_token_is_never_written_anywhere(hub, repo_id, tmp_path, monkeypatch, caplog, capsys):
     # The worst case: the training config recorded the token, and publishing takes it from HF_TOKEN.
-    make_run(tmp_path / "run", config={"hf_token": TOKEN, "token": TOKEN, "lr": 1e-3, "tokens": 4096,
-                                       "data": {"auth_token": TOKEN, "note": f"token={TOKEN}"}})
+    make_run(
+        tmp_path / "run",
+        config={
+            "hf_token": TOKEN,
+            "token": TOKEN,
+            "lr": 1e-3,
+            "tokens": 4096,
+            "data": {"auth_token": TOKEN, "note": f"token={TOKEN}"},
+        },
+    )
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with caplog.at_level(logging.DEBUG):
         publish(tmp_path / "run", repo_id, endpoint=hub.url)
@@ -339,7 +403,9 @@ def test_client_failures_become_one_line_errors_without_a_chain():
         try:
             raise httpx2.ReadError("connection reset")
         except httpx2.ReadError as cause:
-            raise RuntimeError(f"Error while uploading 'layers.1/sae.safetensors' to the Hub.\n{TOKEN}") from cause
+            raise RuntimeError(
+                f"Error while uploading 'layers.1/sae.safetensors' to the Hub.\n{TOKEN}"
+            ) from cause
 
     with pytest.raises(ConnectionError) as error:
         hub_call(lost_upload, HubTarget("alice/x", "http://hub", [TOKEN]))
@@ -373,7 +439,10 @@ def start_python(code: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**base, "PYTHONPATH": child_env()["PYTHONPATH"], "HF_HUB_DISABLE_XET": "1", **env},
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -382,25 +451,33 @@ def test_hf_endpoint_and_offline_cache_in_fresh_processes(hub, repo_id, tmp_path
     online_repo, offline_repo = repo_id + "-online", repo_id + "-offline"
     written = make_run(tmp_path / "run")
     publish(tmp_path / "run", offline_repo, token=TOKEN, endpoint=hub.url)
-    cached = download_saes(offline_repo, ["layers.1"], endpoint=hub.url, cache_dir=tmp_path / "hf-home" / "hub")
+    cached = download_saes(
+        offline_repo, ["layers.1"], endpoint=hub.url, cache_dir=tmp_path / "hf-home" / "hub"
+    )
     requests_before = len(hub.requests)
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": TOKEN}
 
     # Online: the CLI publishes and download_saes loads, with endpoint and token from the environment only.
-    online = start_python(f"""
+    online = start_python(
+        f"""
         from sae_core.hub import download_saes, main
         main([{str(tmp_path / "run")!r}, {online_repo!r}])
         print(download_saes({online_repo!r}, ["layers.1"]))
-    """, env)
+    """,
+        env,
+    )
     # Offline: the cached layer loads without a request; an uncached one is a clear one-line error.
-    offline = start_python(f"""
+    offline = start_python(
+        f"""
         from sae_core.hub import download_saes
         print(download_saes({offline_repo!r}, ["layers.1"]))
         try:
             download_saes({offline_repo!r}, ["layers.3"])
         except FileNotFoundError as error:
             print("FileNotFoundError:", error)
-    """, {**env, "HF_HUB_OFFLINE": "1"})
+    """,
+        {**env, "HF_HUB_OFFLINE": "1"},
+    )
     online_out, online_err = online.communicate(timeout=120)
     offline_out, offline_err = offline.communicate(timeout=120)
 
@@ -408,7 +485,9 @@ def test_hf_endpoint_and_offline_cache_in_fresh_processes(hub, repo_id, tmp_path
     assert f"published to {online_repo}" in online_out and TOKEN not in online_out + online_err
     folder = Path(online_out.strip().splitlines()[-1])
     assert folder.is_relative_to(tmp_path / "hf-home" / "hub")
-    assert torch.equal(load_file(folder / "layers.1" / "sae.safetensors")["W_dec"], written["layers.1"]["W_dec"])
+    assert torch.equal(
+        load_file(folder / "layers.1" / "sae.safetensors")["W_dec"], written["layers.1"]["W_dec"]
+    )
 
     assert offline.returncode == 0, offline_err
     loaded, uncached = offline_out.strip().splitlines()
@@ -429,11 +508,19 @@ def test_local_dir_publishing_writes_a_loadable_folder_atomically(tmp_path):
 
     assert result == PublishResult(None, target.resolve(), result.revision, target.resolve().as_uri(), True)
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
-        "README.md", "eval/fvu.png", "eval/report.json", "eval/report.md",
-        "layers.1/cfg.json", "layers.1/sae.safetensors", "layers.3/cfg.json", "layers.3/sae.safetensors",
+        "README.md",
+        "eval/fvu.png",
+        "eval/report.json",
+        "eval/report.md",
+        "layers.1/cfg.json",
+        "layers.1/sae.safetensors",
+        "layers.3/cfg.json",
+        "layers.3/sae.safetensors",
     ]
     assert download_saes(str(target), ["layers.3"]) == target
-    assert torch.equal(load_file(target / "layers.3" / "sae.safetensors")["b_dec"], written["layers.3"]["b_dec"])
+    assert torch.equal(
+        load_file(target / "layers.3" / "sae.safetensors")["b_dec"], written["layers.3"]["b_dec"]
+    )
 
     again = publish(tmp_path / "run", local_dir=target)
     assert not again.created_commit and again.revision == result.revision
@@ -458,7 +545,9 @@ def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="disk full"), atomic_folder(target) as staging:
         (staging / "b.txt").write_text("half")
         raise RuntimeError("disk full")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == [
+        "a.txt"
+    ]
 
     # A failure of the final rename puts the old folder back in place.
     real_replace = os.replace
@@ -472,11 +561,15 @@ def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypat
     with pytest.raises(OSError, match="rename refused"), atomic_folder(target) as staging:
         (staging / "c.txt").write_text("new")
     monkeypatch.undo()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in target.iterdir()) == [
+        "a.txt"
+    ]
 
     with atomic_folder(target) as staging:
         (staging / "d.txt").write_text("two")
-    assert sorted(p.name for p in target.iterdir()) == ["d.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == ["d.txt"] and [p.name for p in tmp_path.iterdir()] == [
+        "out"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,11 +594,16 @@ def test_card_has_hub_metadata_summary_snippet_and_eval_table(hub, repo_id, tmp_
     assert meta["datasets"] == ["EleutherAI/fineweb-edu-dedup-10b"]
     assert "| Tokens trained | 4,096 |" in card and "| Latents per SAE | 32 |" in card
     assert "| Hookpoints | `layers.1`, `layers.3` |" in card
-    assert "\n".join([
-        "from sae_core import Sae",
-        f'saes = Sae.load_many_from_hub("{repo_id}")  # {{hookpoint: Sae}}',
-        f'sae = Sae.load_from_hub("{repo_id}", hookpoint="layers.1")  # downloads only that folder',
-    ]) in card
+    assert (
+        "\n".join(
+            [
+                "from sae_core import Sae",
+                f'saes = Sae.load_many_from_hub("{repo_id}")  # {{hookpoint: Sae}}',
+                f'sae = Sae.load_from_hub("{repo_id}", hookpoint="layers.1")  # downloads only that folder',
+            ]
+        )
+        in card
+    )
     assert "## Evaluation" in card and "| hookpoint | FVU ↓ | L0 |" in card
     assert "| `layers.1` | 0.1234 | 4 | 1.5 |" in card and "| `layers.3` | 1.123 |" in card
     assert "![fvu](eval/fvu.png)" in card and "2,048 tokens" in card
@@ -516,7 +614,8 @@ def test_card_has_hub_metadata_summary_snippet_and_eval_table(hub, repo_id, tmp_
 
 def test_card_without_report_or_hub_ids_says_less():
     card = render_model_card(
-        repo_id=None, hookpoints={"layer_2": {"expansion_factor": 32, "d_in": 16, "num_latents": 0, "k": 8}},
+        repo_id=None,
+        hookpoints={"layer_2": {"expansion_factor": 32, "d_in": 16, "num_latents": 0, "k": 8}},
         run={"model": "/opt/models/smollm2.gguf", "config": {"hf_token": "x", "max_tokens": 10}},
     )
     meta = front_matter(card)
@@ -524,7 +623,9 @@ def test_card_without_report_or_hub_ids_says_less():
     assert "## Evaluation" not in card and "| `layer_2` | 16 | 512 | 8 |" in card
     assert "max_tokens" in card and "hf_token" not in card
     assert public_config({"a": {"api_key": "k", "tokens_per_step": 3}, "v": "hf_" + "x" * 30}) == {
-        "a.tokens_per_step": 3, "v": "***"}
+        "a.tokens_per_step": 3,
+        "v": "***",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

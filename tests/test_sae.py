@@ -23,7 +23,9 @@ def test_sparse_decode_matches_dense():
     torch.manual_seed(0)
     acts, idx = torch.rand(50, 4), torch.randint(0, 64, (50, 4))
     w, b = torch.randn(64, 16), torch.randn(16)
-    torch.testing.assert_close(sparse_decode(acts, idx, w, b), dense_decode(acts, idx, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sparse_decode(acts, idx, w, b), dense_decode(acts, idx, w, b), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_fused_encoder_forward_and_sparse_backward_match_plain_autograd():
@@ -246,7 +248,12 @@ def test_hookpoint_names_have_one_definition_of_both_spellings():
     # The index, the aliases and the folder listing used to be written three times and disagreed:
     # models.layer_index crashed on `layer_3`, sae.hookpoint_layer also took `layer.3`/`layers_3`.
     assert [hookpoint_layer(n) for n in ("layers.10", "layer_10", "layer.10", "layers_10", "blocks.1")] == [
-        10, 10, None, None, None]
+        10,
+        10,
+        None,
+        None,
+        None,
+    ]
     assert layer_index("layer_3") == layer_index("layers.3") == 3
     with pytest.raises(ConfigError, match="does not name a block"):
         layer_index("embed_tokens")
@@ -271,7 +278,9 @@ def test_loading_an_sae_imports_neither_the_publisher_nor_the_card(tmp_path):
         f"Sae.load_from_hub({str(tmp_path)!r}, layer=1)\n"
         "print(sorted(m for m in ('sae_core.hub', 'sae_core.card', 'yaml') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -288,7 +297,10 @@ def test_cfg_extra_keys_are_tolerated(tmp_path):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: (p / "sae.safetensors").write_bytes((p / "sae.safetensors").read_bytes()[:100]), "sae.safetensors"),
+        (
+            lambda p: (p / "sae.safetensors").write_bytes((p / "sae.safetensors").read_bytes()[:100]),
+            "sae.safetensors",
+        ),
         (lambda p: (p / "sae.safetensors").write_bytes(b"not a safetensors file at all"), "sae.safetensors"),
         (lambda p: (p / "cfg.json").write_text('{"k": 2, "d_in": '), "cfg.json: not valid JSON"),
         (lambda p: (p / "cfg.json").write_text('{"k": 2, "expansion_factor": 1, "d_in": 9}'), "implies"),

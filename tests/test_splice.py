@@ -47,7 +47,9 @@ def test_suffix_logits_equal_a_full_forward_with_the_block_output_replaced(kind)
                 clean = splicer.forward(ids)
         suffix.check_suffix(ids, clean, required=True)  # replays the clean logits
         hidden = suffix.outputs[1] * 0.5
-        assert torch.allclose(suffix.logits(1, hidden, ids), full.logits(1, hidden, ids), rtol=1e-10, atol=1e-12)
+        assert torch.allclose(
+            suffix.logits(1, hidden, ids), full.logits(1, hidden, ids), rtol=1e-10, atol=1e-12
+        )
         assert not torch.allclose(suffix.logits(1, hidden, ids), clean)
 
 

@@ -29,8 +29,14 @@ def make_trainer(tmp_path, model=None, data=None, run_name="run", resume=False, 
         SaeConfig(expansion_factor=4, k=4),
         **{"batch_size": 4, "lr_warmup_steps": 2, "save_dir": str(tmp_path), "run_name": run_name, **kw},
     )
-    return SaeTrainer(cfg, data if data is not None else token_data(), model or tiny_model(), tokenizer=Tok(),
-                      resume=resume, progress=False)
+    return SaeTrainer(
+        cfg,
+        data if data is not None else token_data(),
+        model or tiny_model(),
+        tokenizer=Tok(),
+        resume=resume,
+        progress=False,
+    )
 
 
 def params(trainer):
@@ -46,7 +52,11 @@ def test_training_reduces_fvu_on_a_tiny_model(tmp_path):
         assert last[f"fvu/{h}"] < 0.75 * first[f"fvu/{h}"]
     assert last["tokens"] == 320 * 15  # BOS excluded: 15 of 16 tokens per sequence
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == [
-        "layers.0", "layers.1", "layers.2", "trainer_state"]
+        "layers.0",
+        "layers.1",
+        "layers.2",
+        "trainer_state",
+    ]
 
 
 def test_grad_and_micro_accumulation_equal_one_big_batch(tmp_path):
@@ -103,15 +113,25 @@ def test_resume_refuses_a_state_without_per_sae_optimizers(tmp_path):
     state = torch.load(path, weights_only=True)
     state["optimizer"] = state.pop("optimizers")["layers.0"]
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"rank0-step000000002.pt: no state for \['layers.0', 'layers.1'"):
+    with pytest.raises(
+        CheckpointError, match=r"rank0-step000000002.pt: no state for \['layers.0', 'layers.1'"
+    ):
         make_trainer(tmp_path, model, save_every=100, resume=True)
 
 
 def test_extra_loggers_get_every_record_written_to_metrics_jsonl(tmp_path):
     records = []
-    cfg = TrainConfig(SaeConfig(expansion_factor=4, k=4), batch_size=4, lr_warmup_steps=2, log_every=3,
-                      save_dir=str(tmp_path), run_name="run")
-    trainer = SaeTrainer(cfg, token_data(), tiny_model(), tokenizer=Tok(), progress=False, loggers=[records.append])
+    cfg = TrainConfig(
+        SaeConfig(expansion_factor=4, k=4),
+        batch_size=4,
+        lr_warmup_steps=2,
+        log_every=3,
+        save_dir=str(tmp_path),
+        run_name="run",
+    )
+    trainer = SaeTrainer(
+        cfg, token_data(), tiny_model(), tokenizer=Tok(), progress=False, loggers=[records.append]
+    )
     last = trainer.fit()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6, 8]  # every log_every steps and the last
@@ -122,7 +142,9 @@ def test_extra_loggers_get_every_record_written_to_metrics_jsonl(tmp_path):
 def test_wandb_and_tensorboard_log_each_record_when_installed(tmp_path, monkeypatch):
     logged, scalars = [], []
     wandb = types.ModuleType("wandb")
-    wandb.init = lambda name, config: types.SimpleNamespace(log=lambda r, step: logged.append((step, name, r)))
+    wandb.init = lambda name, config: types.SimpleNamespace(
+        log=lambda r, step: logged.append((step, name, r))
+    )
     tensorboard = types.ModuleType("torch.utils.tensorboard")
 
     class SummaryWriter:

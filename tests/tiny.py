@@ -11,7 +11,42 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "across", "green", "fields", "and", "birds", "sang", "over", "quiet", "rivers", "near", "old", "towns", "where", "people", "read", "books", "about", "stars", "planets", "oceans", "mountains", "trains", "and", "small", "machines"]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "dogs",
+    "ran",
+    "across",
+    "green",
+    "fields",
+    "and",
+    "birds",
+    "sang",
+    "over",
+    "quiet",
+    "rivers",
+    "near",
+    "old",
+    "towns",
+    "where",
+    "people",
+    "read",
+    "books",
+    "about",
+    "stars",
+    "planets",
+    "oceans",
+    "mountains",
+    "trains",
+    "and",
+    "small",
+    "machines",
+]
 
 
 def make_text(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20, 80)) -> list[str]:
@@ -27,11 +62,15 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<bos>", "<eos>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=300,
+        special_tokens=["<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(make_text(200, seed=123), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
 
 
 def tiny_model(kind: str = "llama", n_layers: int = 3, d: int = 32, vocab: int = 300, seed: int = 0):
@@ -46,17 +85,41 @@ def tiny_model(kind: str = "llama", n_layers: int = 3, d: int = 32, vocab: int =
 
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
+        )
         model = LlamaForCausalLM(cfg)
     elif kind == "neox":
-        cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
-                            num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         model = GPTNeoXForCausalLM(cfg)
     elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=4, n_positions=512,
-                         bos_token_id=0, eos_token_id=1)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=d,
+            n_layer=n_layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(kind)

@@ -54,7 +54,8 @@ def sae_evaluation(
         # EvalError, ModelLoadError, SaeLoadError; OSError: missing or unreadable files.
         with fail_step_on_bad_input(f"evaluation of {run_dir} failed", also=(OSError,)):
             report = evaluate_run(
-                entry.model, str(run_dir),
+                entry.model,
+                str(run_dir),
                 max_tokens=config.max_tokens or entry.eval.max_tokens,
                 batch_size=config.batch_size or entry.eval.batch_size,
                 out_dir=staging,
@@ -88,7 +89,8 @@ def evaluation_metadata(report: dict[str, Any], folder: Path, table: str) -> dic
     plots = sorted(folder.glob("*.png"))
     if plots:
         # The UI renders Markdown images from data URIs: the plots show in the asset's metadata panel.
-        images = [f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
-                  for p in plots]
+        images = [
+            f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})" for p in plots
+        ]
         metadata["plots"] = dg.MetadataValue.md("\n\n".join(images))
     return metadata

@@ -55,17 +55,25 @@ def published_saes(
     failed = failed_checks(quality_check_results(report, entry.thresholds))
     if failed:
         reasons = "; ".join(failed)
-        raise dg.Failure(description=f"refusing to publish, quality checks failed: {reasons}",
-                         allow_retries=False)
+        raise dg.Failure(
+            description=f"refusing to publish, quality checks failed: {reasons}", allow_retries=False
+        )
 
     # sae_core.hub's messages are one line and never hold the token. ValueError: the hub resource's repo_template.
     # Retries stay allowed, as before: a Hub outage may pass.
-    with fail_step_on_bad_input(f"publishing {run_dir} failed", also=(ValueError, OSError), allow_retries=True):
+    with fail_step_on_bad_input(
+        f"publishing {run_dir} failed", also=(ValueError, OSError), allow_retries=True
+    ):
         repo_id = config.repo_id or hub.repo_id(key.model, key.stride)
         result = publish(
-            run_dir, repo_id, token=hub.token or None, endpoint=hub.endpoint, private=hub.private,
+            run_dir,
+            repo_id,
+            token=hub.token or None,
+            endpoint=hub.endpoint,
+            private=hub.private,
             commit_message=f"SAEs for {key.model}, stride {key.stride} (Dagster run {context.run.run_id})",
-            eval_dir=eval_dir, local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
+            eval_dir=eval_dir,
+            local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
         )
     context.log.info(result.describe())
     metadata: dict[str, object] = {

@@ -34,16 +34,26 @@ def tokenized_dataset(
     embedded_data = entry.dataset in ("embedded", "python-docs")
     with fail_step_on_bad_input(
         f"cannot load the tokenizer of model {entry.model!r} (registry entry {entry.name!r})",
-        also=(OSError, ValueError, ModuleNotFoundError),  # what transformers raises for a missing or odd model
+        also=(
+            OSError,
+            ValueError,
+            ModuleNotFoundError,
+        ),  # what transformers raises for a missing or odd model
     ):
         model_path = str(embedded_model_path()) if is_embedded_model(entry.model) else entry.model
         tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
     context.log.info(f"tokenizing dataset {entry.dataset!r} into rows of {entry.ctx_len} tokens")
     with fail_step_on_bad_input(f"dataset {entry.dataset!r} of registry entry {entry.name!r}"):
         prepared = prepare_dataset(
-            None if embedded_data else entry.dataset, tokenizer, ctx_len=entry.ctx_len, split=entry.split,
-            text_column=entry.text_column, data_args=entry.data_args, max_examples=entry.max_examples,
-            shuffle_seed=entry.shuffle_seed, token=token,
+            None if embedded_data else entry.dataset,
+            tokenizer,
+            ctx_len=entry.ctx_len,
+            split=entry.split,
+            text_column=entry.text_column,
+            data_args=entry.data_args,
+            max_examples=entry.max_examples,
+            shuffle_seed=entry.shuffle_seed,
+            token=token,
         )
     sequences = prepared.sequences
     if len(sequences) == 0:

@@ -61,15 +61,24 @@ def sae_checkpoints(
     with artefacts.exclusive(run_dir):
         resume = prepare_run_dir(run_dir, restart=config.restart, log=context.log)
         args = [
-            entry.model, str(data), "--ctx_len", str(entry.ctx_len), "--layer_stride", str(key.stride),
+            entry.model,
+            str(data),
+            "--ctx_len",
+            str(entry.ctx_len),
+            "--layer_stride",
+            str(key.stride),
             # The tokenize asset shuffled the documents already. Shuffling again would make `datasets` write
             # an index cache into the tokenized folder, which every stride of the model reads: it must stay
             # read-only.
-            "--shuffle_seed", "none",
+            "--shuffle_seed",
+            "none",
             *entry.train_args(),
             # A repeated flag: argparse keeps the last value, so the run config wins over the registry.
             *(["--max_tokens", str(config.max_tokens)] if config.max_tokens else []),
-            "--save_dir", str(run_dir.parent), "--run_name", run_dir.name,
+            "--save_dir",
+            str(run_dir.parent),
+            "--run_name",
+            run_dir.name,
             *(["--resume"] if resume else []),
         ]
         results = run_torchrun(
@@ -79,7 +88,9 @@ def sae_checkpoints(
             termination_timeout_s=launcher.termination_timeout_s,
             extras={"model": key.model, "stride": key.stride},
             metadata={
-                "resumed": resume, "nproc_per_node": launcher.nproc_per_node, "nnodes": launcher.nnodes
+                "resumed": resume,
+                "nproc_per_node": launcher.nproc_per_node,
+                "nnodes": launcher.nnodes,
             },
         )
     if not results:

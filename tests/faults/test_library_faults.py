@@ -24,8 +24,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(data, save_dir, *extra):
-    return [sys.executable, "-m", "sae_core", *data, *COMMON, "--batch_size", "4", "--max_tokens", "4000",
-            "--save_every", "1", "--save_dir", str(save_dir), "--run_name", "r", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sae_core",
+        *data,
+        *COMMON,
+        "--batch_size",
+        "4",
+        "--max_tokens",
+        "4000",
+        "--save_every",
+        "1",
+        "--save_dir",
+        str(save_dir),
+        "--run_name",
+        "r",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -44,7 +60,11 @@ def test_kill_9_at_random_points_then_resume_equals_uninterrupted(tmp_path, tiny
         # with --save_every 1 most moments fall inside a checkpoint write.
         before = latest_complete_step(run_dir, 1) or 0
         deadline = time.time() + 120
-        while (latest_complete_step(run_dir, 1) or 0) <= before and proc.poll() is None and time.time() < deadline:
+        while (
+            (latest_complete_step(run_dir, 1) or 0) <= before
+            and proc.poll() is None
+            and time.time() < deadline
+        ):
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
@@ -68,10 +88,23 @@ def test_kill_9_of_one_rank_ends_the_other_within_bounded_time(tmp_path, tiny_mo
     import psutil
 
     data = [str(tiny_model_dir), str(tiny_text_file)]
-    args = [*data, *COMMON, "--batch_size", "2", "--max_tokens", "4000", "--save_every", "2",
-            "--save_dir", str(tmp_path), "--run_name", "r"]
-    proc = subprocess.Popen(torchrun(2, *args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    args = [
+        *data,
+        *COMMON,
+        "--batch_size",
+        "2",
+        "--max_tokens",
+        "4000",
+        "--save_every",
+        "2",
+        "--save_dir",
+        str(tmp_path),
+        "--run_name",
+        "r",
+    ]
+    proc = subprocess.Popen(
+        torchrun(2, *args), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     run_dir = tmp_path / "r"
     deadline = time.time() + 120
     while latest_complete_step(run_dir, 1) is None and time.time() < deadline:
@@ -92,11 +125,14 @@ def test_kill_9_of_one_rank_ends_the_other_within_bounded_time(tmp_path, tiny_mo
 
 
 def test_disk_full_during_checkpoint_is_a_clear_error_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    cfg = TrainConfig(SaeConfig(expansion_factor=2, k=4), batch_size=4, save_every=2, save_dir=str(tmp_path),
-                      run_name="r")
+    cfg = TrainConfig(
+        SaeConfig(expansion_factor=2, k=4), batch_size=4, save_every=2, save_dir=str(tmp_path), run_name="r"
+    )
     trainer = SaeTrainer(cfg, token_data(), tiny_model(), tokenizer=Tok(), progress=False)
     trainer.fit(max_steps=2)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file() and p.suffix != ".jsonl"}
+    before = {
+        p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file() and p.suffix != ".jsonl"
+    }
 
     import sae_core.utils as utils
 
@@ -109,7 +145,9 @@ def test_disk_full_during_checkpoint_is_a_clear_error_and_keeps_the_previous_one
     with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint is intact"):
         trainer.fit(max_steps=4)
     monkeypatch.setattr(utils.os, "fsync", real_fsync)
-    after = {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file() and p.suffix != ".jsonl"}
+    after = {
+        p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file() and p.suffix != ".jsonl"
+    }
     assert after == before  # no temp files left, nothing half-written
     assert latest_complete_step(tmp_path / "r", 1) == 2
 
@@ -134,7 +172,9 @@ def test_state_with_pickled_code_is_refused(tmp_path):
     cfg = TrainConfig(SaeConfig(expansion_factor=2, k=4), batch_size=4, save_dir=str(tmp_path), run_name="r")
     SaeTrainer(cfg, token_data(), tiny_model(), tokenizer=Tok(), progress=False).fit(max_steps=1)
     path = state_path(tmp_path / "r", 0, 1)
-    torch.save({"step": 1, "saes": {}, "evil": Path("/")}, path)  # an arbitrary class: weights_only refuses it
+    torch.save(
+        {"step": 1, "saes": {}, "evil": Path("/")}, path
+    )  # an arbitrary class: weights_only refuses it
     with pytest.raises(CheckpointError, match="unreadable trainer state"):
         load_state(path)
 

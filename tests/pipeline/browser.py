@@ -25,8 +25,14 @@ from websockets.sync.client import connect
 # Headless, quiet and off the network (shared/DESIGN.md section 4); and shared memory in /tmp, since a
 # container's /dev/shm can be too small for the renderer.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
 ]
 
 
@@ -110,18 +116,33 @@ class Chromium:
         self.log = workdir / "chromium.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
-                 f"--window-size={width},{height}", "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    executable,
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={self.profile}",
+                    "--remote-debugging-port=0",
+                    f"--window-size={width},{height}",
+                    "about:blank",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self._ids = itertools.count(1)
         self._connection = contextlib.ExitStack()
         try:
             self._ws = self._connection.enter_context(
-                connect(self._page_websocket(), max_size=None, open_timeout=30))
+                connect(self._page_websocket(), max_size=None, open_timeout=30)
+            )
             # The page exactly this size, whatever room the headless window keeps for itself.
-            self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                      mobile=False)
+            self.send(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
         except BaseException:
             self.close()
             raise
@@ -132,7 +153,9 @@ class Chromium:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"chromium exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"chromium exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             lines = port_file.read_text().splitlines() if port_file.exists() else []
             if lines:
                 with urllib.request.urlopen(f"http://127.0.0.1:{lines[0]}/json/list", timeout=10) as response:
@@ -140,7 +163,9 @@ class Chromium:
                 if pages:
                     return pages[0]["webSocketDebuggerUrl"]
             time.sleep(0.2)
-        raise TimeoutError(f"chromium did not open its DevTools port in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise TimeoutError(
+            f"chromium did not open its DevTools port in {timeout} s:\n{self.log.read_text()[-3000:]}"
+        )
 
     def send(self, method: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
         """Call a DevTools method and return its result (events that arrive meanwhile are dropped)."""
@@ -181,17 +206,21 @@ class Chromium:
             if not missing:
                 return text
             if time.monotonic() > deadline:
-                raise AssertionError(f"{missing} not on {self.evaluate('location.href')} after {timeout} s; "
-                                     f"the page shows:\n{text[:3000]}")
+                raise AssertionError(
+                    f"{missing} not on {self.evaluate('location.href')} after {timeout} s; "
+                    f"the page shows:\n{text[:3000]}"
+                )
             time.sleep(0.5)
 
     def click_button(self, label: str) -> bool:
         """Click the first visible button whose text is `label`; False when there is none."""
-        return bool(self.evaluate(
-            "(() => { const b = [...document.querySelectorAll('button')].find("
-            f"e => e.innerText.trim() === {json.dumps(label)} && e.offsetParent !== null);"
-            " if (b) { b.click(); return true; } return false; })()"
-        ))
+        return bool(
+            self.evaluate(
+                "(() => { const b = [...document.querySelectorAll('button')].find("
+                f"e => e.innerText.trim() === {json.dumps(label)} && e.offsetParent !== null);"
+                " if (b) { b.click(); return true; } return false; })()"
+            )
+        )
 
     def screenshot(self, path: Path) -> Path:
         data = self.send("Page.captureScreenshot", format="png")["data"]

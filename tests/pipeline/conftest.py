@@ -25,8 +25,14 @@ def tiny_entry(model_dir: Path, data_file: Path, **overrides: Any) -> dict[str, 
         "model": str(model_dir),
         "dataset": str(data_file),
         "ctx_len": 32,
-        "train": {"expansion_factor": 4, "k": 8, "batch_size": 4, "max_tokens": 1000, "lr_warmup_steps": 2,
-                  "log_every": 1},
+        "train": {
+            "expansion_factor": 4,
+            "k": 8,
+            "batch_size": 4,
+            "max_tokens": 1000,
+            "lr_warmup_steps": 2,
+            "log_every": 1,
+        },
         "eval": {"max_tokens": 512},
         "thresholds": {"max_fvu": 1.5, "max_dead_pct": 100, "max_delta_ce": 10, "max_kl": 10},
     }
@@ -52,12 +58,22 @@ def resources_for(root: Path, registry: Path, **launcher: Any) -> dict[str, Any]
     }
 
 
-def materialize(selection: list, partition: str, instance: dg.DagsterInstance, resources: dict[str, Any],
-                run_config: dict[str, Any] | None = None) -> dg.ExecuteInProcessResult:
+def materialize(
+    selection: list,
+    partition: str,
+    instance: dg.DagsterInstance,
+    resources: dict[str, Any],
+    run_config: dict[str, Any] | None = None,
+) -> dg.ExecuteInProcessResult:
     """Materialize `selection` (the other assets are there so Dagster can resolve the dependencies)."""
     return dg.materialize(
-        ALL_ASSETS, selection=selection, partition_key=partition, instance=instance, resources=resources,
-        run_config=run_config, raise_on_error=False,
+        ALL_ASSETS,
+        selection=selection,
+        partition_key=partition,
+        instance=instance,
+        resources=resources,
+        run_config=run_config,
+        raise_on_error=False,
     )
 
 

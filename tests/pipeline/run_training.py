@@ -1,6 +1,6 @@
 """Materialize sae_checkpoints in this process (in-process executor), for the termination tests to interrupt.
 
-    python -m tests.pipeline.run_training ROOT REGISTRY PARTITION
+python -m tests.pipeline.run_training ROOT REGISTRY PARTITION
 """
 
 import sys

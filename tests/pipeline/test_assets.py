@@ -60,8 +60,12 @@ def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
     assert meta["tokens"] > 0 and 0 <= meta["fvu_worst"] < 1.5 and "delta_ce_worst" in meta
     assert meta["plots"].count("data:image/png;base64,") == 3
     checks = {c.check_name: c.passed for c in trained.train.get_asset_check_evaluations()}
-    assert checks == {"fvu_below_threshold": True, "dead_pct_below_threshold": True,
-                      "delta_ce_below_threshold": True, "kl_below_threshold": True}
+    assert checks == {
+        "fvu_below_threshold": True,
+        "dead_pct_below_threshold": True,
+        "delta_ce_below_threshold": True,
+        "kl_below_threshold": True,
+    }
 
 
 def test_published_saes_land_in_the_partitions_folder_with_a_card(trained):
@@ -130,8 +134,12 @@ def test_an_unknown_model_fails_its_tokenize_run_with_the_reason(trained, tmp_pa
 
 @pytest.mark.parametrize(
     ("state", "restart", "resumes", "moved"),
-    [("none", False, False, False), ("unfinished", False, True, False), ("unfinished", True, False, True),
-     ("finished", False, False, True)],
+    [
+        ("none", False, False, False),
+        ("unfinished", False, True, False),
+        ("unfinished", True, False, True),
+        ("finished", False, False, True),
+    ],
 )
 def test_a_failed_run_resumes_and_a_finished_one_starts_over(tmp_path, state, restart, resumes, moved):
     run_dir = tmp_path / "stride-2"
@@ -161,8 +169,9 @@ def test_publishing_to_a_hub_repo_reads_the_token_from_the_environment_only(trai
     monkeypatch.setenv("HF_TOKEN", token)
     server = HubServer(tmp_path / "hub", tokens={token: "alice"}).start()
     try:
-        hub = HubPublisher(repo_template="alice/sae-{model}-s{stride}", endpoint=server.url,
-                           token=dg.EnvVar("HF_TOKEN"))
+        hub = HubPublisher(
+            repo_template="alice/sae-{model}-s{stride}", endpoint=server.url, token=dg.EnvVar("HF_TOKEN")
+        )
         result = materialize([published_saes], PARTITION, trained.instance, {**trained.resources, "hub": hub})
         assert result.success, failure_text(result)
         meta = metadata_of(result, "published_saes")

@@ -25,8 +25,12 @@ def test_definitions_load_with_both_jobs_the_schedule_and_the_sensor():
     assert repo.get_schedule_def("retrain_schedule").job_name == "train_evaluate_publish_job"
     assert repo.get_sensor_def("model_registry_sensor").job_name == "tokenize_job"
     checks = {key.name for key in repo.asset_graph.asset_check_keys}
-    assert checks == {"fvu_below_threshold", "dead_pct_below_threshold", "delta_ce_below_threshold",
-                      "kl_below_threshold"}
+    assert checks == {
+        "fvu_below_threshold",
+        "dead_pct_below_threshold",
+        "delta_ce_below_threshold",
+        "kl_below_threshold",
+    }
 
 
 def test_rank_entry_does_not_import_dagster():

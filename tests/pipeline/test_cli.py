@@ -36,16 +36,29 @@ def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(tmp_path, 
     registry = write_registry(tmp_path / "models.yaml", entry)
     config = tmp_path / "run_config.yaml"
     config.write_text(yaml.safe_dump({"resources": {"launcher": {"config": {"nproc_per_node": 2}}}}))
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_REGISTRY": str(registry),
-           "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1", "HF_TOKEN": FAKE_TOKEN}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "SAE_PIPELINE_REGISTRY": str(registry),
+        "SAE_PIPELINE_ROOT": str(root),
+        "OMP_NUM_THREADS": "1",
+        "HF_TOKEN": FAKE_TOKEN,
+    }
 
     registered = run([sys.executable, "-m", "sae_pipeline", "register"], env)
     assert "cli-tiny|2" in registered.stdout
     dagster = [sys.executable, "-m", "dagster", "job", "execute", "-m", "sae_pipeline.definitions"]
-    tokenized = run([*dagster, "-j", "tokenize_job", "--tags", json.dumps({"dagster/partition": "cli-tiny"})], env)
-    tags = {"dagster/partition": "cli-tiny|2",
-            "dagster/partition/model": "cli-tiny", "dagster/partition/stride": "2"}
-    trained = run([*dagster, "-j", "train_evaluate_publish_job", "-c", str(config), "--tags", json.dumps(tags)], env)
+    tokenized = run(
+        [*dagster, "-j", "tokenize_job", "--tags", json.dumps({"dagster/partition": "cli-tiny"})], env
+    )
+    tags = {
+        "dagster/partition": "cli-tiny|2",
+        "dagster/partition/model": "cli-tiny",
+        "dagster/partition/stride": "2",
+    }
+    trained = run(
+        [*dagster, "-j", "train_evaluate_publish_job", "-c", str(config), "--tags", json.dumps(tags)], env
+    )
 
     published = root / "published" / "cli-tiny" / "stride-2"
     assert (published / "README.md").read_text().startswith("---")

@@ -126,15 +126,24 @@ def test_restarting_dagster_dev_mid_training_keeps_the_run_going_and_leaks_nothi
     home.mkdir()
     (home / "dagster.yaml").write_text(DAGSTER_YAML)
     # ~320 optimizer steps of one sequence on 2 ranks (~30 s): training outlasts the webserver's end.
-    entry = tiny_entry(tiny_model_dir, corpus_file,
-                       train={"batch_size": 1, "max_tokens": 20_000, "save_every": 25, "log_every": 1})
+    entry = tiny_entry(
+        tiny_model_dir,
+        corpus_file,
+        train={"batch_size": 1, "max_tokens": 20_000, "save_every": 25, "log_every": 1},
+    )
     registry = write_registry(tmp_path / "models.yaml", entry)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         tokenize(root, registry, instance)
 
     # The server's own registry is empty, so its sensor launches nothing; the run gets the registry by config.
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1",
-           "SAE_PIPELINE_REGISTRY": str(write_registry(tmp_path / "empty.yaml")), "HF_TOKEN": FAKE_TOKEN}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "SAE_PIPELINE_ROOT": str(root),
+        "OMP_NUM_THREADS": "1",
+        "SAE_PIPELINE_REGISTRY": str(write_registry(tmp_path / "empty.yaml")),
+        "HF_TOKEN": FAKE_TOKEN,
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logs = [tmp_path / "dagster_dev_1.log", tmp_path / "dagster_dev_2.log"]
@@ -146,15 +155,24 @@ def test_restarting_dagster_dev_mid_training_keeps_the_run_going_and_leaks_nothi
     try:
         wait_until_serving(first, url, logs[0])
         [location] = [e["name"] for e in graphql(url, LOCATIONS)["workspaceOrError"]["locationEntries"]]
-        tags = {"dagster/partition": f"{MODEL}|1", "dagster/partition/model": MODEL,
-                "dagster/partition/stride": "1"}
+        tags = {
+            "dagster/partition": f"{MODEL}|1",
+            "dagster/partition/model": MODEL,
+            "dagster/partition/stride": "1",
+        }
         params = {
-            "selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
-                         "jobName": "train_evaluate_publish_job", "assetSelection": [{"path": ["sae_checkpoints"]}]},
-            "runConfigData": {"resources": {
-                "registry": {"config": {"path": str(registry)}},
-                "launcher": {"config": {"nproc_per_node": 2, "omp_num_threads": 1}},
-            }},
+            "selector": {
+                "repositoryLocationName": location,
+                "repositoryName": "__repository__",
+                "jobName": "train_evaluate_publish_job",
+                "assetSelection": [{"path": ["sae_checkpoints"]}],
+            },
+            "runConfigData": {
+                "resources": {
+                    "registry": {"config": {"path": str(registry)}},
+                    "launcher": {"config": {"nproc_per_node": 2, "omp_num_threads": 1}},
+                }
+            },
             "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
         }
         launched = graphql(url, LAUNCH_RUN, {"params": params})["launchRun"]
@@ -164,7 +182,9 @@ def test_restarting_dagster_dev_mid_training_keeps_the_run_going_and_leaks_nothi
         deadline = time.monotonic() + 150
         while not (metrics.exists() and metrics.stat().st_size > 0):
             status = run_status(url, run_id)
-            assert status not in FINISHED and time.monotonic() < deadline, f"training did not start ({status})"
+            assert status not in FINISHED and time.monotonic() < deadline, (
+                f"training did not start ({status})"
+            )
             time.sleep(0.5)
         assert len(training_processes(str(root))) >= 3  # torchrun + 2 ranks
 
@@ -193,7 +213,9 @@ def test_restarting_dagster_dev_mid_training_keeps_the_run_going_and_leaks_nothi
         # and the ranks all end with it.
         assert not (rank_left := wait_until_gone(str(root), timeout_s=30)), [p.cmdline() for p in rank_left]
         deadline = time.monotonic() + 60
-        while (lingering := [p for p in group_members(first.pid) if p.is_running()]) and time.monotonic() < deadline:
+        while (
+            lingering := [p for p in group_members(first.pid) if p.is_running()]
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not lingering, [p.cmdline() for p in lingering if p.is_running()]
     finally:
@@ -225,14 +247,20 @@ def tree_digest(folder: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime of every file under `folder`, by relative path."""
     return {
         str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*")) if p.is_file()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
     }
 
 
-def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(tmp_path, tiny_model_dir, corpus_file):
+def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(
+    tmp_path, tiny_model_dir, corpus_file
+):
     root = tmp_path / "artefacts"
-    entry = tiny_entry(tiny_model_dir, corpus_file,
-                       train={"batch_size": 4, "max_tokens": 1_200, "save_every": 3, "log_every": 1})
+    entry = tiny_entry(
+        tiny_model_dir,
+        corpus_file,
+        train={"batch_size": 4, "max_tokens": 1_200, "save_every": 3, "log_every": 1},
+    )
     registry = write_registry(tmp_path / "models.yaml", entry)
     tokenize(root, registry, dg.DagsterInstance.ephemeral())
     tokenized = root / "tokenized" / MODEL
@@ -241,9 +269,19 @@ def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(tmp_
     layers = {1: ["layers.0", "layers.1", "layers.2"], 2: ["layers.0", "layers.2"]}
     children = {
         stride: subprocess.Popen(
-            [sys.executable, "-m", "tests.pipeline.run_training", str(root), str(registry), f"{MODEL}|{stride}"],
-            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.pipeline.run_training",
+                str(root),
+                str(registry),
+                f"{MODEL}|{stride}",
+            ],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for stride in layers
     }
@@ -283,7 +321,10 @@ def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(tmp_
         states = sorted(p.name for p in (run_dir / "trainer_state").iterdir())
         assert states and all(name.endswith(f"{info['steps']:09d}.pt") for name in states), states
     assert sorted(p.name for p in (root / "runs" / MODEL).iterdir()) == [
-        ".stride-1.lock", ".stride-2.lock", "stride-1", "stride-2"
+        ".stride-1.lock",
+        ".stride-2.lock",
+        "stride-1",
+        "stride-2",
     ]
     # The shared tokenized dataset was only read: same files, same bytes, same mtimes, no cache written.
     assert tree_digest(tokenized) == before
@@ -336,8 +377,13 @@ def served(tmp_path_factory, tiny_model_dir, corpus_file):
     registry = write_registry(base / "models.yaml", tiny_entry(tiny_model_dir, corpus_file, train=LONG_TRAIN))
     with dg.DagsterInstance.from_config(str(home)) as instance:
         tokenize(root, registry, instance)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(root), "OMP_NUM_THREADS": "1",
-           "SAE_PIPELINE_REGISTRY": str(write_registry(base / "empty.yaml"))}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "SAE_PIPELINE_ROOT": str(root),
+        "OMP_NUM_THREADS": "1",
+        "SAE_PIPELINE_REGISTRY": str(write_registry(base / "empty.yaml")),
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = base / "dagster_dev.log"
@@ -353,15 +399,24 @@ def served(tmp_path_factory, tiny_model_dir, corpus_file):
 
 def launch_training(served: Served, stride: int) -> str:
     """Launch sae_checkpoints of partition tiny|<stride> on 2 ranks; return the run id."""
-    tags = {"dagster/partition": f"{MODEL}|{stride}", "dagster/partition/model": MODEL,
-            "dagster/partition/stride": str(stride)}
+    tags = {
+        "dagster/partition": f"{MODEL}|{stride}",
+        "dagster/partition/model": MODEL,
+        "dagster/partition/stride": str(stride),
+    }
     params = {
-        "selector": {"repositoryLocationName": served.location, "repositoryName": "__repository__",
-                     "jobName": "train_evaluate_publish_job", "assetSelection": [{"path": ["sae_checkpoints"]}]},
-        "runConfigData": {"resources": {
-            "registry": {"config": {"path": str(served.registry)}},
-            "launcher": {"config": {"nproc_per_node": 2, "omp_num_threads": 1}},
-        }},
+        "selector": {
+            "repositoryLocationName": served.location,
+            "repositoryName": "__repository__",
+            "jobName": "train_evaluate_publish_job",
+            "assetSelection": [{"path": ["sae_checkpoints"]}],
+        },
+        "runConfigData": {
+            "resources": {
+                "registry": {"config": {"path": str(served.registry)}},
+                "launcher": {"config": {"nproc_per_node": 2, "omp_num_threads": 1}},
+            }
+        },
         "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
     }
     launched = graphql(served.url, LAUNCH_RUN, {"params": params})["launchRun"]
@@ -408,8 +463,11 @@ def run_messages(served: Served, run_id: str) -> list[str]:
 
 def materialization_metadata(served: Served, run_id: str) -> dict:
     with dg.DagsterInstance.from_config(str(served.home)) as instance:
-        events = [e for e in instance.all_logs(run_id) if e.is_dagster_event
-                  and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION]
+        events = [
+            e
+            for e in instance.all_logs(run_id)
+            if e.is_dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION
+        ]
     [event] = events
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
@@ -423,7 +481,8 @@ def assert_resumes(served: Served, stride: int, hookpoints: list[str]) -> None:
     print(f"stopped at step {before[-1]}, checkpoint {checkpoint}")
     run_id = launch_training(served, stride)
     assert (status := wait_for_end(served, run_id, timeout_s=150)) == "SUCCESS", (
-        status, "\n".join(run_messages(served, run_id))[-5000:]
+        status,
+        "\n".join(run_messages(served, run_id))[-5000:],
     )
     assert any(f"resuming the unfinished run in {run_dir}" in m for m in run_messages(served, run_id))
     meta = materialization_metadata(served, run_id)
@@ -431,10 +490,13 @@ def assert_resumes(served: Served, stride: int, hookpoints: list[str]) -> None:
     # The new run went on from the checkpoint: its first step is the one after it, and it ran to the end.
     steps = metrics_steps(run_dir / "metrics.jsonl")
     assert steps[: len(before)] == before
-    resumed = steps[len(before):]
+    resumed = steps[len(before) :]
     assert resumed == list(range(checkpoint + 1, resumed[-1] + 1)), resumed[:5]
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["steps"] == info["total_steps"] == resumed[-1] == TOTAL_STEPS and info["hookpoints"] == hookpoints
+    assert (
+        info["steps"] == info["total_steps"] == resumed[-1] == TOTAL_STEPS
+        and info["hookpoints"] == hookpoints
+    )
     from sae_core.sae import Sae
 
     for hookpoint in hookpoints:
@@ -489,7 +551,6 @@ def test_killing_the_step_worker_fails_the_run_leaks_nothing_and_the_rerun_resum
     print(f"SIGKILL of the step worker -> {status} in {took:.1f} s;", [m for m in messages if "exit" in m])
 
     assert_resumes(served, stride=2, hookpoints=["layers.0", "layers.2"])
-
 
 
 def test_killing_the_run_worker_fails_the_run_stops_the_orphaned_step_and_the_rerun_resumes(served):

@@ -102,8 +102,17 @@ def test_unknown_model_lookup_names_the_registry(tmp_path):
 def test_train_options_become_sae_core_flags(tmp_path):
     train = {"k": 16, "normalize_decoder": False, "exclude_tokens": [0, 2], "lr": None}
     entry = load_registry(registry_with(tmp_path, train=train)).get("some--model")
-    assert entry.train_args() == ["--k", "16", "--normalize_decoder", "false", "--exclude_tokens", "0", "2",
-                                  "--lr", "none"]
+    assert entry.train_args() == [
+        "--k",
+        "16",
+        "--normalize_decoder",
+        "false",
+        "--exclude_tokens",
+        "0",
+        "2",
+        "--lr",
+        "none",
+    ]
     from sae_core.run import parse_run_config
 
     cfg = parse_run_config(["m", *entry.train_args()])
@@ -129,8 +138,14 @@ def test_strides_are_configurable_from_the_environment(monkeypatch):
 
 def test_artefact_paths_are_per_partition_and_stay_under_the_root(tmp_path):
     store = ArtefactStore(root=str(tmp_path))
-    paths = [store.run_dir("m", 1), store.run_dir("m", 2), store.run_dir("n", 1), store.eval_dir("m", 1),
-             store.publish_dir("m", 1), store.tokenized_dir("m")]
+    paths = [
+        store.run_dir("m", 1),
+        store.run_dir("m", 2),
+        store.run_dir("n", 1),
+        store.eval_dir("m", 1),
+        store.publish_dir("m", 1),
+        store.tokenized_dir("m"),
+    ]
     assert len(set(paths)) == len(paths)
     assert all(tmp_path.resolve() in p.parents for p in paths)
     for bad in ("..", "../x", "/etc", "a/b"):

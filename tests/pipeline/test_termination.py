@@ -37,12 +37,18 @@ def training_processes(marker: str) -> list[psutil.Process]:
 def start_long_training(trained, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     root = tmp_path / "artefacts"
     shutil.copytree(trained.root / "tokenized", root / "tokenized")  # reuse the fixture's tokenized dataset
-    entry = tiny_entry(Path(trained.entry["model"]), Path(trained.entry["dataset"]),
-                       train={"max_tokens": None, "batch_size": 1, "save_every": 10_000})
+    entry = tiny_entry(
+        Path(trained.entry["model"]),
+        Path(trained.entry["dataset"]),
+        train={"max_tokens": None, "batch_size": 1, "save_every": 10_000},
+    )
     registry = write_registry(tmp_path / "models.yaml", entry)
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.pipeline.run_training", str(root), str(registry), f"{MODEL}|1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     metrics = root / "runs" / MODEL / "stride-1" / "metrics.jsonl"
     deadline = time.monotonic() + 120

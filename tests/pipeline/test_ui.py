@@ -66,9 +66,23 @@ def start_dagster_dev(port: int, env: dict[str, str], cwd: Path, log: Path) -> s
     """`dagster dev` (webserver + daemon + code server) in a process group of its own."""
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(port),
-             "-m", "sae_pipeline.definitions"],
-            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-m",
+                "sae_pipeline.definitions",
+            ],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -128,9 +142,14 @@ def test_dagster_dev_shows_asset_graph_and_partition_metadata(tmp_path, tiny_mod
     metadata = materialise_one_partition(home, root, registry)
 
     # The server's registry is empty: its sensor then adds no partition and launches no tokenize run.
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SAE_PIPELINE_ROOT": str(root),
-           "SAE_PIPELINE_REGISTRY": str(write_registry(tmp_path / "empty.yaml")),
-           "SAE_PIPELINE_STRIDES": ",".join(STRIDES), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "SAE_PIPELINE_ROOT": str(root),
+        "SAE_PIPELINE_REGISTRY": str(write_registry(tmp_path / "empty.yaml")),
+        "SAE_PIPELINE_STRIDES": ",".join(STRIDES),
+        "OMP_NUM_THREADS": "1",
+    }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     shots = tmp_path / "screenshots"
