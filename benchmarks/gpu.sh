@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks in one run (a lent GPU machine's time is short):
 #   bash benchmarks/gpu.sh [MODEL]          MODEL: a model name or folder (default: the embedded SmolLM2)
 #   RANDOM_WEIGHTS_FROM=DIR bash benchmarks/gpu.sh   the architecture and tokenizer in DIR with random weights
-# Runs the CUDA tests (tests/test_cuda.py) and the library tests that must still pass on a GPU machine, then
+# Runs the CUDA tests (tests/core/test_cuda.py) and the library tests that must still pass on a GPU machine, then
 # sae_step and train_e2e on the GPU; the rows go to benchmarks/RESULTS.md. Each part runs even if one fails.
 set -u
 cd "$(dirname "$0")/.."
@@ -22,8 +22,8 @@ if [ -n "${RANDOM_WEIGHTS_FROM:-}" ]; then
     step $PY benchmarks/random_weights.py "$RANDOM_WEIGHTS_FROM" "$MODEL"
 fi
 
-step $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step $PY -m pytest -q -p no:cacheprovider tests/test_sae.py tests/test_trainer.py tests/test_evaluate.py
+step $PY -m pytest -q -p no:cacheprovider tests/core/test_cuda.py
+step $PY -m pytest -q -p no:cacheprovider tests/core/test_sae.py tests/core/test_trainer.py tests/core/test_evaluate.py
 step $PY benchmarks/sae_step.py --device cuda --profile
 step $PY benchmarks/sae_step.py --device cuda --grad_w index_add
 step $PY benchmarks/sae_step.py --device cuda --n 32768

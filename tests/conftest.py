@@ -12,13 +12,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama (3 layers, d=32) with its tokenizer, loadable by path like a Hub model."""
-    from tests.tiny import save_tiny_model
+    from tests.support.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_text_file(tmp_path_factory):
-    from tests.tiny import make_text, write_jsonl
+    from tests.support.tiny import make_text, write_jsonl
 
     return write_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", make_text(300))

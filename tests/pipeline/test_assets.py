@@ -14,7 +14,7 @@ from sae_pipeline.assets import published_saes, sae_checkpoints, sae_evaluation,
 from sae_pipeline.assets.common import fail_step_on_bad_input
 from sae_pipeline.assets.training import prepare_run_dir
 from sae_pipeline.rank_entry import PipesProgress
-from tests.pipeline.conftest import (
+from tests.support.pipeline import (
     MODEL,
     PARTITION,
     failure_text,
@@ -103,7 +103,7 @@ def test_a_failed_quality_check_blocks_publishing(trained, tmp_path):
 
 
 def test_a_torchrun_failure_surfaces_the_failing_ranks_error(trained, tmp_path):
-    failing = resources_for(trained.root, trained.registry, entry_module="tests.pipeline.failing_rank")
+    failing = resources_for(trained.root, trained.registry, entry_module="tests.support.failing_rank")
     resources = {**trained.resources, "launcher": failing["launcher"]}
     result = materialize([sae_checkpoints], f"{MODEL}|1", trained.instance, resources)
     assert not result.success
@@ -159,7 +159,7 @@ def test_publishing_to_a_hub_repo_reads_the_token_from_the_environment_only(trai
     from huggingface_hub import constants
 
     from sae_pipeline.resources import HubPublisher
-    from tests.hub_server import HubServer
+    from tests.support.hub_server import HubServer
 
     token = "hf_pipeline_test_token_0123456789"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -12,7 +12,7 @@ from sae_pipeline.registry import RegistryError
 from sae_pipeline.resources import ModelRegistry
 from sae_pipeline.schedules import retrain_schedule
 from sae_pipeline.sensors import model_registry_sensor
-from tests.pipeline.conftest import write_registry
+from tests.support.pipeline import write_registry
 
 
 def test_definitions_load_with_both_jobs_the_schedule_and_the_sensor():

@@ -1,9 +1,10 @@
 """CI path: `dagster job execute` for real, as a user runs it, on the tiny model with 2 ranks.
 
 A fresh DAGSTER_HOME, `python -m sae_pipeline register`, then the tokenize job and the train -> evaluate ->
-publish job with partitions given as tags, exactly as README documents; the published folder is checked at the
-end. A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs wrote (artefacts, the
-published folder, DAGSTER_HOME with its SQLite storage and compute logs) nor in what the commands printed.
+publish job with partitions given as tags, exactly as README documents; the published folder is checked at
+the end. A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs wrote
+(artefacts, the published folder, DAGSTER_HOME with its SQLite storage and compute logs) nor in what the
+commands printed.
 """
 
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline.conftest import tiny_entry, write_registry
+from tests.support.pipeline import tiny_entry, write_registry
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

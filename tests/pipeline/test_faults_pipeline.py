@@ -31,8 +31,8 @@ import psutil
 import pytest
 
 from sae_pipeline.assets import tokenized_dataset
-from tests.pipeline.browser import group_members, stop_process_group
-from tests.pipeline.conftest import (
+from tests.support.browser import group_members, stop_process_group
+from tests.support.pipeline import (
     MODEL,
     failure_text,
     materialize,
@@ -40,8 +40,13 @@ from tests.pipeline.conftest import (
     tiny_entry,
     write_registry,
 )
-from tests.pipeline.test_termination import training_processes, wait_until_gone
-from tests.pipeline.test_ui import free_port, start_dagster_dev, wait_until_serving
+from tests.support.processes import (
+    free_port,
+    start_dagster_dev,
+    training_processes,
+    wait_until_gone,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -272,7 +277,7 @@ def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(
             [
                 sys.executable,
                 "-m",
-                "tests.pipeline.run_training",
+                "tests.support.run_training",
                 str(root),
                 str(registry),
                 f"{MODEL}|{stride}",
@@ -331,9 +336,9 @@ def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(
 
 
 # Stopping a run through Dagster itself: `terminateRun` from the UI's GraphQL API, the step worker or the run
-# worker killed outright. One `dagster dev` serves these tests; each trains its own stride partition of the tiny
-# model. Run monitoring is not enabled: with the default run launcher the code server itself notices a dead run
-# worker (it polls its run processes every 0.5 s) and marks the run failed.
+# worker killed outright. One `dagster dev` serves these tests; each trains its own stride partition of the
+# tiny model. Run monitoring is not enabled: with the default run launcher the code server itself notices a
+# dead run worker (it polls its run processes every 0.5 s) and marks the run failed.
 #
 # In practice (Dagster 1.13.27, default run launcher, default multiprocess executor), for one run:
 #   dagster dev -> code server (`dagster api grpc`) -> run worker (multiprocessing spawn child of the code

@@ -13,7 +13,7 @@ from sae_pipeline.partitions import (
 )
 from sae_pipeline.registry import DEFAULT_REGISTRY, RegistryError, load_registry
 from sae_pipeline.resources import ArtefactStore
-from tests.pipeline.conftest import write_registry
+from tests.support.pipeline import write_registry
 
 
 def registry_with(tmp_path, **entry):

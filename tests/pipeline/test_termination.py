@@ -6,7 +6,6 @@ kills it outright (SIGKILL: a lost step worker), then checks the process table. 
 carries the test's own artefact root on its command line, which is how they are found.
 """
 
-import os
 import shutil
 import signal
 import subprocess
@@ -14,24 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.pipeline.conftest import MODEL, tiny_entry, write_registry
+from tests.support.pipeline import MODEL, tiny_entry, write_registry
+from tests.support.processes import training_processes, wait_until_gone
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def training_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in p.info["cmdline"] or ()) and p.pid != os.getpid():
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def start_long_training(trained, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
@@ -44,7 +32,7 @@ def start_long_training(trained, tmp_path: Path) -> tuple[subprocess.Popen, Path
     )
     registry = write_registry(tmp_path / "models.yaml", entry)
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.pipeline.run_training", str(root), str(registry), f"{MODEL}|1"],
+        [sys.executable, "-m", "tests.support.run_training", str(root), str(registry), f"{MODEL}|1"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -58,13 +46,6 @@ def start_long_training(trained, tmp_path: Path) -> tuple[subprocess.Popen, Path
             pytest.fail("training did not start:\n" + (process.stdout.read() if process.stdout else ""))
         time.sleep(0.5)
     return process, root, metrics
-
-
-def wait_until_gone(marker: str, timeout_s: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout_s
-    while (left := training_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 def test_interrupting_the_step_stops_torchrun_and_every_rank(trained, tmp_path):

@@ -9,12 +9,7 @@ The server and the browser are stopped whatever happens, and none of their proce
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,8 +17,8 @@ import dagster as dg
 import pytest
 
 from sae_pipeline.assets import sae_checkpoints, tokenized_dataset
-from tests.pipeline.browser import Chromium, find_chromium, stop_process_group
-from tests.pipeline.conftest import (
+from tests.support.browser import Chromium, find_chromium, stop_process_group
+from tests.support.pipeline import (
     MODEL,
     PARTITION,
     STRIDE,
@@ -33,6 +28,7 @@ from tests.pipeline.conftest import (
     tiny_entry,
     write_registry,
 )
+from tests.support.processes import free_port, start_dagster_dev, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -56,50 +52,6 @@ def materialise_one_partition(home: Path, root: Path, registry: Path) -> dict[st
     return {key: value.value for key, value in event.materialization.metadata.items()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_dagster_dev(port: int, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """`dagster dev` (webserver + daemon + code server) in a process group of its own."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "dev",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-m",
-                "sae_pipeline.definitions",
-            ],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def wait_until_serving(server: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"dagster dev exited with {server.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    pytest.fail(f"dagster dev did not serve {url} in {timeout} s:\n{log.read_text()[-5000:]}")
-
-
 def dismiss_community_dialog(browser: Chromium, timeout: float = 10) -> bool:
     """Skip the first-visit "Join the Dagster community" dialog if it shows within `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -117,7 +69,8 @@ def dismiss_community_dialog(browser: Chromium, timeout: float = 10) -> bool:
 def metadata_rows(browser: Chromium) -> dict[str, str]:
     """The rows of the metadata table on an asset page: label -> value as displayed."""
     rows = browser.evaluate(
-        "[...document.querySelectorAll('tr')].map(r => [...r.querySelectorAll('td')].map(c => c.innerText.trim()))"
+        "[...document.querySelectorAll('tr')]"
+        ".map(r => [...r.querySelectorAll('td')].map(c => c.innerText.trim()))"
     )
     return {row[0]: row[1] for row in rows if len(row) >= 2}
 

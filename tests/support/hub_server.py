@@ -1,4 +1,5 @@
-"""A small Hugging Face Hub-compatible HTTP server, so tests can drive the real `huggingface_hub` client offline.
+"""A small Hugging Face Hub-compatible HTTP server, so tests can drive the real `huggingface_hub` client
+offline.
 
 It implements what the unmodified client calls (read from its source: hf_api.py, _commit_api.py, lfs.py,
 file_download.py, _snapshot_download.py) for:
@@ -9,7 +10,7 @@ file_download.py, _snapshot_download.py) for:
                           POST /<repo>.git/info/lfs/objects/batch      (LFS batch API: where to upload)
                           PUT  /_lfs/<repo>/<sha256>?ticket=...        (the "presigned" upload URL)
                           POST /<repo>.git/info/lfs/objects/verify
-                          POST /api/models/<repo>/commit/<rev>         (NDJSON: header, file, lfsFile, deleted*)
+                          POST /api/models/<repo>/commit/<rev>   (NDJSON: header, file, lfsFile, deleted*)
     model_info/repo_info  GET  /api/models/<repo>[/revision/<rev>]
     list_repo_tree/files  GET  /api/models/<repo>/tree/<rev>[/<path>]
     hf_hub_download       HEAD/GET /<repo>/resolve/<rev>/<path>        (ETag, X-Repo-Commit, X-Linked-*)
@@ -21,7 +22,8 @@ Storage, under one folder per server (commits are immutable snapshots, so any ol
     <root>/access.log                         method, path, status per request (never headers)
     <root>/repos/<ns>/<name>/repo.json        {"private": bool, "created_at": ...}
     <root>/repos/<ns>/<name>/refs.json        {"main": "<commit id>"}
-    <root>/repos/<ns>/<name>/commits/<id>.json  parent, message, date and every file: size, sha256, blob id, lfs
+    <root>/repos/<ns>/<name>/commits/<id>.json  parent, message, date and every file: size, sha256, blob id,
+                                                lfs
     <root>/repos/<ns>/<name>/objects/<sha256>   file contents, content-addressed
 
 Auth as on the Hub: `tokens` maps bearer tokens to user names; no token reads public repos; a token the server
@@ -165,7 +167,8 @@ class Repo:
         return [line.split()[0] for line in text.splitlines() if "filter=lfs" in line]
 
     def add_commit(self, branch: str, files: dict[str, dict], title: str, description: str = "") -> str:
-        """Write an immutable commit holding `files`, then move `branch` to it (the ref update is the commit)."""
+        """Write an immutable commit holding `files`, then move `branch` to it (the ref update is the
+        commit)."""
         parent = self.refs.get(branch)
         record = {
             "parent": parent,
@@ -203,7 +206,7 @@ class HubServer:
         self._ticket_key = secrets.token_bytes(16)
         self._httpd: ThreadingHTTPServer | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> "HubServer":
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -222,7 +225,7 @@ class HubServer:
         assert self._httpd is not None, "start() the server first"
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    # -- test helpers --------------------------------------------------------------------------------------------
+    # -- test helpers ---------------------------------------------------------------------------------------
 
     def fail_next(self, method: str, path_regex: str, status: int | None = 503, times: int = 1) -> None:
         """Answer the next `times` matching requests with `status` (None: drop the connection)."""
@@ -258,7 +261,7 @@ class HubServer:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client expects; every answer sends Content-Length
 
-    # -- plumbing ------------------------------------------------------------------------------------------------
+    # -- plumbing -------------------------------------------------------------------------------------------
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -345,10 +348,11 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as error:
             raise HubError(400, f"Invalid JSON body: {error}") from None
 
-    # -- auth ----------------------------------------------------------------------------------------------------
+    # -- auth -----------------------------------------------------------------------------------------------
 
     def _user(self) -> str | None:
-        """The caller's user name, None when anonymous; a token the server does not know is refused outright."""
+        """The caller's user name, None when anonymous; a token the server does not know is refused
+        outright."""
         header = self.headers.get("Authorization")
         if not header:
             return None
@@ -369,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
-    # -- repos ---------------------------------------------------------------------------------------------------
+    # -- repos ----------------------------------------------------------------------------------------------
 
     def create_repo(self) -> None:
         user = self._user()
@@ -496,7 +500,7 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         self._send_json(listing + entries)
 
-    # -- uploads -------------------------------------------------------------------------------------------------
+    # -- uploads --------------------------------------------------------------------------------------------
 
     def preupload(self, repo: str, rev: str) -> None:
         r = self._repo(repo, write=True)
@@ -537,7 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def lfs_upload(self, repo: str, oid: str) -> None:
-        # No bearer token here (the client sends none to upload URLs): the signed ticket authorises the upload.
+        # No bearer token here (the client sends none to upload URLs): the signed ticket authorises the
+        # upload.
         if not hmac.compare_digest(self.query.get("ticket", ""), self.hub.ticket(repo, oid)):
             raise HubError(403, "Invalid or missing upload ticket")
         r = self.hub.repo(repo)
@@ -605,7 +610,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
         )
 
-    # -- downloads -----------------------------------------------------------------------------------------------
+    # -- downloads ------------------------------------------------------------------------------------------
 
     def resolve(self, repo: str, rev: str, path: str) -> None:
         oid, files = self._repo(repo).files(rev)
@@ -614,8 +619,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(
                 404, f"{path} does not exist at {rev}", code="EntryNotFound", headers={"X-Repo-Commit": oid}
             )
-        # ETag: git blob id for regular files; for LFS files the sha256, also as X-Linked-Etag (what the Hub sends
-        # on its redirect to the CDN, and what the client keys its cache blobs on).
+        # ETag: git blob id for regular files; for LFS files the sha256, also as X-Linked-Etag (what the Hub
+        # sends on its redirect to the CDN, and what the client keys its cache blobs on).
         headers = {"X-Repo-Commit": oid, "ETag": f'"{entry["blob_id"]}"', "Accept-Ranges": "bytes"}
         if entry["lfs"]:
             headers.update(

@@ -7,7 +7,7 @@ from datasets import Dataset, DatasetDict
 
 from sae_core import ConfigError
 from sae_core.data import DatasetLoadError, chunk_and_tokenize, load_text_dataset
-from tests.tiny import make_text, tiny_tokenizer
+from tests.support.tiny import make_text, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

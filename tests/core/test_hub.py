@@ -1,5 +1,5 @@
 """Publishing and loading SAEs through the real `huggingface_hub` client, against a Hub-compatible server on
-127.0.0.1 (tests/hub_server.py). Nothing here reaches the internet.
+127.0.0.1 (tests/support/hub_server.py). Nothing here reaches the internet.
 
 The client runs with Xet disabled (the server speaks the LFS protocol only) and with its cache and token file
 redirected into tmp folders, so a developer's own login or cache never leaks into a test.
@@ -25,14 +25,14 @@ from sae_core.card import public_config, render_model_card
 from sae_core.errors import HubError
 from sae_core.hub import PublishResult, download_saes, main, publish
 from sae_core.utils import atomic_folder
-from tests.hub_server import HubServer
-from tests.tiny import child_env
+from tests.support.hub_server import HubServer
+from tests.support.tiny import child_env
 
 TOKEN = (
     "hf_AliceWriteToken0123456789abcdef"  # alice's; shaped like a real token so the redaction is exercised
 )
 WRONG_TOKEN = "hf_NotAKnownToken0123456789abcdef"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
 
@@ -47,8 +47,9 @@ def hub(tmp_path_factory):
 def isolated_client(monkeypatch, tmp_path):
     """Point the client's cache and token file into tmp_path; no HF_TOKEN unless a test sets it.
 
-    conftest.py sets HF_HUB_OFFLINE=1 for the whole suite (nothing may reach the internet); these tests talk to
-    the server on 127.0.0.1, so they turn the client's offline switch off (the offline test runs in a subprocess).
+    conftest.py sets HF_HUB_OFFLINE=1 for the whole suite (nothing may reach the internet); these tests talk
+    to the server on 127.0.0.1, so they turn the client's offline switch off (the offline test runs in a
+    subprocess).
     """
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
@@ -148,7 +149,7 @@ def all_text_under(*folders: Path) -> bytes:
     return b"".join(p.read_bytes() for folder in folders for p in Path(folder).rglob("*") if p.is_file())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Publishing
 
 
@@ -430,7 +431,7 @@ def test_a_failed_commit_leaves_the_previous_revision_intact(hub, repo_id, tmp_p
     assert torch.equal(load_file(folder / "layers.1" / "sae.safetensors")["W_dec"], old["layers.1"]["W_dec"])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # HF_ENDPOINT and HF_HUB_OFFLINE, which the client reads at import: a fresh process is the honest test.
 
 
@@ -447,7 +448,8 @@ def start_python(code: str, env: dict[str, str]) -> subprocess.Popen:
 
 
 def test_hf_endpoint_and_offline_cache_in_fresh_processes(hub, repo_id, tmp_path):
-    # Two fresh processes run side by side (each pays torch's import): one online, one offline on another repo.
+    # Two fresh processes run side by side (each pays torch's import): one online, one offline on another
+    # repo.
     online_repo, offline_repo = repo_id + "-online", repo_id + "-offline"
     written = make_run(tmp_path / "run")
     publish(tmp_path / "run", offline_repo, token=TOKEN, endpoint=hub.url)
@@ -496,7 +498,7 @@ def test_hf_endpoint_and_offline_cache_in_fresh_processes(hub, repo_id, tmp_path
     assert not [path for _, path, _ in hub.requests[requests_before:] if offline_repo in path]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Local folder publishing
 
 
@@ -572,7 +574,7 @@ def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path, monkeypat
     ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The model card
 
 
@@ -628,7 +630,7 @@ def test_card_without_report_or_hub_ids_says_less():
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The command line
 
 

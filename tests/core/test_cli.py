@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sae_core.run import main, parse_run_config
-from tests.tiny import child_env
+from tests.support.tiny import child_env
 
 TINY = ["--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4"]
 

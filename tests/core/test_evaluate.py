@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sae_core import Sae, SaeConfig
 from sae_core.evaluate import METRIC_KEYS, PLOT_FILES, EvalError, evaluate, evaluate_run, main
 from sae_core.models import find_blocks
-from tests.tiny import child_env, tiny_model
+from tests.support.tiny import child_env, tiny_model
 
 BOS, EOS, PAD = 0, 1, 2
 SPECIAL = [BOS, PAD]
@@ -68,7 +68,7 @@ def plus_minus_identity_sae() -> Sae:
     return sae
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # An independent reference: whole tensors, full forwards with hooks, torch.nn.functional losses.
 
 
@@ -148,7 +148,7 @@ def reference(model, sae, layer, ids, exclude=SPECIAL):
     }
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The contract
 
 
@@ -316,7 +316,7 @@ def test_bad_input_is_a_one_line_eval_error(llama, saes, ids, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # A real training run: held-out selection, training counters, files, the command line
 
 
@@ -409,7 +409,7 @@ def test_held_out_offset_follows_ctx_len_and_running_out_is_an_error(trained_run
 
 
 def test_cli_bad_input_is_one_line_and_exits_2(trained_run, tmp_path, capsys):
-    from tests.tiny import save_tiny_model
+    from tests.support.tiny import save_tiny_model
 
     wide = save_tiny_model(tmp_path / "wide", d=48)  # another model: the SAEs do not fit it
     capsys.readouterr()

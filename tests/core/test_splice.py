@@ -6,7 +6,7 @@ import torch
 from sae_core.errors import EvalError
 from sae_core.models import find_blocks
 from sae_core.splice import Splicer, block_means
-from tests.tiny import tiny_model
+from tests.support.tiny import tiny_model
 
 
 class NoBar:

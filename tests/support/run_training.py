@@ -1,6 +1,6 @@
 """Materialize sae_checkpoints in this process (in-process executor), for the termination tests to interrupt.
 
-python -m tests.pipeline.run_training ROOT REGISTRY PARTITION
+python -m tests.support.run_training ROOT REGISTRY PARTITION
 """
 
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from tests.pipeline.conftest import materialize, resources_for
+from tests.support.pipeline import materialize, resources_for
 
 
 def main() -> None:

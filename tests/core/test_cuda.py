@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from sae_core import Sae, SaeConfig, kernels
 from sae_core.evaluate import evaluate
 from sae_core.kernels import dense_decode, sparse_decode, topk_encode
+from tests.support.tiny import child_env, tiny_model
 from tests.test_trainer import make_trainer, params, token_data
-from tests.tiny import child_env, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny import child_env
+from tests.support.tiny import child_env
 
 pytestmark = pytest.mark.slow
 

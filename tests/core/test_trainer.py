@@ -10,7 +10,7 @@ import torch
 from sae_core import ConfigError, SaeConfig, SaeTrainer, TrainConfig
 from sae_core.errors import CheckpointError
 from sae_core.models import capture_residuals, find_blocks, run_until_captured, select_hookpoints
-from tests.tiny import tiny_model
+from tests.support.tiny import tiny_model
 
 
 def token_data(n_seq=32, seq_len=16, vocab=300, seed=0):
@@ -106,7 +106,8 @@ def test_each_sae_is_updated_alone_so_only_its_gradients_are_alive(tmp_path):
 
 
 def test_resume_refuses_a_state_without_per_sae_optimizers(tmp_path):
-    """Adam state is per SAE (state["optimizers"]); the joint-optimizer layout never shipped and is not read."""
+    """Adam state is per SAE (state["optimizers"]); the joint-optimizer layout never shipped and is not
+    read."""
     model = tiny_model()
     make_trainer(tmp_path, model, save_every=100).fit(max_steps=2)
     path = tmp_path / "run" / "trainer_state" / "rank0-step000000002.pt"

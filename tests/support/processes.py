@@ -1,0 +1,75 @@
+"""Finding and waiting for the processes a test started: `dagster dev` and training ranks."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_dagster_dev(port: int, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`dagster dev` (webserver + daemon + code server) in a process group of its own."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-m",
+                "sae_pipeline.definitions",
+            ],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_until_serving(server: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"dagster dev exited with {server.returncode}:\n{log.read_text()[-5000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    pytest.fail(f"dagster dev did not serve {url} in {timeout} s:\n{log.read_text()[-5000:]}")
+
+
+def training_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in p.info["cmdline"] or ()) and p.pid != os.getpid():
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_until_gone(marker: str, timeout_s: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while (left := training_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
