@@ -16,7 +16,7 @@ from sae_core import Sae, SaeConfig, kernels
 from sae_core.evaluate import evaluate
 from sae_core.kernels import dense_decode, sparse_decode, topk_encode
 from tests.support.tiny import child_env, tiny_model
-from tests.test_trainer import make_trainer, params, token_data
+from tests.support.training import make_trainer, params, token_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

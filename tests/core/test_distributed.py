@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,72 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.support.tiny import child_env
+from tests.support.processes import free_port
+from tests.support.training import COMMON, check, env, run, sae_params, torchrun
 
 pytestmark = pytest.mark.slow
-
-COMMON = [
-    "--device",
-    "cpu",
-    "--ctx_len",
-    "32",
-    "--expansion_factor",
-    "4",
-    "--k",
-    "4",
-    "--lr_warmup_steps",
-    "2",
-    "--shuffle_seed",
-    "none",
-    "--log_every",
-    "1",
-]
-
-
-def env():
-    return child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "-m",
-        "sae_core",
-        *extra,
-    ]
-
-
-def run(cmd, timeout=240) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
-    return p
-
-
-def check(p: subprocess.CompletedProcess) -> None:
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-
-
-def sae_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for hook in sorted(p for p in run_dir.iterdir() if (p / "sae.safetensors").exists()):
-        for k, v in load_file(hook / "sae.safetensors").items():
-            out[f"{hook.name}/{k}"] = v
-    return out
 
 
 def assert_same(a: dict, b: dict, atol=1e-5, exact=False) -> None:

@@ -11,36 +11,7 @@ from sae_core import ConfigError, SaeConfig, SaeTrainer, TrainConfig
 from sae_core.errors import CheckpointError
 from sae_core.models import capture_residuals, find_blocks, run_until_captured, select_hookpoints
 from tests.support.tiny import tiny_model
-
-
-def token_data(n_seq=32, seq_len=16, vocab=300, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n_seq, seq_len), generator=g)
-    ids[:, 0] = 0  # BOS, excluded by default
-    return ids
-
-
-class Tok:
-    bos_token_id, pad_token_id, eos_token_id = 0, 2, 1
-
-
-def make_trainer(tmp_path, model=None, data=None, run_name="run", resume=False, **kw):
-    cfg = TrainConfig(
-        SaeConfig(expansion_factor=4, k=4),
-        **{"batch_size": 4, "lr_warmup_steps": 2, "save_dir": str(tmp_path), "run_name": run_name, **kw},
-    )
-    return SaeTrainer(
-        cfg,
-        data if data is not None else token_data(),
-        model or tiny_model(),
-        tokenizer=Tok(),
-        resume=resume,
-        progress=False,
-    )
-
-
-def params(trainer):
-    return {f"{h}/{n}": p.detach().clone() for h, s in trainer.saes.items() for n, p in s.named_parameters()}
+from tests.support.training import Tok, make_trainer, params, token_data
 
 
 def test_training_reduces_fvu_on_a_tiny_model(tmp_path):

@@ -17,8 +17,7 @@ from sae_core import SaeConfig, SaeTrainer, TrainConfig
 from sae_core.checkpoint import CheckpointError, latest_complete_step, load_state, state_path
 from sae_core.data import DatasetLoadError, load_text_dataset
 from tests.support.tiny import tiny_model
-from tests.test_distributed import COMMON, check, env, run, sae_params, torchrun
-from tests.test_trainer import Tok, token_data
+from tests.support.training import COMMON, Tok, check, env, run, sae_params, token_data, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 
