@@ -1,4 +1,5 @@
-"""1 rank vs 2 ranks (data parallel, and --distribute_layers) on the embedded model: tokens/s and per-rank memory.
+"""1 rank vs 2 ranks (data parallel, and --distribute_layers) on the embedded model: tokens/s and per-rank
+memory.
 
     python benchmarks/distributed.py [--tokens 8192] [--layers 3 9 15 21] [--expansion 16]
 
@@ -90,7 +91,8 @@ def main() -> None:
         peaks = [p["rss"] for p in run["peak_memory_mb_per_rank"]]
         rows.append((name, run["tokens"] / run["wall_time_s"], peaks))
     print(
-        f"distributed: embedded model, layers {args.layers}, {args.expansion}x, global batch {args.global_batch}"
+        f"distributed: embedded model, layers {args.layers}, {args.expansion}x, "
+        f"global batch {args.global_batch}"
     )
     print(f"{'mode':30} {'tokens/s':>9}  peak RSS per rank (MiB)")
     for name, rate, peaks in rows:

@@ -168,7 +168,8 @@ def main() -> None:
         recipe = " ".join(args.extra) or "library defaults"
         for _, r in sorted(results.items()):
             per_layer = "; ".join(
-                f"{h}: FVU {m['fvu']:.3f}, dead {m['dead_pct']:.2f}%, dCE {m['delta_ce']:.3f}, KL {m['kl']:.3f}"
+                f"{h}: FVU {m['fvu']:.3f}, dead {m['dead_pct']:.2f}%, "
+                f"dCE {m['delta_ce']:.3f}, KL {m['kl']:.3f}"
                 for h, m in r["metrics"].items()
             )
             append_row(

@@ -26,7 +26,8 @@ def sync() -> None:
 
 
 def timed(fn, repeat: int, inner: int = 1) -> float:
-    """Best over `repeat` of the mean time of `inner` back-to-back calls (inner > 1 on GPUs, whose calls are short)."""
+    """Best over `repeat` of the mean time of `inner` back-to-back calls (inner > 1 on GPUs, whose calls
+    are short)."""
     fn()  # warm-up
     sync()
     best = float("inf")
@@ -111,7 +112,8 @@ def main() -> None:
         append_row(
             "sae_step",
             "; ".join(
-                f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} (matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms)"
+                f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} "
+                f"(matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms)"
                 for r in rows
             )
             + f" [N={n}, d={d}, M={m}, k={args.k}, {dev}, grad_w {grad_w}]",

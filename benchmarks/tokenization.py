@@ -51,7 +51,8 @@ def main() -> None:
     ratio = t_raw / t_chunk
     print(f"tokenize: {len(texts):,} docs, {n_tokens:,} tokens -> {len(out):,} chunks of {args.ctx_len}")
     print(
-        f"raw {n_tokens / t_raw:,.0f} tok/s, chunk_and_tokenize {n_tokens / t_chunk:,.0f} tok/s, ratio {ratio:.2f}"
+        f"raw {n_tokens / t_raw:,.0f} tok/s, "
+        f"chunk_and_tokenize {n_tokens / t_chunk:,.0f} tok/s, ratio {ratio:.2f}"
     )
     if not args.no_record:
         append_row(

@@ -103,7 +103,8 @@ def main() -> None:
     print(f"train_e2e: {run['tokens']:,} tokens, {n_layers} layers {args.layers}, M={m}")
     print(f"{'tokens/s':>9} {'train s':>8} {'LM fwd':>7} {'SAE':>6} {'other':>6} {'process s':>9}")
     print(
-        f"{tok_s:9,.0f} {train_s:8.1f} {lm / train_s:7.0%} {sae / train_s:6.0%} {other / train_s:6.0%} {total:9.1f}"
+        f"{tok_s:9,.0f} {train_s:8.1f} {lm / train_s:7.0%} "
+        f"{sae / train_s:6.0%} {other / train_s:6.0%} {total:9.1f}"
     )
     cuda_peak = (run.get("peak_memory_mb_per_rank") or [{}])[0].get("cuda")  # MiB, on GPU runs only
     where = f"{run['tokens']:,} tokens, layers {args.layers}, M={m}, {args.model}"

@@ -1,11 +1,12 @@
 """The model card (README.md) published next to a run's SAEs.
 
-A card is a pure function of what the run wrote (hookpoint cfg.json files, run.json, the evaluation report), so
-publishing the same run twice renders the same bytes — which is what lets a re-publish be a no-op on the Hub.
-Nothing here touches the network or the file system: `sae_core.hub` gathers the inputs and writes the result.
+A card is a pure function of what the run wrote (hookpoint cfg.json files, run.json, the evaluation report),
+so publishing the same run twice renders the same bytes — which is what lets a re-publish be a no-op on the
+Hub. Nothing here touches the network or the file system: `sae_core.hub` gathers the inputs and writes the
+result.
 
-Secrets never reach the card: configuration keys that name a credential (`hf_token`, `api_key`, ...) are dropped,
-values that look like a Hugging Face token or equal a known secret are masked.
+Secrets never reach the card: configuration keys that name a credential (`hf_token`, `api_key`, ...) are
+dropped, values that look like a Hugging Face token or equal a known secret are masked.
 """
 
 import re
@@ -18,11 +19,13 @@ from .utils import natural_key
 
 TAGS = ["sparse-autoencoder", "sae", "topk-sae", "interpretability", "sae_core"]
 
-# Keys whose *name* says they hold a credential. "tokens", "max_tokens", "tokenizer" stay: they are counts/names.
+# Keys whose *name* says they hold a credential. "tokens", "max_tokens", "tokenizer" stay: they are
+# counts/names.
 _SECRET_KEY = re.compile(r"(^|_)(hf_?token|token|auth_token|access_token|api_key|apikey|secret|password)$")
 # Values shaped like a Hugging Face access token, whatever key they sit under.
 _HF_TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}")
-# What the Hub accepts as a repo id in `base_model` / `datasets`; a local path (the embedded GGUF folder) is not one.
+# What the Hub accepts as a repo id in `base_model` / `datasets`; a local path (the embedded GGUF folder) is
+# not one.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 # Evaluation columns shown in the card, in order (report key, column title). The report keeps every metric.
@@ -41,15 +44,16 @@ EVAL_COLUMNS = [
 
 
 def is_secret_key(key: str) -> bool:
-    """True for configuration keys that name a credential (`hf_token`, `token`, `api_key`), not for `tokens`."""
+    """True for configuration keys that name a credential (`hf_token`, `token`, `api_key`), not for
+    `tokens`."""
     return bool(_SECRET_KEY.search(key.lower()))
 
 
 def public_config(config: Mapping[str, Any], secrets: Sequence[str] = ()) -> dict[str, Any]:
     """Flatten a (nested) training config to dotted keys, without credentials.
 
-    Drops keys named like a credential and masks any value that contains a known secret or looks like an HF token,
-    so a token that slipped into an unexpected field still does not reach the card.
+    Drops keys named like a credential and masks any value that contains a known secret or looks like an HF
+    token, so a token that slipped into an unexpected field still does not reach the card.
     """
     flat: dict[str, Any] = {}
 
@@ -69,7 +73,8 @@ def public_config(config: Mapping[str, Any], secrets: Sequence[str] = ()) -> dic
 
 
 def hub_id_or_none(name: Any) -> str | None:
-    """`name` if it can be a Hub repo id (for `base_model`/`datasets` metadata), else None (e.g. a local path)."""
+    """`name` if it can be a Hub repo id (for `base_model`/`datasets` metadata), else None (e.g. a local
+    path)."""
     if isinstance(name, str) and _HUB_ID.fullmatch(name) and ".." not in name:
         return name
     return None
@@ -108,10 +113,10 @@ def render_model_card(
     title_model = f" for {model}" if model else ""
     parts.append(f"# TopK sparse autoencoders{title_model}\n")
     parts.append(
-        f"{len(names)} TopK sparse autoencoder{'s' if len(names) != 1 else ''} (SAEs, Gao et al. 2024) trained with "
-        "`sae_core`, one per hookpoint. `layers.<i>` is the output of decoder block i (the residual stream after "
-        "that block). The files follow EleutherAI's layout: `<hookpoint>/cfg.json` and "
-        "`<hookpoint>/sae.safetensors`.\n"
+        f"{len(names)} TopK sparse autoencoder{'s' if len(names) != 1 else ''} (SAEs, Gao et al. 2024) "
+        "trained with `sae_core`, one per hookpoint. `layers.<i>` is the output of decoder block i "
+        "(the residual stream after that block). The files follow EleutherAI's layout: "
+        "`<hookpoint>/cfg.json` and `<hookpoint>/sae.safetensors`.\n"
     )
     parts.append(_summary_table(names, hookpoints, run, model, dataset))
     parts.append(_load_snippet(repo_id, names))
@@ -216,9 +221,12 @@ def _evaluation(report, report_md, plots, names) -> str:
         rows = [[f"`{h}`"] + [metrics[h].get(key) for key, _ in columns] for h in rows_for]
         lines.append(_table(["hookpoint"] + [title for _, title in columns], rows))
         lines.append(
-            "FVU: fraction of variance unexplained (1 = mean predictor, 0 = perfect). L0: latents active per token. "
-            "ΔCE: next-token cross-entropy (nats) with the SAE's reconstruction spliced in, minus the clean one. "
-            "Loss recovered: (CE_ablated − CE_spliced) / (CE_ablated − CE_clean), ablating to zero or to the mean. "
+            "FVU: fraction of variance unexplained (1 = mean predictor, 0 = perfect). "
+            "L0: latents active per token. "
+            "ΔCE: next-token cross-entropy (nats) with the SAE's reconstruction spliced in, "
+            "minus the clean one. "
+            "Loss recovered: (CE_ablated − CE_spliced) / (CE_ablated − CE_clean), "
+            "ablating to zero or to the mean. "
             "KL: from the clean to the spliced next-token distribution. All metrics: `eval/report.json`.\n"
         )
     elif report_md:

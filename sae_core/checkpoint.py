@@ -118,6 +118,7 @@ def load_state(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or "step" not in state or "saes" not in state:
         raise CheckpointError(
-            f"{path}: not an sae_core trainer state (keys: {sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})"
+            f"{path}: not an sae_core trainer state "
+            f"(keys: {sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})"
         )
     return state

@@ -18,8 +18,8 @@ SECRET_FIELDS = frozenset({"hf_token"})
 class SaeConfig:
     """Shape and sparsity of one TopK sparse autoencoder.
 
-    Keyword arguments only: the seed README's `SaeConfig(hidden_size)` silently made a hidden_size-times-wide SAE.
-    The input width d_in is read from the model, not given here.
+    Keyword arguments only: the seed README's `SaeConfig(hidden_size)` silently made a hidden_size-times-wide
+    SAE. The input width d_in is read from the model, not given here.
     """
 
     expansion_factor: int = 32
@@ -169,8 +169,8 @@ class TrainConfig:
             # Half-precision weights lose Adam's small updates (and the CPU backward has no half kernels):
             # keep fp32 weights and compute in half precision with autocast instead.
             raise ConfigError(
-                f"sae_dtype={self.sae_dtype} is not supported: half-precision weights lose small updates; keep "
-                f"sae_dtype float32 and pass --autocast {self.sae_dtype} for half-precision compute"
+                f"sae_dtype={self.sae_dtype} is not supported: half-precision weights lose small updates; "
+                f"keep sae_dtype float32 and pass --autocast {self.sae_dtype} for half-precision compute"
             )
         if self.sae_dtype not in ("float32", "float64"):
             raise ConfigError(f"sae_dtype must be float32 or float64, got {self.sae_dtype!r}")

@@ -115,8 +115,9 @@ def load_text_dataset(
             ds = load_dataset(name, split=split, token=token, **(data_args or {}))
         except Exception as e:  # datasets raises many types for "not found / offline"
             raise DatasetLoadError(
-                f"cannot load dataset {name!r}: not a local path, and the Hub gave: {first_line(e)}. Pass a Hub dataset "
-                "id, a folder written by Dataset.save_to_disk, a .txt/.jsonl/.parquet file or folder, or 'embedded'"
+                f"cannot load dataset {name!r}: not a local path, and the Hub gave: {first_line(e)}. "
+                "Pass a Hub dataset id, a folder written by Dataset.save_to_disk, "
+                "a .txt/.jsonl/.parquet file or folder, or 'embedded'"
             ) from None
     if "input_ids" not in ds.column_names and text_column not in ds.column_names:
         raise ConfigError(
@@ -201,7 +202,8 @@ def _load_local(path: Path, split: str) -> Dataset:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_FILE_BUILDERS)
     if not files:
         raise DatasetLoadError(
-            f"{path}: no data files found (expected .txt, .jsonl, .json, .parquet or .csv, or a saved dataset)"
+            f"{path}: no data files found "
+            "(expected .txt, .jsonl, .json, .parquet or .csv, or a saved dataset)"
         )
     kinds = {DATA_FILE_BUILDERS.get(p.suffix) for p in files}
     if None in kinds or len(kinds) != 1:

@@ -67,8 +67,9 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
             )
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
-                f"rank with LOCAL_RANK {local_rank} has no GPU of its own: {torch.cuda.device_count()} visible; use "
-                "--nproc_per_node at most the GPU count, or --device cpu (gloo)"
+                f"rank with LOCAL_RANK {local_rank} has no GPU of its own: "
+                f"{torch.cuda.device_count()} visible; "
+                "use --nproc_per_node at most the GPU count, or --device cpu (gloo)"
             )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -138,7 +139,8 @@ def split_layers(hookpoints: list[str], world_size: int) -> list[list[str]]:
     if world_size > len(hookpoints):
         raise ConfigError(
             f"--distribute_layers with {world_size} ranks but only {len(hookpoints)} layers to train: "
-            "every rank needs at least one layer; use fewer ranks or more layers (or drop --distribute_layers)"
+            "every rank needs at least one layer; "
+            "use fewer ranks or more layers (or drop --distribute_layers)"
         )
     base, extra = divmod(len(hookpoints), world_size)
     shares, start = [], 0

@@ -1,13 +1,16 @@
-"""Fetch SAEs from the Hugging Face Hub (or find them in a folder), and explain the client's failures in one line.
+"""Fetch SAEs from the Hugging Face Hub (or find them in a folder), and explain the client's failures in
+one line.
 
-    download_saes("me/my-saes", ["layers.3"])   -> local folder with only that hookpoint (what Sae.load_*_from_hub use)
-    download_saes("out/saes")                   -> the folder itself, once it is known to hold hookpoint folders
+    download_saes("me/my-saes", ["layers.3"])
+        -> local folder with only that hookpoint (what Sae.load_*_from_hub use)
+    download_saes("out/saes")
+        -> the folder itself, once it is known to hold hookpoint folders
 
-Everything goes through the real `huggingface_hub` client, so HF_ENDPOINT, HF_HUB_OFFLINE, the download cache and
-the client's retries behave as Hugging Face users expect. Publishing (`sae_core.hub`) shares the second half of this
-module: client errors are rewritten as one-line messages that name the repo and the fix, and the new exception is
-raised *after* the `except` block: a client HTTP error carries its request (Authorization header included), and
-chaining it would let a traceback printer or an error serializer reach it.
+Everything goes through the real `huggingface_hub` client, so HF_ENDPOINT, HF_HUB_OFFLINE, the download cache
+and the client's retries behave as Hugging Face users expect. Publishing (`sae_core.hub`) shares the second
+half of this module: client errors are rewritten as one-line messages that name the repo and the fix, and the
+new exception is raised *after* the `except` block: a client HTTP error carries its request (Authorization
+header included), and chaining it would let a traceback printer or an error serializer reach it.
 
 Nothing here renders a card or reads YAML: loading an SAE needs neither.
 """
@@ -40,10 +43,10 @@ def download_saes(
 ) -> Path:
     """A local folder holding the hookpoint folders of `repo_or_path` (a folder, or a Hub repo id).
 
-    patterns: hookpoint folder globs ("layers.10", "layers.*"); None means every hookpoint. From the Hub only the
-    matching folders are downloaded (allow_patterns "layers.10/*"); EleutherAI's older "layer_10" naming matches
-    "layers.10" and vice versa. Honours HF_ENDPOINT, `revision` (branch, tag or commit) and the offline cache
-    (HF_HUB_OFFLINE=1 serves what was downloaded before).
+    patterns: hookpoint folder globs ("layers.10", "layers.*"); None means every hookpoint. From the Hub only
+    the matching folders are downloaded (allow_patterns "layers.10/*"); EleutherAI's older "layer_10" naming
+    matches "layers.10" and vice versa. Honours HF_ENDPOINT, `revision` (branch, tag or commit) and the
+    offline cache (HF_HUB_OFFLINE=1 serves what was downloaded before).
     Raises FileNotFoundError (no such folder, nothing matches, not cached while offline) or HubError, a
     ValueError (bad repo id, repo or revision not found, token refused), each with a one-line message.
     """
@@ -153,7 +156,7 @@ def check_repo_id(repo_id: str, alternative: str | None = None) -> None:
         raise HubError(f"'{repo_id}' is not a valid Hub repo id{also}: expected 'namespace/name'")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Client errors -> one-line messages without secrets (shared with sae_core.hub's publishing)
 
 
@@ -168,7 +171,8 @@ class HubTarget:
 
 
 def known_tokens(token: str | None) -> list[str]:
-    """Every token this process could send to the Hub: none of them may end up in a message or a published file."""
+    """Every token this process could send to the Hub: none of them may end up in a message or a published
+    file."""
     candidates = [token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
     return sorted({t.strip() for t in candidates if t and t.strip()})
 
@@ -195,7 +199,8 @@ def explain_client_error(error: BaseException, target: HubTarget) -> Exception |
     repo, endpoint = target.repo_id, target.endpoint
     if isinstance(error, RevisionNotFoundError):
         return HubError(
-            f"revision '{target.revision}' not found in Hub repo '{repo}': pass an existing branch, tag or commit id"
+            f"revision '{target.revision}' not found in Hub repo '{repo}': "
+            "pass an existing branch, tag or commit id"
         )
     if isinstance(error, RepositoryNotFoundError):
         return HubError(
@@ -216,20 +221,22 @@ def explain_client_error(error: BaseException, target: HubTarget) -> Exception |
             )
         if status in (409, 412):
             return HubError(
-                f"'{repo}' changed on the Hub while publishing (HTTP {status}); nothing was committed, publish again"
+                f"'{repo}' changed on the Hub while publishing (HTTP {status}); "
+                "nothing was committed, publish again"
             )
         return ConnectionError(
             f"the Hub at {endpoint} answered HTTP {status} for '{repo}'" + (f": {said}" if said else "")
         )
     if isinstance(error, RuntimeError) and error.__cause__ is not None:
-        # The client wraps a failed LFS upload as RuntimeError("Error while uploading '<file>' ...") from <cause>.
+        # The client wraps a failed LFS upload as RuntimeError("Error while uploading '<file>' ...") from
+        # <cause>.
         cause = explain_client_error(error.__cause__, target)
         detail = one_line(str(cause or type(error.__cause__).__name__), target.secrets)
         return ConnectionError(f"{one_line(str(error), target.secrets)} ({detail}); the repo is unchanged")
     if _is_network_error(error):
         return ConnectionError(
-            f"cannot reach the Hub at {endpoint} for '{repo}' ({type(error).__name__}, after the client's retries): "
-            "check the network or HF_ENDPOINT"
+            f"cannot reach the Hub at {endpoint} for '{repo}' "
+            f"({type(error).__name__}, after the client's retries): check the network or HF_ENDPOINT"
         )
     if isinstance(error, ValueError):  # e.g. invalid README metadata, malformed server answer
         return HubError(f"'{repo}': {one_line(str(error), target.secrets)}")

@@ -61,7 +61,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SAE_CORE_CACHE") or Path.home() / ".cache" / "sae_core").expanduser()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -104,7 +104,8 @@ def embedded_model_path() -> Path:
         logger.info("converting the embedded model %s once into %s", gguf.name, folder)
         with atomic_folder(folder) as staging:
             _convert_gguf(gguf, staging)
-            # The staging folder (and the weight writer) have owner-only modes; a cache is often shared by a team.
+            # The staging folder (and the weight writer) have owner-only modes; a cache is often shared by a
+            # team.
             for path in (staging, *staging.iterdir()):
                 path.chmod(0o755 if path.is_dir() else 0o644)
     return folder
@@ -137,7 +138,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The corpus
 
 

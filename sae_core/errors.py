@@ -35,4 +35,5 @@ class EvalError(SaeCoreError):
 
 
 class HubError(SaeCoreError):
-    """The Hub (or a local publish target) refused or could not serve a request; the message has no secrets."""
+    """The Hub (or a local publish target) refused or could not serve a request; the message has no
+    secrets."""

@@ -5,12 +5,12 @@
     publish(run_dir, local_dir="out/")    the same tree, written atomically to a folder
     python -m sae_core.hub RUN_DIR [REPO_ID] [--local_dir DIR] ...
 
-Loading them back is the model's job (`Sae.load_from_hub`, through `sae_core.download`); this module depends on
-that one, never the reverse. Everything goes through the real `huggingface_hub` client, so HF_ENDPOINT and the
-client's retries behave as Hugging Face users expect.
+Loading them back is the model's job (`Sae.load_from_hub`, through `sae_core.download`); this module depends
+on that one, never the reverse. Everything goes through the real `huggingface_hub` client, so HF_ENDPOINT and
+the client's retries behave as Hugging Face users expect.
 
-The token (argument, HF_TOKEN, or `hf auth login`) is handed to the client and nowhere else; client errors become
-one-line messages without it (`sae_core.download.hub_call`).
+The token (argument, HF_TOKEN, or `hf auth login`) is handed to the client and nowhere else; client errors
+become one-line messages without it (`sae_core.download.hub_call`).
 """
 
 import argparse
@@ -66,7 +66,7 @@ class PublishResult:
         return f"nothing changed: {where} already holds this content (at {self.revision[:12]}), no new commit"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # What gets published: the run's hookpoint folders, the evaluation report, and the card rendered from both.
 
 
@@ -108,7 +108,8 @@ def _gather(run_dir: Path, eval_dir: Path | None) -> _Bundle:
     names = list_hookpoints(run_dir)
     if not names:
         raise FileNotFoundError(
-            f"no SAEs in '{run_dir}': expected hookpoint folders like layers.3/ holding cfg.json and sae.safetensors"
+            f"no SAEs in '{run_dir}': "
+            "expected hookpoint folders like layers.3/ holding cfg.json and sae.safetensors"
         )
     bundle = _Bundle(files={}, hookpoints={})
     for name in names:
@@ -150,7 +151,7 @@ def _refuse_files_holding(files: dict[str, Path], secrets: list[str]) -> None:
                 )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Publishing
 
 
@@ -169,14 +170,16 @@ def publish(
     """Publish the SAEs of `run_dir` with a model card, to the Hub repo `repo_id` or, if None, to `local_dir`.
 
     Hub: creates the repo if missing and makes ONE commit holding every hookpoint folder, README.md and eval/
-    (report.json, report.md, *.png from `eval_dir`, default run_dir/eval). Files of an earlier publish that this
-    run no longer has (a hookpoint, a plot) are deleted in the same commit; files it does not manage are kept.
-    Identical content makes no commit (`created_commit` is False). The commit names its parent, so a concurrent
-    push makes it fail cleanly instead of mixing two runs; a failed publish leaves the previous revision intact.
+    (report.json, report.md, *.png from `eval_dir`, default run_dir/eval). Files of an earlier publish that
+    this run no longer has (a hookpoint, a plot) are deleted in the same commit; files it does not manage are
+    kept. Identical content makes no commit (`created_commit` is False). The commit names its parent, so a
+    concurrent push makes it fail cleanly instead of mixing two runs; a failed publish leaves the previous
+    revision intact.
 
     Folder: writes the same tree to `local_dir` via a temporary folder renamed into place.
 
-    token: defaults to HF_TOKEN (or the `hf auth login` token). endpoint: defaults to HF_ENDPOINT / huggingface.co.
+    token: defaults to HF_TOKEN (or the `hf auth login` token).
+    endpoint: defaults to HF_ENDPOINT / huggingface.co.
     """
     run_dir = Path(run_dir)
     bundle = _gather(run_dir, Path(eval_dir) if eval_dir is not None else None)
@@ -239,7 +242,8 @@ def _publish_to_hub(
 
 
 def _stale_files(remote_files: list[str], keep: set[str]) -> list[str]:
-    """Remote files that an earlier publish wrote and this one would not: old hookpoints, plots, the report."""
+    """Remote files that an earlier publish wrote and this one would not: old hookpoints, plots, the
+    report."""
     hookpoint_dirs = {
         path.split("/")[0] for path in remote_files if path.count("/") == 1 and path.endswith(f"/{CFG_FILE}")
     }
@@ -329,7 +333,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
                 return True
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line
 
 

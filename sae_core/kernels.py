@@ -65,7 +65,8 @@ ENCODE_BLOCK_ELEMENTS = 1 << 24
 
 
 def _encoder_grads(ids: Tensor, g: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_w: bool):
-    """grad_x = sum_j g[t, j] * weight[ids[t, j]] and grad_w[m] = sum over (t, j) with ids[t, j] = m of g[t, j] * x[t].
+    """grad_x = sum_j g[t, j] * weight[ids[t, j]] and
+    grad_w[m] = sum over (t, j) with ids[t, j] = m of g[t, j] * x[t].
 
     grad_w is the backward of the embedding bag that computes grad_x (with x as its upstream gradient).
     """

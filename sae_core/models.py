@@ -33,7 +33,8 @@ def load_model(
     token: str | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """Load a causal LM by Hub id, local folder, or the embedded default (None, 'embedded', 'smollm2-135m')."""
+    """Load a causal LM by Hub id, local folder, or the embedded default (None, 'embedded',
+    'smollm2-135m')."""
     from transformers import AutoModelForCausalLM  # heavy: only loading a model needs it
 
     if name is None or is_embedded_model(name):
@@ -56,8 +57,9 @@ def load_model(
     except OSError as e:
         where = "a local folder" if os.path.exists(path) else "a local folder nor a reachable Hub model id"
         raise ModelLoadError(
-            f"cannot load model {name!r}: it is not {where} with a config.json and weights ({first_line(e)}); "
-            "pass a Hub id such as EleutherAI/pythia-160m, a folder written by save_pretrained, or 'smollm2-135m'"
+            f"cannot load model {name!r}: it is not {where} with a config.json and weights "
+            f"({first_line(e)}); pass a Hub id such as EleutherAI/pythia-160m, "
+            "a folder written by save_pretrained, or 'smollm2-135m'"
         ) from None
     except ValueError as e:
         raise ModelLoadError(f"cannot load model {name!r}: {first_line(e)}") from None
@@ -69,7 +71,8 @@ def load_model(
 
 
 def module_device(module: Any, default: torch.device | str = "cpu") -> torch.device:
-    """The device of a module's first parameter; `default` for a module without parameters (or a non-module)."""
+    """The device of a module's first parameter; `default` for a module without parameters (or a
+    non-module)."""
     if isinstance(module, nn.Module):
         for p in module.parameters():
             return p.device
@@ -121,11 +124,11 @@ def max_context(model: nn.Module) -> int | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Hookpoint names: the one place that knows how they are spelled, parsed and found in a folder.
 #
-# `layers.<i>` is the output of block i. EleutherAI's oldest repos name the same folder `layer_<i>`: both are read,
-# only the first is written. A folder of SAEs holds one sub-folder per hookpoint: <hookpoint>/{cfg.json,
+# `layers.<i>` is the output of block i. EleutherAI's oldest repos name the same folder `layer_<i>`: both are
+# read, only the first is written. A folder of SAEs holds one sub-folder per hookpoint: <hookpoint>/{cfg.json,
 # sae.safetensors}.
 
 CFG_FILE = "cfg.json"
@@ -260,6 +263,7 @@ def run_until_captured(model: nn.Module, input_ids: Tensor, **kwargs) -> None:
 
 
 def special_token_ids(tokenizer) -> list[int]:
-    """Default tokens excluded from SAE training and metrics: BOS and pad (their residual norms are outliers)."""
+    """Default tokens excluded from SAE training and metrics: BOS and pad (their residual norms are
+    outliers)."""
     ids = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
     return sorted(i for i in ids if i is not None)

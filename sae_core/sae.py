@@ -94,7 +94,8 @@ class Sae(nn.Module):
     def encode(
         self, x: Tensor, dead_mask: Tensor | None = None, compute_dtype: torch.dtype | None = None
     ) -> EncoderOutput:
-        """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]); AuxK picks when dead_mask is set."""
+        """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]); AuxK picks when dead_mask is
+        set."""
         x = x.reshape(-1, self.d_in).to(self.dtype)
         dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
         return topk_encode(
@@ -198,7 +199,8 @@ class Sae(nn.Module):
         *,
         decoder: bool = True,
     ) -> "Sae":
-        """Load an SAE folder (cfg.json + sae.safetensors). The stored dtype is kept unless `dtype` is given."""
+        """Load an SAE folder (cfg.json + sae.safetensors). The stored dtype is kept unless `dtype` is
+        given."""
         path = Path(path)
         cfg_path, sae_path = path / CFG_FILE, path / SAE_FILE
         if not path.is_dir():
@@ -231,8 +233,8 @@ class Sae(nn.Module):
                 raise SaeLoadError(f"{sae_path}: tensor '{name}' missing (found {sorted(tensors)})")
             if tuple(tensors[name].shape) != shape:
                 raise SaeLoadError(
-                    f"{sae_path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, but {cfg_path.name} "
-                    f"(d_in={d_in}, {m} latents) implies {shape}"
+                    f"{sae_path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                    f"but {cfg_path.name} (d_in={d_in}, {m} latents) implies {shape}"
                 )
         stored = tensors["encoder.weight"].dtype
         sae = cls(

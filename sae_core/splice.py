@@ -1,8 +1,8 @@
 """Running the LM with one block's output replaced: the spliced and ablated forwards of the evaluation.
 
-    layer_of = check_saes(model, saes)         {hookpoint: block index}, each SAE checked against the model
-    splicer = Splicer(model, layers, mode)     mode "suffix", "full", or "auto" (suffix where the model allows)
-    with splicer.recording():                  a clean forward records every hooked block's output
+    layer_of = check_saes(model, saes)        {hookpoint: block index}, each SAE checked against the model
+    splicer = Splicer(model, layers, mode)    mode "suffix", "full", or "auto" (suffix where the model allows)
+    with splicer.recording():                 a clean forward records every hooked block's output
         clean_logits = splicer.forward(ids)
     splicer.check_suffix(ids, clean_logits, required)      first batch: the suffix replays the clean logits
     splicer.logits(layer, hidden, ids)                     the logits with block `layer`'s output := hidden

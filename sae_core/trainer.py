@@ -7,7 +7,8 @@ One optimizer step:
         (--distribute_layers: send each layer's activations to the rank that owns its SAE)
         for each SAE: drop special tokens, split into micro_acc_steps chunks, backward the *sum* of squared
                       errors (FVU numerator) + auxk_alpha * AuxK numerator
-    after the last batch's backward of each SAE (then the next SAE's, so one SAE's gradients are alive at a time):
+    after the last batch's backward of each SAE
+    (then the next SAE's, so one SAE's gradients are alive at a time):
       pool the variance of all tokens of the step (all batches, all ranks; float64, Chan's formula)
       gradients: sum over ranks, divide by that variance -> exactly the gradient of the global-batch FVU
       remove the radial part of decoder gradients, Adam step of this SAE, renormalise its decoder rows
@@ -151,7 +152,8 @@ class SaeTrainer:
         """This rank's SAEs, an Adam for each, and their dead-latent counters."""
         cfg = self.cfg
         sae_dtype = resolve_dtype(cfg.sae_dtype)
-        # Every SAE is initialised from a seed of its own, so the result does not depend on which rank owns it.
+        # Every SAE is initialised from a seed of its own, so the result does not depend on which rank owns
+        # it.
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
             torch.manual_seed(cfg.seed + layer_index(hookpoint))
@@ -179,9 +181,9 @@ class SaeTrainer:
         total_steps = n_batches // cfg.grad_acc_steps
         if total_steps == 0:
             raise ConfigError(
-                f"dataset too small for one optimizer step: it has {n_seq} sequences of {seq_len} tokens, one "
-                f"step needs batch_size x world_size x grad_acc_steps = {per_batch * cfg.grad_acc_steps}; use "
-                "more data or a smaller batch"
+                f"dataset too small for one optimizer step: it has {n_seq} sequences of {seq_len} tokens, "
+                "one step needs batch_size x world_size x grad_acc_steps = "
+                f"{per_batch * cfg.grad_acc_steps}; use more data or a smaller batch"
             )
         return seq_len, total_steps
 
@@ -300,7 +302,8 @@ class SaeTrainer:
 
     @torch.no_grad()
     def _init_b_dec(self, hookpoint: str, x: Tensor) -> None:
-        """b_dec starts at the mean of the first batch (over all ranks), so the encoder sees centred inputs."""
+        """b_dec starts at the mean of the first batch (over all ranks), so the encoder sees centred
+        inputs."""
         head = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.double().sum(0).cpu()])
         if self.ddp:
             all_reduce_sum(head, self.ctx)
@@ -364,7 +367,8 @@ class SaeTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Write the SAE folders, this rank's trainer state and run.json; every rank reaches the same barriers."""
+        """Write the SAE folders, this rank's trainer state and run.json; every rank reaches the same
+        barriers."""
         writes_state = self.distributed_layers or self.ctx.is_main
         if writes_state:
             try:
@@ -425,13 +429,13 @@ class SaeTrainer:
         return {k: v for k, v in self.cfg.to_dict().items() if k not in RESUME_MUTABLE}
 
     def _resume_or_refuse(self, resume: bool) -> None:
-        """With `resume`, continue from the newest checkpoint every writing rank completed; without it, refuse to
-        start over a run folder that holds one (nothing is ever overwritten)."""
+        """With `resume`, continue from the newest checkpoint every writing rank completed; without it, refuse
+        to start over a run folder that holds one (nothing is ever overwritten)."""
         if not resume:
             if ckpt.has_state(self.run_dir):
                 raise ConfigError(
-                    f"{self.run_dir} already holds a checkpoint; pass --resume to continue it, or choose another "
-                    "--run_name / --save_dir (nothing was overwritten)"
+                    f"{self.run_dir} already holds a checkpoint; pass --resume to continue it, "
+                    "or choose another --run_name / --save_dir (nothing was overwritten)"
                 )
             return
         writers = self.ctx.world_size if self.distributed_layers else 1
@@ -439,8 +443,9 @@ class SaeTrainer:
         if step is None:
             if ckpt.has_state(self.run_dir):
                 raise ConfigError(
-                    f"{self.run_dir}: the trainer states there were written by a different number of ranks or "
-                    f"mode; resume with the same world size and --distribute_layers setting as the original run"
+                    f"{self.run_dir}: the trainer states there were written by a different number of "
+                    "ranks or mode; resume with the same world size and --distribute_layers setting "
+                    "as the original run"
                 )
             raise ConfigError(f"nothing to resume: {self.run_dir / ckpt.STATE_DIR} holds no trainer state")
         path = ckpt.state_path(self.run_dir, self.ctx.rank if self.distributed_layers else 0, step)
@@ -472,7 +477,8 @@ class SaeTrainer:
         if diff:
             detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
             raise ConfigError(
-                f"--resume with a config that differs from the checkpoint's ({detail}); use the original values"
+                f"--resume with a config that differs from the checkpoint's ({detail}); "
+                "use the original values"
             )
         saved = set(state["saes"]) & set(state.get("optimizers", {}))
         missing = set(self.local_hookpoints) - saved
@@ -512,7 +518,8 @@ class _VarianceStats:
 
 
 def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
-    """Fused Adam where this torch supports it for the device (5x faster than foreach on CPU), else the default."""
+    """Fused Adam where this torch supports it for the device (5x faster than foreach on CPU), else the
+    default."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):

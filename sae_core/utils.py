@@ -15,7 +15,8 @@ from typing import Any, BinaryIO
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a binary file for writing so that a crash leaves either the old file or the new one, never a torn one.
+    """Open a binary file for writing so that a crash leaves either the old file or the new one, never a torn
+    one.
 
     What is written goes to a temporary file in the same folder, streamed (no copy of the content is held in
     memory: a trainer state can be GBs), is fsync'ed, then renamed over the target (rename is atomic within a
@@ -57,11 +58,11 @@ def staging_folder(target: str | os.PathLike) -> Path:
 
 
 def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Put the finished folder `staging` in the place of `target`, by renames: a reader sees the old folder or the
-    new one, never a mix, and the old one is deleted only once the new one is in place.
+    """Put the finished folder `staging` in the place of `target`, by renames: a reader sees the old folder or
+    the new one, never a mix, and the old one is deleted only once the new one is in place.
 
-    The old folder is first renamed into a hidden folder beside it (a rename cannot replace a non-empty folder);
-    if the second rename fails, it is moved back.
+    The old folder is first renamed into a hidden folder beside it (a rename cannot replace a non-empty
+    folder); if the second rename fails, it is moved back.
     """
     staging, target = Path(staging), Path(target)
     old = None

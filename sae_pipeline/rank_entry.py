@@ -127,8 +127,8 @@ def _last_metrics(path: Path) -> dict[str, float]:
 
 
 class PipesProgress:
-    """A training logger: the trainer's metrics records reach Dagster's log as progress lines, at most one every
-    PROGRESS_INTERVAL_S (the newest record then), so a fast run does not flood the run's log."""
+    """A training logger: the trainer's metrics records reach Dagster's log as progress lines, at most one
+    every PROGRESS_INTERVAL_S (the newest record then), so a fast run does not flood the run's log."""
 
     def __init__(self, pipes: Any, interval_s: float = PROGRESS_INTERVAL_S) -> None:
         self.pipes, self.interval_s = pipes, interval_s

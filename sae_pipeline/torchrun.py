@@ -125,15 +125,16 @@ def _parent_is_a_dagster_worker() -> bool:
 def _wait_while_parent_lives(
     process: subprocess.Popen, parent: int, enforce: bool = True, poll_s: float = _PARENT_POLL_S
 ) -> int:
-    """Wait for `process` to end; with `enforce`, raise StepOrphanedError as soon as our parent `parent` is gone."""
+    """Wait for `process` to end; with `enforce`, raise StepOrphanedError as soon as our parent `parent` is
+    gone."""
     while True:
         try:
             return process.wait(timeout=poll_s)
         except subprocess.TimeoutExpired:
             if enforce and os.getppid() != parent:  # re-parented: the run worker died
                 raise StepOrphanedError(
-                    f"the parent of the step process (pid {parent}, the run worker under the multiprocess executor) "
-                    "is gone"
+                    "the parent of the step process "
+                    f"(pid {parent}, the run worker under the multiprocess executor) is gone"
                 ) from None
 
 

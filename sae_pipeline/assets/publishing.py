@@ -59,8 +59,8 @@ def published_saes(
             description=f"refusing to publish, quality checks failed: {reasons}", allow_retries=False
         )
 
-    # sae_core.hub's messages are one line and never hold the token. ValueError: the hub resource's repo_template.
-    # Retries stay allowed, as before: a Hub outage may pass.
+    # sae_core.hub's messages are one line and never hold the token. ValueError: the hub resource's
+    # repo_template. Retries stay allowed, as before: a Hub outage may pass.
     with fail_step_on_bad_input(
         f"publishing {run_dir} failed", also=(ValueError, OSError), allow_retries=True
     ):
