@@ -37,9 +37,10 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
+    from tests.tiny import make_text, save_tiny_model, write_jsonl
+
     from sae_pipeline.registry import parse_entry
     from tests.pipeline.conftest import tiny_entry, write_registry
-    from tests.tiny import make_text, save_tiny_model, write_jsonl
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
