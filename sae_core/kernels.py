@@ -166,10 +166,3 @@ def sparse_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | 
     else:
         out = F.embedding_bag(indices, weight, per_sample_weights=acts.to(weight.dtype), mode="sum")
     return out + bias if bias is not None else out
-
-
-def dense_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Reference decode through a dense N x M matrix (tests and tiny SAEs only)."""
-    dense = acts.new_zeros(acts.shape[0], weight.shape[0]).scatter_add(1, indices, acts)
-    out = dense @ weight
-    return out + bias if bias is not None else out

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from sae_core import Sae, SaeConfig, kernels
 from sae_core.evaluate import evaluate
-from sae_core.kernels import dense_decode, sparse_decode, topk_encode
+from sae_core.kernels import sparse_decode, topk_encode
+from tests.support.reference import dense_decode
 from tests.support.tiny import child_env, tiny_model
 from tests.support.training import make_trainer, params, token_data
 

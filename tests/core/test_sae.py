@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from sae_core import ConfigError, Sae, SaeConfig, SaeLoadError, kernels
-from sae_core.kernels import dense_decode, sparse_decode, topk_encode
+from sae_core.kernels import sparse_decode, topk_encode
 from sae_core.models import hookpoint_aliases, hookpoint_layer, layer_index, list_hookpoints
+from tests.support.reference import dense_decode
 from tests.support.tiny import child_env
 
 
