@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_row  # noqa: E402
 from sae_core import Sae, SaeConfig, kernels  # noqa: E402
-from sae_core.trainer import make_adam  # noqa: E402
+from sae_core.optim import make_adam  # noqa: E402
 
 
 def sync() -> None:

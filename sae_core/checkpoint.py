@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .utils import atomic_open, first_line
 
 STATE_DIR = "trainer_state"
@@ -122,3 +122,55 @@ def load_state(path: Path) -> dict[str, Any]:
             f"(keys: {sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})"
         )
     return state
+
+
+# Fields that may change between a run and its resume without changing what is computed.
+RESUME_MUTABLE = frozenset(
+    {
+        "save_every",
+        "log_every",
+        "log_to_wandb",
+        "log_to_tensorboard",
+        "save_dir",
+        "run_name",
+        "resume",
+        "device",
+        "backend",
+        "data_preprocessing_num_proc",
+        "profile",
+    }
+)
+
+
+def resumable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's config that a resume must keep: everything that changes what is computed."""
+    return {k: v for k, v in config.items() if k not in RESUME_MUTABLE}
+
+
+def check_resumable(
+    path: Path,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    world_size: int,
+    distribute_layers: bool,
+    hookpoints: list[str],
+) -> None:
+    """`state` (read from `path`) was written by this rank layout and `config` (a `resumable_config`), and
+    holds every SAE in `hookpoints`; else a one-line ConfigError or CheckpointError that says what to do."""
+    if state["world_size"] != world_size or state["distribute_layers"] != distribute_layers:
+        raise ConfigError(
+            f"{path}: the run was saved with world size {state['world_size']} "
+            f"(distribute_layers={state['distribute_layers']}); resume it with the same number of ranks "
+            f"and mode (now {world_size}, distribute_layers={distribute_layers})"
+        )
+    saved_cfg = json.loads(state["config"])
+    diff = sorted(k for k in set(saved_cfg) | set(config) if saved_cfg.get(k) != config.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {config.get(k)!r}" for k in diff[:5])
+        raise ConfigError(
+            f"--resume with a config that differs from the checkpoint's ({detail}); use the original values"
+        )
+    saved = set(state["saes"]) & set(state.get("optimizers", {}))
+    missing = set(hookpoints) - saved
+    if missing:
+        raise CheckpointError(f"{path}: no state for {sorted(missing)}")

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from torch import Tensor
 
 from .embedded import embedded_corpus
 from .errors import ConfigError, DatasetLoadError
@@ -212,3 +214,27 @@ def _load_local(path: Path, split: str) -> Dataset:
         return load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as e:
         raise DatasetLoadError(f"{path}: cannot read data files: {first_line(e)}") from None
+
+
+def sequence_shape(input_ids: Any) -> tuple[int, int]:
+    """(sequences, tokens per sequence) of a [n, T] tensor or a Dataset with an "input_ids" column."""
+    if isinstance(input_ids, Tensor):
+        if input_ids.ndim != 2:
+            shape = tuple(input_ids.shape)
+            raise ConfigError(f"token ids must be a [sequences, tokens] tensor, got shape {shape}")
+        return input_ids.shape[0], input_ids.shape[1]
+    if "input_ids" not in getattr(input_ids, "column_names", []):
+        raise ConfigError(
+            "token ids must be a tensor or a Dataset with an 'input_ids' column (tokenize text with "
+            "sae_core.data.chunk_and_tokenize)"
+        )
+    n = len(input_ids)
+    return n, (len(input_ids[0]["input_ids"]) if n else 0)
+
+
+def sequence_rows(input_ids: Any, start: int, stop: int) -> Tensor:
+    """Sequences start .. stop-1 as a [stop - start, T] long tensor."""
+    if isinstance(input_ids, Tensor):
+        return input_ids[start:stop].long()
+    rows = input_ids[start:stop]["input_ids"]
+    return rows.long() if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import ConfigError
+from .errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 600
 _PR_SET_PDEATHSIG = 1
@@ -154,3 +154,35 @@ def split_layers(hookpoints: list[str], world_size: int) -> list[list[str]]:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PooledVariance:
+    """Per-batch (count, mean, centred sum of squares) in float64, pooled exactly across batches and ranks
+    (Chan's formula): the denominator of a step's FVU, whatever the batching."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[int, Tensor, Tensor]] = []
+
+    def add(self, x: Tensor) -> None:
+        xd = x.double()
+        mean = xd.mean(0)
+        # Pooled on the CPU (d + 2 numbers per batch), whatever device the activations are on.
+        self.parts.append((x.shape[0], mean.cpu(), (xd - mean).pow(2).sum().cpu()))
+
+    def pooled(self, ctx: DistContext, reduce: bool) -> tuple[int, Tensor]:
+        """(token count, sum over tokens of ||x - global mean||^2) over this step's batches (and ranks)."""
+        d = self.parts[0][1].shape[0]
+        head = torch.zeros(d + 1, dtype=torch.float64)
+        for n, mean, _ in self.parts:
+            head[0] += n
+            head[1:] += n * mean
+        if reduce:
+            all_reduce_sum(head, ctx)
+        n_total = int(head[0].item())
+        gmean = head[1:] / max(n_total, 1)
+        m2 = torch.zeros(1, dtype=torch.float64)
+        for n, mean, sq in self.parts:
+            m2 += sq + n * (mean - gmean).pow(2).sum()
+        if reduce:
+            all_reduce_sum(m2, ctx)
+        return n_total, m2[0]

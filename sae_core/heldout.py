@@ -5,9 +5,6 @@ so is the split, it is loaded and tokenized as in training (split, shuffle seed,
 column), and evaluation starts after the tokens training consumed (run.json's `train_sequences`; at another
 ctx_len, after every sequence that overlaps them). A given `offset` or another split overrides that. The
 returned settings say which choice was made ("held_out"), so a report can tell.
-
-The evaluation sequences are a [sequences, tokens] tensor or a Dataset with an "input_ids" column:
-`sequence_shape` and `sequence_rows` read either.
 """
 
 import json
@@ -15,9 +12,6 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import Tensor
 
 from .errors import EvalError
 
@@ -130,24 +124,3 @@ def _dataset_name(name: str | None) -> str:
     from .data import EMBEDDED_DATASET_NAMES  # data imports `datasets` (heavy)
 
     return "embedded" if name is None or name in EMBEDDED_DATASET_NAMES else str(name)
-
-
-def sequence_shape(input_ids: Any) -> tuple[int, int]:
-    """(sequences, tokens per sequence) of a [n, T] tensor or a Dataset with an "input_ids" column."""
-    if isinstance(input_ids, Tensor):
-        if input_ids.ndim != 2:
-            shape = tuple(input_ids.shape)
-            raise EvalError(f"input_ids must be a [sequences, tokens] tensor, got shape {shape}")
-        return input_ids.shape[0], input_ids.shape[1]
-    if "input_ids" not in getattr(input_ids, "column_names", []):
-        raise EvalError("input_ids must be a tensor or a Dataset with an 'input_ids' column (see data.py)")
-    n = len(input_ids)
-    return n, (len(input_ids[0]["input_ids"]) if n else 0)
-
-
-def sequence_rows(input_ids: Any, start: int, stop: int) -> Tensor:
-    """Sequences start .. stop-1 as a [stop - start, T] long tensor."""
-    if isinstance(input_ids, Tensor):
-        return input_ids[start:stop].long()
-    rows = input_ids[start:stop]["input_ids"]
-    return rows.long() if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)

@@ -33,8 +33,10 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, default_lr
+from .data import sequence_rows, sequence_shape
 from .distributed import (
     DistContext,
+    PooledVariance,
     all_reduce_sum,
     barrier,
     gather_objects,
@@ -54,24 +56,10 @@ from .models import (
     select_hookpoints,
     special_token_ids,
 )
+from .optim import make_adam
 from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
-
-# Fields that may change between a run and its resume without changing what is computed.
-RESUME_MUTABLE = {
-    "save_every",
-    "log_every",
-    "log_to_wandb",
-    "log_to_tensorboard",
-    "save_dir",
-    "run_name",
-    "resume",
-    "device",
-    "backend",
-    "data_preprocessing_num_proc",
-    "profile",
-}
 
 
 class TrainStep(NamedTuple):
@@ -173,7 +161,9 @@ class SaeTrainer:
     def _step_budget(self) -> tuple[int, int]:
         """(tokens per sequence, optimizer steps of the run): one pass over the data, or max_tokens' worth."""
         cfg = self.cfg
-        seq_len, n_seq = _dataset_shape(self.dataset)
+        n_seq, seq_len = sequence_shape(self.dataset)
+        if n_seq == 0:
+            raise ConfigError("the dataset is empty")
         per_batch = cfg.batch_size * self.ctx.world_size
         n_batches = n_seq // per_batch
         if cfg.max_tokens is not None:
@@ -225,7 +215,7 @@ class SaeTrainer:
         """One optimizer step of every SAE over grad_acc_steps batches; every rank gets the step's metrics."""
         cfg = self.cfg
         local_hookpoints = self.local_hookpoints
-        variance = {hookpoint: _VarianceStats() for hookpoint in local_hookpoints}
+        variance = {hookpoint: PooledVariance() for hookpoint in local_hookpoints}
         fired = {hookpoint: torch.zeros(self.num_latents, dtype=torch.bool) for hookpoint in local_hookpoints}
         sse = {hookpoint: 0.0 for hookpoint in local_hookpoints}
         auxk = {hookpoint: 0.0 for hookpoint in local_hookpoints}
@@ -274,7 +264,7 @@ class SaeTrainer:
         """This rank's SAE inputs for one batch: {hookpoint: [tokens, d]} for the SAEs it owns."""
         batch_size = self.cfg.batch_size
         per_batch = batch_size * self.ctx.world_size
-        global_ids = _rows(self.dataset, batch_index * per_batch, (batch_index + 1) * per_batch)
+        global_ids = sequence_rows(self.dataset, batch_index * per_batch, (batch_index + 1) * per_batch)
         rank_ids = global_ids[self.ctx.rank * batch_size : (self.ctx.rank + 1) * batch_size]
         with self.profiler.timed("lm_forward_s", sync=True):
             with torch.no_grad(), capture_residuals(self.model, self.hookpoints) as acts:
@@ -330,7 +320,7 @@ class SaeTrainer:
 
     # ------------------------------------------------------------------ one optimizer step per SAE
     def _optimizer_step(
-        self, hookpoint: str, variance: "_VarianceStats", fired: Tensor, sse: float, auxk: float
+        self, hookpoint: str, variance: PooledVariance, fired: Tensor, sse: float, auxk: float
     ) -> tuple[int, dict[str, float]]:
         """Normalise, sum across ranks and apply one SAE's gradient of the step; (step tokens, metrics)."""
         cfg = self.cfg
@@ -426,7 +416,7 @@ class SaeTrainer:
         atomic_write_json(self.run_dir / "run.json", info)
 
     def _config_for_state(self) -> dict[str, Any]:
-        return {k: v for k, v in self.cfg.to_dict().items() if k not in RESUME_MUTABLE}
+        return ckpt.resumable_config(self.cfg.to_dict())
 
     def _resume_or_refuse(self, resume: bool) -> None:
         """With `resume`, continue from the newest checkpoint every writing rank completed; without it, refuse
@@ -450,7 +440,14 @@ class SaeTrainer:
             raise ConfigError(f"nothing to resume: {self.run_dir / ckpt.STATE_DIR} holds no trainer state")
         path = ckpt.state_path(self.run_dir, self.ctx.rank if self.distributed_layers else 0, step)
         state = ckpt.load_state(path)
-        self._check_resumable(path, state)
+        ckpt.check_resumable(
+            path,
+            state,
+            self._config_for_state(),
+            self.ctx.world_size,
+            self.distributed_layers,
+            self.local_hookpoints,
+        )
         for hookpoint in self.local_hookpoints:
             self.saes[hookpoint].load_state_dict(state["saes"][hookpoint])
             self.optimizers[hookpoint].load_state_dict(state["optimizers"][hookpoint])
@@ -459,93 +456,3 @@ class SaeTrainer:
         self.tokens_seen = state["tokens"]
         self.wall_time = state.get("wall_time", 0.0)
         self.b_dec_initialised = state["b_dec_initialised"]
-
-    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
-        """The state was written by this rank layout and config, and holds every SAE this rank trains."""
-        if (
-            state["world_size"] != self.ctx.world_size
-            or state["distribute_layers"] != self.distributed_layers
-        ):
-            raise ConfigError(
-                f"{path}: the run was saved with world size {state['world_size']} "
-                f"(distribute_layers={state['distribute_layers']}); resume it with the same number of ranks "
-                f"and mode (now {self.ctx.world_size}, distribute_layers={self.distributed_layers})"
-            )
-        saved_cfg = json.loads(state["config"])
-        now = self._config_for_state()
-        diff = sorted(k for k in set(saved_cfg) | set(now) if saved_cfg.get(k) != now.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
-            raise ConfigError(
-                f"--resume with a config that differs from the checkpoint's ({detail}); "
-                "use the original values"
-            )
-        saved = set(state["saes"]) & set(state.get("optimizers", {}))
-        missing = set(self.local_hookpoints) - saved
-        if missing:
-            raise CheckpointError(f"{path}: no state for {sorted(missing)}")
-
-
-class _VarianceStats:
-    """Per-batch (count, mean, centred sum of squares) in float64, pooled exactly across batches and ranks."""
-
-    def __init__(self) -> None:
-        self.parts: list[tuple[int, Tensor, Tensor]] = []
-
-    def add(self, x: Tensor) -> None:
-        xd = x.double()
-        mean = xd.mean(0)
-        # Pooled on the CPU (d + 2 numbers per batch), whatever device the activations are on.
-        self.parts.append((x.shape[0], mean.cpu(), (xd - mean).pow(2).sum().cpu()))
-
-    def pooled(self, ctx: DistContext, reduce: bool) -> tuple[int, Tensor]:
-        """(token count, sum over tokens of ||x - global mean||^2) over this step's batches (and ranks)."""
-        d = self.parts[0][1].shape[0]
-        head = torch.zeros(d + 1, dtype=torch.float64)
-        for n, mean, _ in self.parts:
-            head[0] += n
-            head[1:] += n * mean
-        if reduce:
-            all_reduce_sum(head, ctx)
-        n_total = int(head[0].item())
-        gmean = head[1:] / max(n_total, 1)
-        m2 = torch.zeros(1, dtype=torch.float64)
-        for n, mean, sq in self.parts:
-            m2 += sq + n * (mean - gmean).pow(2).sum()
-        if reduce:
-            all_reduce_sum(m2, ctx)
-        return n_total, m2[0]
-
-
-def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
-    """Fused Adam where this torch supports it for the device (5x faster than foreach on CPU), else the
-    default."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
-
-
-def _dataset_shape(dataset: Any) -> tuple[int, int]:
-    """(tokens per sequence, sequences) of a [sequences, tokens] tensor or a dataset with 'input_ids'."""
-    if isinstance(dataset, Tensor):
-        if dataset.ndim != 2:
-            raise ConfigError(
-                f"a tensor dataset must be [sequences, tokens], got shape {tuple(dataset.shape)}"
-            )
-        return dataset.shape[1], dataset.shape[0]
-    if "input_ids" not in getattr(dataset, "column_names", []):
-        raise ConfigError(
-            "the dataset needs an 'input_ids' column: tokenize it with sae_core.data.chunk_and_tokenize"
-        )
-    if len(dataset) == 0:
-        raise ConfigError("the dataset is empty")
-    return len(dataset[0]["input_ids"]), len(dataset)
-
-
-def _rows(dataset: Any, start: int, stop: int) -> Tensor:
-    """Sequences [start, stop) of the dataset as int64 token ids."""
-    if isinstance(dataset, Tensor):
-        return dataset[start:stop].long()
-    ids = dataset[start:stop]["input_ids"]
-    return ids.long() if isinstance(ids, Tensor) else torch.tensor(ids, dtype=torch.long)

@@ -3,10 +3,17 @@
 import json
 
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
 
 from sae_core import ConfigError
-from sae_core.data import DatasetLoadError, chunk_and_tokenize, load_text_dataset
+from sae_core.data import (
+    DatasetLoadError,
+    chunk_and_tokenize,
+    load_text_dataset,
+    sequence_rows,
+    sequence_shape,
+)
 from tests.support.tiny import make_text, tiny_tokenizer
 
 
@@ -75,3 +82,29 @@ def test_unknown_dataset_is_one_clear_line():
         load_text_dataset("no-such-user/no-such-dataset-xyz")
     msg = str(err.value)
     assert "no-such-user/no-such-dataset-xyz" in msg and "\n" not in msg and "save_to_disk" in msg
+
+
+def test_sequences_are_a_tensor_or_a_dataset_with_input_ids():
+    ids = torch.arange(12).view(3, 4)
+    ds = Dataset.from_dict({"input_ids": ids.tolist()})
+    assert sequence_shape(ids) == sequence_shape(ds) == (3, 4)
+    assert (
+        torch.equal(sequence_rows(ids.int(), 1, 3), ids[1:3])
+        and sequence_rows(ids.int(), 0, 1).dtype == torch.long
+    )
+    assert torch.equal(sequence_rows(ds, 1, 3), ids[1:3])
+    assert torch.equal(sequence_rows(ds.with_format("torch"), 0, 2), ids[:2])
+    assert sequence_shape(Dataset.from_dict({"input_ids": []})) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(2, 3, 4), "must be a [sequences, tokens] tensor, got shape (2, 3, 4)"),
+        (Dataset.from_dict({"text": ["a"]}), "a Dataset with an 'input_ids' column"),
+    ],
+)
+def test_other_inputs_are_a_one_line_config_error(bad, message):
+    with pytest.raises(ConfigError) as e:
+        sequence_shape(bad)
+    assert message in str(e.value) and "\n" not in str(e.value)
