@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .data import EMBEDDED_DATASET_NAMES, chunk_and_tokenize, load_text_dataset, parse_data_args
 from .errors import EvalError
 
 # Without run.json the training context length is unknown: a common one, capped by the model's.
@@ -47,9 +48,6 @@ def held_out_sequences(
 
     `run` is the run's run.json ({} when unknown); `dataset` None means the run's own.
     """
-    # data imports `datasets` (heavy): only a run evaluation needs it.
-    from .data import chunk_and_tokenize, load_text_dataset, parse_data_args
-
     cfg = run.get("config") or {}
     trained_on = _dataset_name(run.get("dataset")) if run else None
     name = _dataset_name(dataset) if dataset is not None else (trained_on or "embedded")
@@ -121,6 +119,5 @@ def _same_dataset(a: str, b: str | None) -> bool:
 
 
 def _dataset_name(name: str | None) -> str:
-    from .data import EMBEDDED_DATASET_NAMES  # data imports `datasets` (heavy)
 
     return "embedded" if name is None or name in EMBEDDED_DATASET_NAMES else str(name)
