@@ -154,6 +154,7 @@ def check_resumable(
     world_size: int,
     distribute_layers: bool,
     hookpoints: list[str],
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """`state` (read from `path`) was written by this rank layout and `config` (a `resumable_config`), and
     holds every SAE in `hookpoints`; else a one-line ConfigError or CheckpointError that says what to do."""
@@ -163,7 +164,8 @@ def check_resumable(
             f"(distribute_layers={state['distribute_layers']}); resume it with the same number of ranks "
             f"and mode (now {world_size}, distribute_layers={distribute_layers})"
         )
-    saved_cfg = json.loads(state["config"])
+    # A field added after the checkpoint was written counts as its default (e.g. `optimizer`: adam).
+    saved_cfg = {**(defaults or {}), **json.loads(state["config"])}
     diff = sorted(k for k in set(saved_cfg) | set(config) if saved_cfg.get(k) != config.get(k))
     if diff:
         detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {config.get(k)!r}" for k in diff[:5])

@@ -6,9 +6,11 @@ from those docstrings. Values are validated at construction, so a typo fails bef
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError
+
+OptimizerName = Literal["adam", "signum", "muon"]
 
 # Fields that are never serialised: not into run.json, trainer states, logs, cards or the pipeline's records.
 SECRET_FIELDS = frozenset({"hf_token"})
@@ -80,11 +82,16 @@ class TrainConfig:
     micro_acc_steps: int = 1
     """Chunks each batch's tokens are split into before the SAE, to save memory."""
 
+    optimizer: OptimizerName = "adam"
+    """adam, signum (sign descent with momentum) or muon (orthogonalised updates); see sae_core/optim.py."""
+
     lr: float | None = None
-    """Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14)."""
+    """Peak learning rate; default per optimizer: adam 2e-4, signum 5e-3 (both times
+    sqrt(2**14 / num_latents)), muon 2e-3."""
 
     lr_warmup_steps: int = 1000
-    """Optimizer steps of linear warm-up; the LR then decays linearly to 0."""
+    """Optimizer steps of linear warm-up, at most a tenth of the run's steps; the LR then decays linearly
+    to 0."""
 
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents (0 turns it off)."""
@@ -153,6 +160,10 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.optimizer not in get_args(OptimizerName):
+            raise ConfigError(
+                f"optimizer must be one of {', '.join(get_args(OptimizerName))}, got {self.optimizer!r}"
+            )
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.lr_warmup_steps < 0:
@@ -248,8 +259,3 @@ class RunConfig(TrainConfig):
     def public_dict(self) -> dict[str, Any]:
         """The config as saved and logged (the same as to_dict: secrets are never serialised)."""
         return self.to_dict()
-
-
-def default_lr(num_latents: int) -> float:
-    """Gao et al.'s scaling: 2e-4 at 2**14 latents, falling with the square root of the width."""
-    return 2e-4 / math.sqrt(num_latents / 2**14)

@@ -1,6 +1,78 @@
-"""The optimizers SAEs are trained with."""
+"""The optimizers SAEs are trained with, their default learning rates, and the learning-rate schedule.
 
-from torch import Tensor, optim
+    adam    torch's Adam (fused where the device supports it); lr 2e-4 / sqrt(M / 2**14), Gao et al.'s scale.
+    signum  sign of a momentum average of the gradient (Bernstein et al. 2018, "signSGD"), momentum 0.95.
+            lr 5e-3 / sqrt(M / 2**14), the scale EleutherAI's sparsify uses for its sign-descent optimizer.
+    muon    torch's Muon on the two weight matrices (orthogonalised momentum, update RMS matched to AdamW's:
+            0.2 * sqrt(max(rows, cols))), Adam on the two biases; lr 2e-3 for both, whatever the width (the
+            orthogonalised update already has a fixed size per matrix).
+
+Every optimizer follows the same schedule, counted in optimizer steps: linear warm-up over
+`warmup_steps(lr_warmup_steps, total_steps)` steps, then linear decay to exactly 0 after the last step.
+"""
+
+import math
+from collections.abc import Iterable
+from typing import Any, get_args
+
+import torch
+from torch import Tensor, nn, optim
+
+from .config import OptimizerName
+
+OPTIMIZERS = get_args(OptimizerName)
+BASE_LR = {"adam": 2e-4, "signum": 5e-3, "muon": 2e-3}  # at 2**14 latents (muon: at any width)
+SIGNUM_MOMENTUM = 0.95
+# Warm-up is never longer than this fraction of the run: a 29-step run asked for 1000 warm-up steps would
+# otherwise never reach its learning rate and never decay.
+MAX_WARMUP_FRACTION = 0.1
+
+
+def default_lr(optimizer: str, num_latents: int) -> float:
+    """The peak learning rate `optimizer` uses when --lr is not given."""
+    if optimizer == "muon":
+        return BASE_LR["muon"]
+    return BASE_LR[optimizer] / math.sqrt(num_latents / 2**14)
+
+
+def warmup_steps(requested: int, total_steps: int) -> int:
+    """The warm-up actually used: `requested`, capped at MAX_WARMUP_FRACTION of the run (at least 1 step when
+    any warm-up was asked for)."""
+    if requested <= 0:
+        return 0
+    return min(requested, max(1, math.floor(MAX_WARMUP_FRACTION * total_steps)))
+
+
+def lr_at(step: int, total_steps: int, warmup: int, peak: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up that reaches `peak` at step
+    `warmup - 1`, then linear decay from `peak` at step `warmup` to 0 after the last step (a run without
+    warm-up starts at the peak)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(total_steps - step, 0) / max(total_steps - warmup, 1)
+
+
+class Signum(optim.Optimizer):
+    """p -= lr * sign(m), m = momentum * m + (1 - momentum) * grad: steepest descent in the max norm, with
+    the momentum average damping the sign's noise."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = SIGNUM_MOMENTUM):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                p.add_(buf.sign(), alpha=-group["lr"])
 
 
 def make_adam(params: list[Tensor], lr: float) -> optim.Adam:
@@ -10,3 +82,48 @@ def make_adam(params: list[Tensor], lr: float) -> optim.Adam:
         return optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):
         return optim.Adam(params, lr=lr)
+
+
+class SaeOptimizer:
+    """The optimizer of one SAE: one torch optimizer (adam, signum), or Muon for its matrices plus Adam for
+    its biases (muon). The trainer sets the learning rate of every step."""
+
+    def __init__(self, name: str, sae: nn.Module, lr: float):
+        params = list(sae.parameters())
+        if name == "adam":
+            self.parts: dict[str, optim.Optimizer] = {"adam": make_adam(params, lr)}
+        elif name == "signum":
+            self.parts = {"signum": Signum(params, lr)}
+        elif name == "muon":
+            matrices = [p for p in params if p.ndim == 2]
+            vectors = [p for p in params if p.ndim != 2]
+            muon = optim.Muon(matrices, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+            self.parts = {"muon": muon, "adam": make_adam(vectors, lr)}
+        else:
+            raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+    def set_lr(self, lr: float) -> None:
+        for part in self.parts.values():
+            for group in part.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        for part in self.parts.values():
+            part.step()
+
+    def zero_grad(self) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        # One part: its own state dict, the layout checkpoints had before optimizers were selectable.
+        if len(self.parts) == 1:
+            return next(iter(self.parts.values())).state_dict()
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(self.parts) == 1:
+            next(iter(self.parts.values())).load_state_dict(state)
+        else:
+            for name, part in self.parts.items():
+                part.load_state_dict(state[name])

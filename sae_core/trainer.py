@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, default_lr
+from .config import TrainConfig
 from .data import sequence_rows, sequence_shape
 from .distributed import (
     DistContext,
@@ -56,7 +56,7 @@ from .models import (
     select_hookpoints,
     special_token_ids,
 )
-from .optim import make_adam
+from .optim import SaeOptimizer, default_lr, lr_at, warmup_steps
 from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
@@ -106,6 +106,7 @@ class SaeTrainer:
         self.excluded_token_ids = self._excluded_token_ids(tokenizer)
         self._build_saes()
         self.seq_len, self.total_steps = self._step_budget()
+        self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
@@ -137,7 +138,7 @@ class SaeTrainer:
         return torch.tensor(special_token_ids(tokenizer) if tokenizer is not None else [], dtype=torch.long)
 
     def _build_saes(self) -> None:
-        """This rank's SAEs, an Adam for each, and their dead-latent counters."""
+        """This rank's SAEs, an optimizer for each, and their dead-latent counters."""
         cfg = self.cfg
         sae_dtype = resolve_dtype(cfg.sae_dtype)
         # Every SAE is initialised from a seed of its own, so the result does not depend on which rank owns
@@ -147,11 +148,11 @@ class SaeTrainer:
             torch.manual_seed(cfg.seed + layer_index(hookpoint))
             self.saes[hookpoint] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
         self.num_latents = cfg.sae.latents_for(self.d_in)
-        self.lr = cfg.lr or default_lr(self.num_latents)
-        # One Adam per SAE: each SAE is updated (and its gradients freed) as soon as its last backward of the
-        # step is done, while the other SAEs may still be accumulating theirs.
+        self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
+        # One optimizer per SAE: each SAE is updated (and its gradients freed) as soon as its last backward of
+        # the step is done, while the other SAEs may still be accumulating theirs.
         self.optimizers = {
-            hookpoint: make_adam(list(sae.parameters()), self.lr) for hookpoint, sae in self.saes.items()
+            hookpoint: SaeOptimizer(cfg.optimizer, sae, self.lr) for hookpoint, sae in self.saes.items()
         }
         self.compute_dtype = resolve_dtype(cfg.autocast)
         self.tokens_since_fired = {
@@ -231,10 +232,9 @@ class SaeTrainer:
             for hookpoint in local_hookpoints:
                 self._init_b_dec(hookpoint, torch.cat([inputs[hookpoint] for inputs in batches]))
             self.b_dec_initialised = True
-        lr = self._lr_at(self.step)
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
         for optimizer in self.optimizers.values():
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr(lr)
         tokens, metrics = 0, {}
         for batch_number, inputs in enumerate(batches):
             with self.profiler.timed("sae_s"):
@@ -300,13 +300,6 @@ class SaeTrainer:
         b_dec = self.saes[hookpoint].b_dec
         b_dec.data.copy_((head[1:] / head[0].clamp_min(1)).to(b_dec.dtype))
 
-    def _lr_at(self, step: int) -> float:
-        """Linear warm-up for lr_warmup_steps, then linear decay to 0 at the end (in optimizer steps)."""
-        warmup = self.cfg.lr_warmup_steps
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        return self.lr * max(self.total_steps - step, 0) / (self.total_steps - warmup + 1)
-
     def _merge_ranks(self, step: TrainStep) -> TrainStep:
         """With --distribute_layers each rank has its own layers' metrics: merge them (everyone gets all)."""
         if not self.distributed_layers:
@@ -343,7 +336,7 @@ class SaeTrainer:
         if cfg.sae.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizers[hookpoint].step()
-        self.optimizers[hookpoint].zero_grad(set_to_none=True)
+        self.optimizers[hookpoint].zero_grad()
         if cfg.sae.normalize_decoder:
             sae.set_decoder_norm_to_unit_norm()
         counters = self.tokens_since_fired[hookpoint]
@@ -409,6 +402,16 @@ class SaeTrainer:
             "wall_time_s": round(self.wall_time, 3),
             "world_size": self.ctx.world_size,
             "distribute_layers": self.distributed_layers,
+            "learning_rate": {
+                "optimizer": cfg.optimizer,
+                "peak": self.lr,
+                # What the schedule actually reached: below `peak` when the run stopped during warm-up.
+                "peak_reached": max(
+                    (lr_at(s, self.total_steps, self.warmup_steps, self.lr) for s in range(self.step)),
+                    default=0.0,
+                ),
+                "warmup_steps": self.warmup_steps,
+            },
             **profile,
         }
         info.setdefault("config", self.cfg.to_dict())  # to_dict never holds secrets
@@ -447,6 +450,7 @@ class SaeTrainer:
             self.ctx.world_size,
             self.distributed_layers,
             self.local_hookpoints,
+            defaults=ckpt.resumable_config(type(self.cfg)().to_dict()),
         )
         for hookpoint in self.local_hookpoints:
             self.saes[hookpoint].load_state_dict(state["saes"][hookpoint])

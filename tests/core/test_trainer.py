@@ -175,15 +175,6 @@ def test_existing_checkpoint_is_never_overwritten_and_resume_checks_config(tmp_p
         make_trainer(tmp_path, model, run_name="other", resume=True)
 
 
-def test_lr_warms_up_then_decays_to_zero_counting_optimizer_steps(tmp_path):
-    t = make_trainer(tmp_path, data=token_data(n_seq=48), grad_acc_steps=2, lr=1e-3, lr_warmup_steps=2)
-    assert t.total_steps == 6  # 12 batches / 2 accumulation steps
-    lrs = [t._lr_at(s) for s in range(t.total_steps)]
-    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
-    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
-    assert t._lr_at(t.total_steps) == 0.0
-
-
 def test_layer_selection():
     model = tiny_model(n_layers=6)
     assert select_hookpoints(model) == [f"layers.{i}" for i in range(6)]
