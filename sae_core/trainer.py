@@ -24,7 +24,8 @@ checkpoints (save and resume), then the helpers they use.
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -325,7 +326,11 @@ class SaeTrainer:
         global_ids = sequence_rows(self.dataset, batch_index * per_batch, (batch_index + 1) * per_batch)
         rank_ids = global_ids[self.ctx.rank * batch_size : (self.ctx.rank + 1) * batch_size]
         with self.profiler.timed("lm_forward_s", sync=True):
-            with torch.no_grad(), capture_residuals(self.model, self.hookpoints) as acts:
+            with (
+                torch.no_grad(),
+                eval_mode(self.model),
+                capture_residuals(self.model, self.hookpoints) as acts,
+            ):
                 run_until_captured(self.model, rank_ids.to(self.ctx.device))
         for hookpoint, act in acts.items():
             if act.shape[-1] != self.d_in:
@@ -567,3 +572,16 @@ class SaeTrainer:
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether no element of `tensors` is NaN or Inf (one device sync)."""
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (dropout off: the SAEs learn the activations the model has at inference), each
+    module's own mode restored after."""
+    training = [module for module in model.modules() if module.training]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True  # not .train(): that would also switch the module's children

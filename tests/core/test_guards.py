@@ -157,3 +157,18 @@ def test_data_parallel_ranks_skip_together_when_one_rank_sees_a_nan(tmp_path):
     last = ranks[0]["metrics"][-1]
     assert last["skipped_steps"] == 1 and last["nonfinite_tokens"] == 4  # rank 1's row, once a step
     assert_finite_on_disk(tmp_path / "run")
+
+
+def test_the_lm_runs_in_eval_mode_and_gets_its_own_mode_back(tmp_path):
+    model = tiny_model("gpt2")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    model.lm_head.training = False  # a mixed state comes back as it was, module by module
+    trainer = make_trainer(tmp_path, model)
+    first, second = trainer._activations(0).inputs, trainer._activations(0).inputs
+    for hookpoint in trainer.hookpoints:
+        assert torch.equal(first[hookpoint], second[hookpoint]), hookpoint
+    assert all(m.training for name, m in model.named_modules() if name != "lm_head")
+    assert not model.lm_head.training
