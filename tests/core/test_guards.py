@@ -172,3 +172,31 @@ def test_the_lm_runs_in_eval_mode_and_gets_its_own_mode_back(tmp_path):
         assert torch.equal(first[hookpoint], second[hookpoint]), hookpoint
     assert all(m.training for name, m in model.named_modules() if name != "lm_head")
     assert not model.lm_head.training
+
+
+def test_an_empty_batch_adds_nothing_to_its_step(tmp_path):
+    data = token_data(n_seq=8)
+    data[4:] = 0  # the second batch is all BOS: every token excluded
+    accumulated = make_trainer(tmp_path, data=data, run_name="acc", grad_acc_steps=2)
+    alone = make_trainer(tmp_path, data=data[:4], run_name="alone")
+    accumulated.fit()
+    alone.fit()
+    assert accumulated.skipped_steps == 0
+    reference = params(alone)
+    for name, p in params(accumulated).items():
+        torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_steps_with_no_tokens_are_skipped_and_never_count_as_divergence(tmp_path):
+    n_steps = MAX_CONSECUTIVE_SKIPS + 2
+    data = token_data(n_seq=4 * n_steps)
+    data[4:] = 0  # every step after the first has only excluded tokens
+    trainer = make_trainer(tmp_path, data=data, log_every=1)
+    trainer.fit(max_steps=1)
+    after_first = params(trainer)
+    counters = {h: c.clone() for h, c in trainer.tokens_since_fired.items()}
+    trainer.fit()
+    assert trainer.step == n_steps and trainer.skipped_steps == n_steps - 1
+    assert all(torch.equal(p, after_first[name]) for name, p in params(trainer).items())
+    assert all(torch.equal(counters[h], c) for h, c in trainer.tokens_since_fired.items())
+    assert records(trainer)[-1]["skipped_steps"] == n_steps - 1
