@@ -24,6 +24,7 @@ checkpoints (save and resume), then the helpers they use.
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,7 +155,15 @@ class SaeTrainer:
         """Token ids never fed to the SAEs: cfg.exclude_tokens, else the tokenizer's special tokens."""
         if self.cfg.exclude_tokens is not None:
             return torch.tensor(self.cfg.exclude_tokens, dtype=torch.long)
-        return torch.tensor(special_token_ids(tokenizer) if tokenizer is not None else [], dtype=torch.long)
+        if tokenizer is None:
+            if self.ctx.is_main:
+                warnings.warn(
+                    "no tokenizer and no exclude_tokens: every token trains the SAEs, BOS included "
+                    "(pass tokenizer= or exclude_tokens to leave special tokens out)",
+                    stacklevel=3,
+                )
+            return torch.tensor([], dtype=torch.long)
+        return torch.tensor(special_token_ids(tokenizer), dtype=torch.long)
 
     def _build_saes(self) -> None:
         """This rank's SAEs, an Adam for each, and their dead-latent counters."""
