@@ -200,3 +200,52 @@ def test_steps_with_no_tokens_are_skipped_and_never_count_as_divergence(tmp_path
     assert all(torch.equal(p, after_first[name]) for name, p in params(trainer).items())
     assert all(torch.equal(counters[h], c) for h, c in trainer.tokens_since_fired.items())
     assert records(trainer)[-1]["skipped_steps"] == n_steps - 1
+
+
+def _owner_rank(rank: int, port: int, out: str) -> None:
+    """--distribute_layers: rank 1 owns layers.2, whose loss is always NaN; rank 0 owns layers.0 and 1."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = TrainConfig(
+        SaeConfig(expansion_factor=4, k=4),
+        batch_size=4,
+        lr_warmup_steps=2,
+        save_dir=out,
+        distribute_layers=True,
+        save_every=1000,
+    )
+    ctx = DistContext(rank=rank, world_size=2)
+    data = token_data(n_seq=8 * (MAX_CONSECUTIVE_SKIPS + 2))
+    trainer = SaeTrainer(cfg, data, tiny_model(), tokenizer=Tok(), dist_ctx=ctx, progress=False)
+    if rank == 1:
+        poison_loss_everywhere()
+    before = params(trainer)
+    try:
+        trainer.fit()
+        error = None
+    except TrainingDivergedError as e:
+        error = str(e)
+    changed = {name: not torch.equal(p, before[name]) for name, p in params(trainer).items()}
+    torch.save({"error": error, "step": trainer.step, "changed": changed}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def poison_loss_everywhere() -> None:
+    forward = Sae.forward
+
+    def patched(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        return out._replace(fvu=out.fvu * math.nan)
+
+    Sae.forward = patched
+
+
+def test_distributed_layers_owner_skips_alone_and_every_rank_stops_together(tmp_path):
+    mp.spawn(_owner_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for result in ranks:
+        assert result["error"] and "layers.2" in result["error"] and "layers.0" not in result["error"]
+        assert result["step"] == MAX_CONSECUTIVE_SKIPS - 1
+    assert all(ranks[0]["changed"].values())
+    # layers.2 never took a step (its b_dec was only set to the data mean, before the first step).
+    assert not any(changed for name, changed in ranks[1]["changed"].items() if name != "layers.2/b_dec")
