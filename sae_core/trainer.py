@@ -3,16 +3,18 @@
 One optimizer step:
 
     for each of grad_acc_steps batches (this rank's share of the global batch):
-        run the LM with hooks on the selected blocks, stopping after the deepest one
+        run the LM (in eval mode) with hooks on the selected blocks, stopping after the deepest one
         (--distribute_layers: send each layer's activations to the rank that owns its SAE)
-        for each SAE: drop special tokens, split into micro_acc_steps chunks, backward the *sum* of squared
-                      errors (FVU numerator) + auxk_alpha * AuxK numerator
+        for each SAE: drop special tokens and rows with NaN/Inf (counted), split into micro_acc_steps chunks,
+                      backward the *sum* of squared errors (FVU numerator) + auxk_alpha * AuxK numerator
     after the last batch's backward of each SAE
     (then the next SAE's, so one SAE's gradients are alive at a time):
       pool the variance of all tokens of the step (all batches, all ranks; float64, Chan's formula)
       gradients: sum over ranks, divide by that variance -> exactly the gradient of the global-batch FVU
       remove the radial part of decoder gradients, Adam step of this SAE, renormalise its decoder rows
       dead-latent counters += tokens of the step (all ranks); latents that fired anywhere reset to 0
+      (a NaN/Inf loss or gradient on any rank, or no token at all, skips the SAE's update and its counters;
+      MAX_CONSECUTIVE_SKIPS non-finite steps in a row stop the run)
 
 Normalising by the pooled variance at the step makes micro-batching, gradient accumulation and data
 parallelism give the same update as one big batch, up to float rounding.
@@ -73,7 +75,8 @@ class TrainStep(NamedTuple):
     """What one optimizer step did, over all ranks."""
 
     tokens: int  # tokens the SAEs trained on (special tokens excluded)
-    metrics: dict[str, float]  # fvu/<hookpoint>, auxk/<hookpoint>, dead_pct/<hookpoint> for every SAE, lr
+    # fvu/, auxk/, dead_pct/<hookpoint> of every SAE, lr; nonfinite_tokens and skipped_steps (run totals)
+    metrics: dict[str, float]
     nonfinite_tokens: int = 0  # token rows dropped because an activation was NaN/Inf (all SAEs, all ranks)
     nonfinite_skips: tuple[str, ...] = ()  # SAEs whose update was skipped: non-finite loss or gradients
     empty_skips: tuple[str, ...] = ()  # SAEs whose update was skipped: no token of the step reached them
