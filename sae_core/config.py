@@ -112,7 +112,7 @@ class TrainConfig:
     """Under torchrun, place each layer's SAE on one rank instead of all."""
 
     exclude_tokens: list[int] | None = None
-    """Token ids never fed to the SAEs; default: the tokenizer's BOS and pad ids (outlier norms)."""
+    """Token ids never fed to the SAEs; default: the tokenizer's BOS id, and pad's when it is not EOS."""
 
     max_tokens: int | None = None
     """Stop after this many tokens (default: one pass over the dataset)."""

@@ -165,7 +165,8 @@ class PooledVariance:
 
     def add(self, x: Tensor) -> None:
         xd = x.double()
-        mean = xd.mean(0)
+        # An empty batch (every token excluded) counts zero tokens; its mean would be 0/0 = NaN.
+        mean = xd.mean(0) if x.shape[0] else xd.new_zeros(x.shape[-1])
         # Pooled on the CPU (d + 2 numbers per batch), whatever device the activations are on.
         self.parts.append((x.shape[0], mean.cpu(), (xd - mean).pow(2).sum().cpu()))
 

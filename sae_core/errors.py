@@ -37,3 +37,7 @@ class EvalError(SaeCoreError):
 class HubError(SaeCoreError):
     """The Hub (or a local publish target) refused or could not serve a request; the message has no
     secrets."""
+
+
+class TrainingDivergedError(SaeCoreError):
+    """Training cannot go on: its loss or gradients stayed NaN/Inf, or its weights are no longer finite."""

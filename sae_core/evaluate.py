@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--include_special_tokens",
         action="store_true",
-        help="count BOS and pad tokens in every metric (default: excluded)",
+        help="count BOS and pad tokens in every metric (default: excluded; pad only when it is not EOS)",
     )
     p.add_argument("--hookpoints", default=None, help="glob of the hookpoints to evaluate, e.g. 'layers.1*'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -263,7 +263,11 @@ def run_until_captured(model: nn.Module, input_ids: Tensor, **kwargs) -> None:
 
 
 def special_token_ids(tokenizer) -> list[int]:
-    """Default tokens excluded from SAE training and metrics: BOS and pad (their residual norms are
-    outliers)."""
-    ids = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None)}
+    """Default tokens excluded from SAE training and metrics: BOS (its residual norm is an outlier), and pad
+    only when it differs from EOS. A pad that is the EOS token (SmolLM2, and any tokenizer given pad = eos)
+    is the document separator inside packed rows: a real token the SAEs must learn."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = {bos, pad if pad != eos else None}
     return sorted(i for i in ids if i is not None)

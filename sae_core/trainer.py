@@ -3,16 +3,18 @@
 One optimizer step:
 
     for each of grad_acc_steps batches (this rank's share of the global batch):
-        run the LM with hooks on the selected blocks, stopping after the deepest one
+        run the LM (in eval mode) with hooks on the selected blocks, stopping after the deepest one
         (--distribute_layers: send each layer's activations to the rank that owns its SAE)
-        for each SAE: drop special tokens, split into micro_acc_steps chunks, backward the *sum* of squared
-                      errors (FVU numerator) + auxk_alpha * AuxK numerator
+        for each SAE: drop special tokens and rows with NaN/Inf (counted), split into micro_acc_steps chunks,
+                      backward the *sum* of squared errors (FVU numerator) + auxk_alpha * AuxK numerator
     after the last batch's backward of each SAE
     (then the next SAE's, so one SAE's gradients are alive at a time):
       pool the variance of all tokens of the step (all batches, all ranks; float64, Chan's formula)
       gradients: sum over ranks, divide by that variance -> exactly the gradient of the global-batch FVU
       remove the radial part of decoder gradients, Adam step of this SAE, renormalise its decoder rows
       dead-latent counters += tokens of the step (all ranks); latents that fired anywhere reset to 0
+      (a NaN/Inf loss or gradient on any rank, or no token at all, skips the SAE's update and its counters;
+      MAX_CONSECUTIVE_SKIPS non-finite steps in a row stop the run)
 
 Normalising by the pooled variance at the step makes micro-batching, gradient accumulation and data
 parallelism give the same update as one big batch, up to float rounding.
@@ -24,7 +26,9 @@ checkpoints (save and resume), then the helpers they use.
 import json
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,7 +48,7 @@ from .distributed import (
     init_distributed,
     split_layers,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     capture_residuals,
@@ -61,12 +65,28 @@ from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
 
+# A step whose loss or gradients are not finite is skipped. One such step is a bad batch or a spike the run
+# survives; ten in a row mean the weights, the learning rate or the model's numerics are broken and more steps
+# will not recover (the counters would only hide it), so the run stops.
+MAX_CONSECUTIVE_SKIPS = 10
+
 
 class TrainStep(NamedTuple):
     """What one optimizer step did, over all ranks."""
 
     tokens: int  # tokens the SAEs trained on (special tokens excluded)
-    metrics: dict[str, float]  # fvu/<hookpoint>, auxk/<hookpoint>, dead_pct/<hookpoint> for every SAE, lr
+    # fvu/, auxk/, dead_pct/<hookpoint> of every SAE, lr; nonfinite_tokens and skipped_steps (run totals)
+    metrics: dict[str, float]
+    nonfinite_tokens: int = 0  # token rows dropped because an activation was NaN/Inf (all SAEs, all ranks)
+    nonfinite_skips: tuple[str, ...] = ()  # SAEs whose update was skipped: non-finite loss or gradients
+    empty_skips: tuple[str, ...] = ()  # SAEs whose update was skipped: no token of the step reached them
+
+
+class Batch(NamedTuple):
+    """One batch of this rank's SAE inputs."""
+
+    inputs: dict[str, Tensor]  # {hookpoint: [tokens, d]}: finite rows of the tokens not excluded
+    nonfinite: dict[str, int]  # {hookpoint: rows dropped because an activation was NaN/Inf}
 
 
 class SaeTrainer:
@@ -111,6 +131,10 @@ class SaeTrainer:
         self.tokens_seen = 0
         self.wall_time = 0.0
         self.b_dec_initialised = False
+        # Run totals (not per step: a metrics record is only written every log_every steps).
+        self.nonfinite_tokens = 0  # token rows dropped because an activation was NaN/Inf
+        self.skipped_steps = 0  # steps in which at least one SAE's update was skipped
+        self.consecutive_skips = {hookpoint: 0 for hookpoint in self.hookpoints}
         self._resume_or_refuse(resume)
 
     def _place_hookpoints(self) -> None:
@@ -135,7 +159,15 @@ class SaeTrainer:
         """Token ids never fed to the SAEs: cfg.exclude_tokens, else the tokenizer's special tokens."""
         if self.cfg.exclude_tokens is not None:
             return torch.tensor(self.cfg.exclude_tokens, dtype=torch.long)
-        return torch.tensor(special_token_ids(tokenizer) if tokenizer is not None else [], dtype=torch.long)
+        if tokenizer is None:
+            if self.ctx.is_main:
+                warnings.warn(
+                    "no tokenizer and no exclude_tokens: every token trains the SAEs, BOS included "
+                    "(pass tokenizer= or exclude_tokens to leave special tokens out)",
+                    stacklevel=3,
+                )
+            return torch.tensor([], dtype=torch.long)
+        return torch.tensor(special_token_ids(tokenizer), dtype=torch.long)
 
     def _build_saes(self) -> None:
         """This rank's SAEs, an optimizer for each, and their dead-latent counters."""
@@ -190,9 +222,10 @@ class SaeTrainer:
         started, wall_time_at_start = time.perf_counter(), self.wall_time
         metrics: dict[str, float] = {}
         while self.step < stop_at:
-            tokens, metrics = self._train_step()
+            done = self._train_step()
+            metrics = done.metrics
             self.step += 1
-            self.tokens_seen += tokens
+            self.tokens_seen += done.tokens
             self.wall_time = wall_time_at_start + time.perf_counter() - started
             if self.ctx.is_main:
                 progress.update(self.step, self.tokens_seen, metrics)
@@ -225,23 +258,26 @@ class SaeTrainer:
             for hookpoint in local_hookpoints
         }
         first_batch = self.step * cfg.grad_acc_steps
+        nonfinite = {hookpoint: 0 for hookpoint in local_hookpoints}
         batches = (self._activations(first_batch + offset) for offset in range(cfg.grad_acc_steps))
         if not self.b_dec_initialised:
             # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
             batches = list(batches)
             for hookpoint in local_hookpoints:
-                self._init_b_dec(hookpoint, torch.cat([inputs[hookpoint] for inputs in batches]))
+                self._init_b_dec(hookpoint, torch.cat([batch.inputs[hookpoint] for batch in batches]))
             self.b_dec_initialised = True
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
         for optimizer in self.optimizers.values():
             optimizer.set_lr(lr)
-        tokens, metrics = 0, {}
-        for batch_number, inputs in enumerate(batches):
+        tokens, metrics, skipped = 0, {}, {}
+        for batch_number, batch in enumerate(batches):
             with self.profiler.timed("sae_s"):
-                for hookpoint, x in inputs.items():
+                for hookpoint, x in batch.inputs.items():
+                    nonfinite[hookpoint] += batch.nonfinite[hookpoint]
                     variance[hookpoint].add(x)
                     dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
-                    for chunk in x.chunk(cfg.micro_acc_steps):
+                    # An empty batch (every token excluded or non-finite) has nothing to backward.
+                    for chunk in x.chunk(cfg.micro_acc_steps) if x.shape[0] else ():
                         out = self.saes[hookpoint](
                             chunk, dead_mask, total_variance=1.0, compute_dtype=self.compute_dtype
                         )
@@ -253,21 +289,60 @@ class SaeTrainer:
                         # Update this SAE now and free its gradients before the next layer makes its
                         # own: only one layer's gradients are ever alive (with grad_acc_steps 1),
                         # whatever the layer count.
-                        tokens, sae_metrics = self._optimizer_step(
-                            hookpoint, variance[hookpoint], fired[hookpoint], sse[hookpoint], auxk[hookpoint]
+                        tokens, sae_metrics, skipped[hookpoint], nonfinite[hookpoint] = self._optimizer_step(
+                            hookpoint,
+                            variance[hookpoint],
+                            fired[hookpoint],
+                            sse[hookpoint],
+                            auxk[hookpoint],
+                            nonfinite[hookpoint],
                         )
                         metrics.update(sae_metrics)
         metrics["lr"] = lr
-        return self._merge_ranks(TrainStep(tokens, metrics))
+        step = self._merge_ranks(
+            TrainStep(
+                tokens,
+                metrics,
+                sum(nonfinite.values()),
+                tuple(hookpoint for hookpoint, why in skipped.items() if why == "nonfinite"),
+                tuple(hookpoint for hookpoint, why in skipped.items() if why == "empty"),
+            )
+        )
+        return TrainStep(step.tokens, {**step.metrics, **self._count_skips(step)})
 
-    def _activations(self, batch_index: int) -> dict[str, Tensor]:
-        """This rank's SAE inputs for one batch: {hookpoint: [tokens, d]} for the SAEs it owns."""
+    def _count_skips(self, step: TrainStep) -> dict[str, float]:
+        """Run totals of dropped rows and skipped steps; stop after MAX_CONSECUTIVE_SKIPS non-finite steps of
+        one SAE. Every rank sees the same merged step, so every rank stops together."""
+        self.nonfinite_tokens += step.nonfinite_tokens
+        if step.nonfinite_skips or step.empty_skips:
+            self.skipped_steps += 1
+        for hookpoint in self.hookpoints:
+            if hookpoint in step.nonfinite_skips:
+                self.consecutive_skips[hookpoint] += 1
+            elif hookpoint not in step.empty_skips:  # a step with no tokens says nothing either way
+                self.consecutive_skips[hookpoint] = 0
+        diverged = [h for h, n in self.consecutive_skips.items() if n >= MAX_CONSECUTIVE_SKIPS]
+        if diverged:
+            raise TrainingDivergedError(
+                f"training diverged at step {self.step + 1}: the loss or gradients of the SAE of "
+                f"{', '.join(diverged)} were NaN/Inf for {MAX_CONSECUTIVE_SKIPS} steps in a row (those "
+                "updates were skipped); the last checkpoint is intact; lower --lr, or run the model in "
+                "float32 (--dtype float32)"
+            )
+        return {"nonfinite_tokens": self.nonfinite_tokens, "skipped_steps": self.skipped_steps}
+
+    def _activations(self, batch_index: int) -> Batch:
+        """This rank's SAE inputs for one batch, for the SAEs it owns."""
         batch_size = self.cfg.batch_size
         per_batch = batch_size * self.ctx.world_size
         global_ids = sequence_rows(self.dataset, batch_index * per_batch, (batch_index + 1) * per_batch)
         rank_ids = global_ids[self.ctx.rank * batch_size : (self.ctx.rank + 1) * batch_size]
         with self.profiler.timed("lm_forward_s", sync=True):
-            with torch.no_grad(), capture_residuals(self.model, self.hookpoints) as acts:
+            with (
+                torch.no_grad(),
+                eval_mode(self.model),
+                capture_residuals(self.model, self.hookpoints) as acts,
+            ):
                 run_until_captured(self.model, rank_ids.to(self.ctx.device))
         for hookpoint, act in acts.items():
             if act.shape[-1] != self.d_in:
@@ -285,10 +360,14 @@ class SaeTrainer:
         else:
             ids = rank_ids
         keep = ~torch.isin(ids, self.excluded_token_ids)
-        return {
-            hookpoint: acts[hookpoint][keep.to(acts[hookpoint].device)].float()
-            for hookpoint in self.local_hookpoints
-        }
+        inputs, nonfinite = {}, {}
+        for hookpoint in self.local_hookpoints:
+            x = acts[hookpoint][keep.to(acts[hookpoint].device)].float()
+            # One NaN/Inf row would turn every SAE parameter into NaN at the next update: drop it, count it.
+            finite = x.isfinite().all(-1)
+            nonfinite[hookpoint] = int(x.shape[0] - finite.sum())
+            inputs[hookpoint] = x[finite] if nonfinite[hookpoint] else x
+        return Batch(inputs, nonfinite)
 
     @torch.no_grad()
     def _init_b_dec(self, hookpoint: str, x: Tensor) -> None:
@@ -304,27 +383,42 @@ class SaeTrainer:
         """With --distribute_layers each rank has its own layers' metrics: merge them (everyone gets all)."""
         if not self.distributed_layers:
             return step
-        parts = gather_objects(tuple(step), self.ctx)
+        parts = [TrainStep(*part) for part in gather_objects(tuple(step), self.ctx)]
         # Every rank trained on the same tokens (each owner sees the whole global batch of its layers).
         merged: dict[str, float] = {}
-        for _, metrics in parts:
-            merged.update(metrics)
-        return TrainStep(max(tokens for tokens, _ in parts), merged)
+        for part in parts:
+            merged.update(part.metrics)
+        return TrainStep(
+            max(part.tokens for part in parts),
+            merged,
+            sum(part.nonfinite_tokens for part in parts),
+            tuple(h for part in parts for h in part.nonfinite_skips),
+            tuple(h for part in parts for h in part.empty_skips),
+        )
 
     # ------------------------------------------------------------------ one optimizer step per SAE
     def _optimizer_step(
-        self, hookpoint: str, variance: PooledVariance, fired: Tensor, sse: float, auxk: float
-    ) -> tuple[int, dict[str, float]]:
-        """Normalise, sum across ranks and apply one SAE's gradient of the step; (step tokens, metrics)."""
+        self, hookpoint: str, variance: PooledVariance, fired: Tensor, sse: float, auxk: float, nonfinite: int
+    ) -> tuple[int, dict[str, float], str, int]:
+        """Normalise, sum across ranks and apply one SAE's gradient of the step.
+
+        Returns (step tokens, metrics, outcome, non-finite rows dropped on all ranks). The outcome is
+        "stepped", or "nonfinite" / "empty" when the update was skipped (weights, Adam state and dead
+        counters untouched).
+        """
         cfg = self.cfg
         sae = self.saes[hookpoint]
         n_tokens, total_variance = variance.pooled(self.ctx, reduce=self.ddp)
+        for p in sae.parameters():
+            if p.grad is None:  # every batch of this rank was empty: it adds nothing to the sum
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in sae.parameters()]
         if self.ddp:
             flat = torch.cat([g.reshape(-1) for g in grads])
             all_reduce_sum(flat, self.ctx)
             fired = all_reduce_sum(fired.long(), self.ctx) > 0
-            sse, auxk = all_reduce_sum(torch.tensor([sse, auxk], dtype=torch.float64), self.ctx).tolist()
+            sums = torch.tensor([sse, auxk, nonfinite], dtype=torch.float64)
+            sse, auxk, nonfinite = all_reduce_sum(sums, self.ctx).tolist()
             offset = 0
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -333,6 +427,14 @@ class SaeTrainer:
         scale = 1.0 / max(float(total_variance), 1e-30)
         for g in grads:
             g.mul_(scale)
+        metrics = {f"fvu/{hookpoint}": sse * scale, f"auxk/{hookpoint}": auxk * scale}
+        # A NaN/Inf on any rank survives the sums above, so every rank decides on the same numbers and
+        # skips together without a collective of its own (with --distribute_layers the owner decides alone).
+        finite = math.isfinite(sse) and math.isfinite(auxk) and bool(all_finite(grads))
+        if n_tokens == 0 or not finite:
+            sae.zero_grad(set_to_none=True)
+            metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
+            return n_tokens, metrics, "empty" if finite else "nonfinite", int(nonfinite)
         if cfg.sae.normalize_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizers[hookpoint].step()
@@ -342,17 +444,19 @@ class SaeTrainer:
         counters = self.tokens_since_fired[hookpoint]
         counters += n_tokens
         counters[fired] = 0
-        return n_tokens, {
-            f"fvu/{hookpoint}": sse * scale,
-            f"auxk/{hookpoint}": auxk * scale,
-            f"dead_pct/{hookpoint}": 100.0 * (counters >= cfg.dead_feature_threshold).float().mean().item(),
-        }
+        metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
+        return n_tokens, metrics, "stepped", int(nonfinite)
+
+    def _dead_pct(self, hookpoint: str) -> float:
+        dead = self.tokens_since_fired[hookpoint] >= self.cfg.dead_feature_threshold
+        return 100.0 * dead.float().mean().item()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         """Write the SAE folders, this rank's trainer state and run.json; every rank reaches the same
         barriers."""
         writes_state = self.distributed_layers or self.ctx.is_main
+        self._refuse_nonfinite_weights()
         if writes_state:
             try:
                 self._write_checkpoint()
@@ -370,6 +474,20 @@ class SaeTrainer:
             self._write_run_info(profile)
         barrier(self.ctx)
 
+    def _refuse_nonfinite_weights(self) -> None:
+        """Never write NaN/Inf weights over a good checkpoint; every rank learns of any rank's (one
+        collective), so all stop together."""
+        broken = [hookpoint for hookpoint, sae in self.saes.items() if not all_finite(list(sae.parameters()))]
+        count = torch.tensor([len(broken)], dtype=torch.long)
+        if self.distributed_layers:
+            all_reduce_sum(count, self.ctx)
+        if count.item():
+            raise TrainingDivergedError(
+                f"refusing to save step {self.step}: SAE weights are NaN/Inf"
+                f"{' (' + ', '.join(broken) + ')' if broken else ' on another rank'}; the last checkpoint in "
+                f"{self.run_dir} is intact; lower --lr, or run the model in float32 (--dtype float32)"
+            )
+
     def _write_checkpoint(self) -> None:
         for hookpoint, sae in self.saes.items():
             sae.save_to_disk(self.run_dir / hookpoint)
@@ -385,6 +503,8 @@ class SaeTrainer:
             "optimizers": {hookpoint: opt.state_dict() for hookpoint, opt in self.optimizers.items()},
             "tokens_since_fired": dict(self.tokens_since_fired),
             "b_dec_initialised": self.b_dec_initialised,
+            "nonfinite_tokens": self.nonfinite_tokens,
+            "skipped_steps": self.skipped_steps,
         }
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
 
@@ -460,3 +580,24 @@ class SaeTrainer:
         self.tokens_seen = state["tokens"]
         self.wall_time = state.get("wall_time", 0.0)
         self.b_dec_initialised = state["b_dec_initialised"]
+        self.nonfinite_tokens = state.get("nonfinite_tokens", 0)  # absent from states of older versions
+        self.skipped_steps = state.get("skipped_steps", 0)
+
+
+@torch.no_grad()
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether no element of `tensors` is NaN or Inf (one device sync)."""
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (dropout off: the SAEs learn the activations the model has at inference), each
+    module's own mode restored after."""
+    training = [module for module in model.modules() if module.training]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True  # not .train(): that would also switch the module's children
