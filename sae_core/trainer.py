@@ -111,6 +111,9 @@ class SaeTrainer:
         self.tokens_seen = 0
         self.wall_time = 0.0
         self.b_dec_initialised = False
+        # Activations are multiplied by these before the SAEs (1 unless normalize_inputs), set at the first
+        # step.
+        self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
         self._resume_or_refuse(resume)
 
     def _place_hookpoints(self) -> None:
@@ -230,7 +233,7 @@ class SaeTrainer:
             # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
             batches = list(batches)
             for hookpoint in local_hookpoints:
-                self._init_b_dec(hookpoint, torch.cat([inputs[hookpoint] for inputs in batches]))
+                self._init_from_first_step(hookpoint, torch.cat([inputs[hookpoint] for inputs in batches]))
             self.b_dec_initialised = True
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
         for optimizer in self.optimizers.values():
@@ -239,6 +242,8 @@ class SaeTrainer:
         for batch_number, inputs in enumerate(batches):
             with self.profiler.timed("sae_s"):
                 for hookpoint, x in inputs.items():
+                    if self.input_scales[hookpoint] != 1.0:
+                        x = x * self.input_scales[hookpoint]
                     variance[hookpoint].add(x)
                     dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
                     for chunk in x.chunk(cfg.micro_acc_steps):
@@ -291,14 +296,18 @@ class SaeTrainer:
         }
 
     @torch.no_grad()
-    def _init_b_dec(self, hookpoint: str, x: Tensor) -> None:
-        """b_dec starts at the mean of the first batch (over all ranks), so the encoder sees centred
-        inputs."""
-        head = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.double().sum(0).cpu()])
+    def _init_from_first_step(self, hookpoint: str, x: Tensor) -> None:
+        """From the first step's tokens (over all ranks): the input scale (normalize_inputs: mean squared norm
+        d_in), and b_dec at their (scaled) mean, so the encoder sees centred inputs."""
+        xd = x.double()
+        head = torch.cat([torch.tensor([float(x.shape[0]), xd.pow(2).sum()]), xd.sum(0).cpu()])
         if self.ddp:
             all_reduce_sum(head, self.ctx)
+        count, sum_sq, total = head[0].clamp_min(1), head[1], head[2:]
+        if self.cfg.normalize_inputs and sum_sq > 0:
+            self.input_scales[hookpoint] = math.sqrt(self.d_in * float(count) / float(sum_sq))
         b_dec = self.saes[hookpoint].b_dec
-        b_dec.data.copy_((head[1:] / head[0].clamp_min(1)).to(b_dec.dtype))
+        b_dec.data.copy_((total / count * self.input_scales[hookpoint]).to(b_dec.dtype))
 
     def _merge_ranks(self, step: TrainStep) -> TrainStep:
         """With --distribute_layers each rank has its own layers' metrics: merge them (everyone gets all)."""
@@ -366,13 +375,16 @@ class SaeTrainer:
         if writes_state:
             ckpt.prune_states(self.run_dir, self.ctx.rank, self.step)
         profile = self.profiler.run_info(self.ctx)  # with cfg.profile a collective: every rank joins
+        scales = (
+            gather_objects(self.input_scales, self.ctx) if self.distributed_layers else [self.input_scales]
+        )
         if self.ctx.is_main:
-            self._write_run_info(profile)
+            self._write_run_info(profile, {h: s for part in scales for h, s in part.items()})
         barrier(self.ctx)
 
     def _write_checkpoint(self) -> None:
         for hookpoint, sae in self.saes.items():
-            sae.save_to_disk(self.run_dir / hookpoint)
+            sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
         state = {
             "step": self.step,
             "tokens": self.tokens_seen,
@@ -385,10 +397,11 @@ class SaeTrainer:
             "optimizers": {hookpoint: opt.state_dict() for hookpoint, opt in self.optimizers.items()},
             "tokens_since_fired": dict(self.tokens_since_fired),
             "b_dec_initialised": self.b_dec_initialised,
+            "input_scales": dict(self.input_scales),
         }
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
 
-    def _write_run_info(self, profile: dict[str, Any]) -> None:
+    def _write_run_info(self, profile: dict[str, Any], input_scales: dict[str, float]) -> None:
         cfg = self.cfg
         info = {
             **self.run_info,
@@ -402,6 +415,7 @@ class SaeTrainer:
             "wall_time_s": round(self.wall_time, 3),
             "world_size": self.ctx.world_size,
             "distribute_layers": self.distributed_layers,
+            "input_scales": input_scales,  # what activations were multiplied by in training (1: raw)
             "learning_rate": {
                 "optimizer": cfg.optimizer,
                 "peak": self.lr,
@@ -460,3 +474,4 @@ class SaeTrainer:
         self.tokens_seen = state["tokens"]
         self.wall_time = state.get("wall_time", 0.0)
         self.b_dec_initialised = state["b_dec_initialised"]
+        self.input_scales.update(state.get("input_scales", {}))  # absent in states written before the option
