@@ -93,6 +93,10 @@ class TrainConfig:
     """Optimizer steps of linear warm-up, at most a tenth of the run's steps; the LR then decays linearly
     to 0."""
 
+    normalize_inputs: bool = False
+    """Scale each hookpoint's activations to a mean squared norm of d_in (Gao et al.), measured on the first
+    step, so one learning rate suits every layer; saved SAEs still take raw activations (scale folded in)."""
+
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents (0 turns it off)."""
 

@@ -175,20 +175,29 @@ class Sae(nn.Module):
         d["sae_core_version"] = __version__
         return d
 
-    def save_to_disk(self, path: str | os.PathLike) -> None:
-        """Write `path/cfg.json` and `path/sae.safetensors`, each atomically (temp file, then rename)."""
+    def save_to_disk(self, path: str | os.PathLike, input_scale: float = 1.0) -> None:
+        """Write `path/cfg.json` and `path/sae.safetensors`, each atomically (temp file, then rename).
+
+        `input_scale`: the SAE was trained on activations multiplied by it. The saved SAE takes raw
+        activations: TopK and ReLU commute with a positive scale, so dividing both biases by it gives latents
+        1/scale as large and a reconstruction of the raw activations, with the same weight matrices (decoder
+        rows stay unit norm).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {
             "encoder.weight": self.encoder.weight.data,
-            "encoder.bias": self.encoder.bias.data,
-            "b_dec": self.b_dec.data,
+            "encoder.bias": self.encoder.bias.data / input_scale,
+            "b_dec": self.b_dec.data / input_scale,
         }
         if self.W_dec is not None:
             tensors["W_dec"] = self.W_dec.data
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
         atomic_write_bytes(path / SAE_FILE, blob)
-        atomic_write_json(path / CFG_FILE, self.cfg_dict())
+        cfg = self.cfg_dict()
+        if input_scale != 1.0:
+            cfg["input_scale_folded"] = input_scale  # informational: loaders need nothing
+        atomic_write_json(path / CFG_FILE, cfg)
 
     @classmethod
     def load_from_disk(

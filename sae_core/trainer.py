@@ -135,6 +135,9 @@ class SaeTrainer:
         self.nonfinite_tokens = 0  # token rows dropped because an activation was NaN/Inf
         self.skipped_steps = 0  # steps in which at least one SAE's update was skipped
         self.consecutive_skips = {hookpoint: 0 for hookpoint in self.hookpoints}
+        # Activations are multiplied by these before the SAEs (1 unless normalize_inputs), set at the first
+        # step.
+        self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
         self._resume_or_refuse(resume)
 
     def _place_hookpoints(self) -> None:
@@ -264,7 +267,9 @@ class SaeTrainer:
             # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
             batches = list(batches)
             for hookpoint in local_hookpoints:
-                self._init_b_dec(hookpoint, torch.cat([batch.inputs[hookpoint] for batch in batches]))
+                self._init_from_first_step(
+                    hookpoint, torch.cat([batch.inputs[hookpoint] for batch in batches])
+                )
             self.b_dec_initialised = True
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
         for optimizer in self.optimizers.values():
@@ -274,6 +279,8 @@ class SaeTrainer:
             with self.profiler.timed("sae_s"):
                 for hookpoint, x in batch.inputs.items():
                     nonfinite[hookpoint] += batch.nonfinite[hookpoint]
+                    if self.input_scales[hookpoint] != 1.0:
+                        x = x * self.input_scales[hookpoint]
                     variance[hookpoint].add(x)
                     dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
                     # An empty batch (every token excluded or non-finite) has nothing to backward.
@@ -370,14 +377,18 @@ class SaeTrainer:
         return Batch(inputs, nonfinite)
 
     @torch.no_grad()
-    def _init_b_dec(self, hookpoint: str, x: Tensor) -> None:
-        """b_dec starts at the mean of the first batch (over all ranks), so the encoder sees centred
-        inputs."""
-        head = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.double().sum(0).cpu()])
+    def _init_from_first_step(self, hookpoint: str, x: Tensor) -> None:
+        """From the first step's tokens (over all ranks): the input scale (normalize_inputs: mean squared norm
+        d_in), and b_dec at their (scaled) mean, so the encoder sees centred inputs."""
+        xd = x.double()
+        head = torch.cat([torch.tensor([float(x.shape[0]), xd.pow(2).sum()]), xd.sum(0).cpu()])
         if self.ddp:
             all_reduce_sum(head, self.ctx)
+        count, sum_sq, total = head[0].clamp_min(1), head[1], head[2:]
+        if self.cfg.normalize_inputs and sum_sq > 0:
+            self.input_scales[hookpoint] = math.sqrt(self.d_in * float(count) / float(sum_sq))
         b_dec = self.saes[hookpoint].b_dec
-        b_dec.data.copy_((head[1:] / head[0].clamp_min(1)).to(b_dec.dtype))
+        b_dec.data.copy_((total / count * self.input_scales[hookpoint]).to(b_dec.dtype))
 
     def _merge_ranks(self, step: TrainStep) -> TrainStep:
         """With --distribute_layers each rank has its own layers' metrics: merge them (everyone gets all)."""
@@ -470,8 +481,11 @@ class SaeTrainer:
         if writes_state:
             ckpt.prune_states(self.run_dir, self.ctx.rank, self.step)
         profile = self.profiler.run_info(self.ctx)  # with cfg.profile a collective: every rank joins
+        scales = (
+            gather_objects(self.input_scales, self.ctx) if self.distributed_layers else [self.input_scales]
+        )
         if self.ctx.is_main:
-            self._write_run_info(profile)
+            self._write_run_info(profile, {h: s for part in scales for h, s in part.items()})
         barrier(self.ctx)
 
     def _refuse_nonfinite_weights(self) -> None:
@@ -490,7 +504,7 @@ class SaeTrainer:
 
     def _write_checkpoint(self) -> None:
         for hookpoint, sae in self.saes.items():
-            sae.save_to_disk(self.run_dir / hookpoint)
+            sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
         state = {
             "step": self.step,
             "tokens": self.tokens_seen,
@@ -505,10 +519,11 @@ class SaeTrainer:
             "b_dec_initialised": self.b_dec_initialised,
             "nonfinite_tokens": self.nonfinite_tokens,
             "skipped_steps": self.skipped_steps,
+            "input_scales": dict(self.input_scales),
         }
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
 
-    def _write_run_info(self, profile: dict[str, Any]) -> None:
+    def _write_run_info(self, profile: dict[str, Any], input_scales: dict[str, float]) -> None:
         cfg = self.cfg
         info = {
             **self.run_info,
@@ -522,6 +537,7 @@ class SaeTrainer:
             "wall_time_s": round(self.wall_time, 3),
             "world_size": self.ctx.world_size,
             "distribute_layers": self.distributed_layers,
+            "input_scales": input_scales,  # what activations were multiplied by in training (1: raw)
             "learning_rate": {
                 "optimizer": cfg.optimizer,
                 "peak": self.lr,
@@ -582,6 +598,7 @@ class SaeTrainer:
         self.b_dec_initialised = state["b_dec_initialised"]
         self.nonfinite_tokens = state.get("nonfinite_tokens", 0)  # absent from states of older versions
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.input_scales.update(state.get("input_scales", {}))  # absent in states written before the option
 
 
 @torch.no_grad()
