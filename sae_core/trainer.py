@@ -26,9 +26,7 @@ checkpoints (save and resume), then the helpers they use.
 import json
 import math
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,29 +34,26 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .activations import LiveActivations, excluded_token_ids
 from .config import TrainConfig
-from .data import sequence_rows, sequence_shape
+from .data import sequence_shape
 from .distributed import (
     DistContext,
     PooledVariance,
     all_reduce_sum,
     barrier,
     gather_objects,
-    gather_to,
     init_distributed,
     split_layers,
 )
 from .errors import CheckpointError, ConfigError, TrainingDivergedError
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
-    capture_residuals,
     hidden_size,
     layer_index,
     module_device,
     resolve_dtype,
-    run_until_captured,
     select_hookpoints,
-    special_token_ids,
 )
 from .optim import SaeOptimizer, default_lr, lr_at, warmup_steps
 from .sae import Sae
@@ -80,13 +75,6 @@ class TrainStep(NamedTuple):
     nonfinite_tokens: int = 0  # token rows dropped because an activation was NaN/Inf (all SAEs, all ranks)
     nonfinite_skips: tuple[str, ...] = ()  # SAEs whose update was skipped: non-finite loss or gradients
     empty_skips: tuple[str, ...] = ()  # SAEs whose update was skipped: no token of the step reached them
-
-
-class Batch(NamedTuple):
-    """One batch of this rank's SAE inputs."""
-
-    inputs: dict[str, Tensor]  # {hookpoint: [tokens, d]}: finite rows of the tokens not excluded
-    nonfinite: dict[str, int]  # {hookpoint: rows dropped because an activation was NaN/Inf}
 
 
 class SaeTrainer:
@@ -123,7 +111,19 @@ class SaeTrainer:
         self.profiler = Profiler(self.ctx.device, enabled=cfg.profile)
 
         self._place_hookpoints()
-        self.excluded_token_ids = self._excluded_token_ids(tokenizer)
+        self.excluded_token_ids = excluded_token_ids(cfg.exclude_tokens, tokenizer, warn=self.ctx.is_main)
+        self.activations = LiveActivations(
+            model,
+            dataset,
+            hookpoints=self.hookpoints,
+            owners=self.owners,
+            ctx=self.ctx,
+            batch_size=cfg.batch_size,
+            d_in=self.d_in,
+            excluded=self.excluded_token_ids,
+            gather=self.distributed_layers,
+            profiler=self.profiler,
+        )
         self._build_saes()
         self.seq_len, self.total_steps = self._step_budget()
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
@@ -157,20 +157,6 @@ class SaeTrainer:
         self.local_hookpoints = [
             hookpoint for hookpoint in self.hookpoints if self.owners[hookpoint] == self.ctx.rank
         ]
-
-    def _excluded_token_ids(self, tokenizer: Any) -> Tensor:
-        """Token ids never fed to the SAEs: cfg.exclude_tokens, else the tokenizer's special tokens."""
-        if self.cfg.exclude_tokens is not None:
-            return torch.tensor(self.cfg.exclude_tokens, dtype=torch.long)
-        if tokenizer is None:
-            if self.ctx.is_main:
-                warnings.warn(
-                    "no tokenizer and no exclude_tokens: every token trains the SAEs, BOS included "
-                    "(pass tokenizer= or exclude_tokens to leave special tokens out)",
-                    stacklevel=3,
-                )
-            return torch.tensor([], dtype=torch.long)
-        return torch.tensor(special_token_ids(tokenizer), dtype=torch.long)
 
     def _build_saes(self) -> None:
         """This rank's SAEs, an optimizer for each, and their dead-latent counters."""
@@ -262,7 +248,7 @@ class SaeTrainer:
         }
         first_batch = self.step * cfg.grad_acc_steps
         nonfinite = {hookpoint: 0 for hookpoint in local_hookpoints}
-        batches = (self._activations(first_batch + offset) for offset in range(cfg.grad_acc_steps))
+        batches = (self.activations.batch(first_batch + offset) for offset in range(cfg.grad_acc_steps))
         if not self.b_dec_initialised:
             # First step only: hold all its batches so b_dec starts at the mean of the whole (global) step.
             batches = list(batches)
@@ -337,44 +323,6 @@ class SaeTrainer:
                 "float32 (--dtype float32)"
             )
         return {"nonfinite_tokens": self.nonfinite_tokens, "skipped_steps": self.skipped_steps}
-
-    def _activations(self, batch_index: int) -> Batch:
-        """This rank's SAE inputs for one batch, for the SAEs it owns."""
-        batch_size = self.cfg.batch_size
-        per_batch = batch_size * self.ctx.world_size
-        global_ids = sequence_rows(self.dataset, batch_index * per_batch, (batch_index + 1) * per_batch)
-        rank_ids = global_ids[self.ctx.rank * batch_size : (self.ctx.rank + 1) * batch_size]
-        with self.profiler.timed("lm_forward_s", sync=True):
-            with (
-                torch.no_grad(),
-                eval_mode(self.model),
-                capture_residuals(self.model, self.hookpoints) as acts,
-            ):
-                run_until_captured(self.model, rank_ids.to(self.ctx.device))
-        for hookpoint, act in acts.items():
-            if act.shape[-1] != self.d_in:
-                raise ConfigError(
-                    f"{hookpoint} has width {act.shape[-1]}, expected the model's hidden size {self.d_in}"
-                )
-        if self.distributed_layers:
-            ids = global_ids
-            gathered = {}
-            for hookpoint in self.hookpoints:
-                full = gather_to(acts[hookpoint].float(), self.owners[hookpoint], self.ctx)
-                if full is not None:
-                    gathered[hookpoint] = full
-            acts = gathered
-        else:
-            ids = rank_ids
-        keep = ~torch.isin(ids, self.excluded_token_ids)
-        inputs, nonfinite = {}, {}
-        for hookpoint in self.local_hookpoints:
-            x = acts[hookpoint][keep.to(acts[hookpoint].device)].float()
-            # One NaN/Inf row would turn every SAE parameter into NaN at the next update: drop it, count it.
-            finite = x.isfinite().all(-1)
-            nonfinite[hookpoint] = int(x.shape[0] - finite.sum())
-            inputs[hookpoint] = x[finite] if nonfinite[hookpoint] else x
-        return Batch(inputs, nonfinite)
 
     @torch.no_grad()
     def _init_from_first_step(self, hookpoint: str, x: Tensor) -> None:
@@ -605,16 +553,3 @@ class SaeTrainer:
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether no element of `tensors` is NaN or Inf (one device sync)."""
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (dropout off: the SAEs learn the activations the model has at inference), each
-    module's own mode restored after."""
-    training = [module for module in model.modules() if module.training]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module in training:
-            module.training = True  # not .train(): that would also switch the module's children

@@ -171,7 +171,7 @@ def test_the_lm_runs_in_eval_mode_and_gets_its_own_mode_back(tmp_path):
     model.train()
     model.lm_head.training = False  # a mixed state comes back as it was, module by module
     trainer = make_trainer(tmp_path, model)
-    first, second = trainer._activations(0).inputs, trainer._activations(0).inputs
+    first, second = trainer.activations.batch(0).inputs, trainer.activations.batch(0).inputs
     for hookpoint in trainer.hookpoints:
         assert torch.equal(first[hookpoint], second[hookpoint]), hookpoint
     assert all(m.training for name, m in model.named_modules() if name != "lm_head")
