@@ -132,6 +132,26 @@ def _log_probs(logits: Tensor, positions: Tensor) -> Tensor:
 # The API
 
 
+def _spliced(out: Tensor, keep: Tensor, value: Tensor | float) -> Tensor:
+    """A block output with `value` at the kept positions; excluded ones keep their clean value."""
+    hidden = out.clone()
+    hidden[keep] = value
+    return hidden
+
+
+def _ce_kl(logits: Tensor, positions: Tensor, targets: Tensor, clean_logp: Tensor) -> tuple[float, float]:
+    """(summed cross-entropy, summed KL from the clean distribution) of a variant's logits."""
+    logp = _log_probs(logits, positions)
+    ce = -logp.gather(1, targets[:, None]).double().sum().item()
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum().item()
+    return ce, kl
+
+
+def _add(ce: dict[str, float], kl: dict[str, float], variant: str, ce_kl: tuple[float, float]) -> None:
+    ce[variant] += ce_kl[0]
+    kl[variant] += ce_kl[1]
+
+
 def evaluate(
     model: nn.Module,
     saes: Mapping[str, Any],
@@ -195,6 +215,16 @@ def evaluate(
             del clean_logits
             ce_clean -= clean_logp.gather(1, targets[:, None]).double().sum().item()
             n_positions += targets.numel()
+
+            mean_scored = b == 0 and splicer.mode == "suffix"
+            if mean_scored:
+                # A perturbed splice per hookpoint, against a full forward, before any variant is scored: the
+                # mean-ablated one, a real perturbation whatever the SAE; its full logits score that variant.
+                for h in saes:
+                    out = splicer.outputs[layer_of[h]]
+                    hidden = _spliced(out, keep, means[h].to(out))
+                    logits = splicer.check_splice(layer_of[h], hidden, ids, required=splice == "suffix")
+                    _add(ce[h], kl[h], "mean", _ce_kl(logits, positions, targets, clean_logp))
             for h, sae in saes.items():
                 i = layer_of[h]
                 out = splicer.outputs[i]
@@ -203,13 +233,10 @@ def evaluate(
                 acts, indices = enc[0], enc[1]
                 x_hat = sae.decode(acts, indices).to(x.device)
                 recon[h].add(x, x_hat, acts, indices)
-                # Excluded positions keep their clean value in every variant.
                 for v, value in (("sae", x_hat.to(out.dtype)), ("zero", 0.0), ("mean", means[h].to(out))):
-                    hidden = out.clone()
-                    hidden[keep] = value
-                    logp = _log_probs(splicer.logits(i, hidden, ids), positions)
-                    ce[h][v] -= logp.gather(1, targets[:, None]).double().sum().item()
-                    kl[h][v] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum().item()
+                    if not (v == "mean" and mean_scored):
+                        logits = splicer.logits(i, _spliced(out, keep, value), ids)
+                        _add(ce[h], kl[h], v, _ce_kl(logits, positions, targets, clean_logp))
             bar.update()
     bar.close()
 

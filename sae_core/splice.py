@@ -5,6 +5,8 @@
     with splicer.recording():                 a clean forward records every hooked block's output
         clean_logits = splicer.forward(ids)
     splicer.check_suffix(ids, clean_logits, required)      first batch: the suffix replays the clean logits
+    splicer.check_splice(layer, hidden, ids, required)     first batch, per hooked layer: a spliced suffix
+                                                           equals a full forward (returns the full logits)
     splicer.logits(layer, hidden, ids)                     the logits with block `layer`'s output := hidden
 
 Cost per batch, with L blocks, hooked layers i ∈ S and "head" = final norm + unembedding:
@@ -14,7 +16,8 @@ Cost per batch, with L blocks, hooked layers i ∈ S and "head" = final norm + u
                             arguments that the clean forward gave them (masks, rotary tables, positions)
 i.e. (max(S)+1) + L + 3·Σ_{i∈S}(L−1−i) blocks and 1 + 3·|S| heads, where a naive evaluation runs
 1 + 3·|S| full forwards. This suffix path is used for models whose final norm is known (Llama-like
-`model.norm`, GPT-NeoX, GPT-2), after checking on the first batch that it reproduces the clean logits;
+`model.norm`, GPT-NeoX, GPT-2), after checking on the first batch that it reproduces the clean logits
+and, for each hooked layer, the logits of one spliced variant (one extra full forward per hookpoint);
 otherwise every variant is a full forward with a hook that replaces the block's output.
 """
 
@@ -134,15 +137,7 @@ class Splicer:
     def logits(self, layer: int, hidden: Tensor, input_ids: Tensor) -> Tensor:
         """Logits with block `layer`'s output replaced by `hidden` (after a recorded clean forward)."""
         if self.mode == "full":
-
-            def replace(_module, _args, output):
-                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-            handle = self.blocks[layer].register_forward_hook(replace)
-            try:
-                return self.model(input_ids=input_ids, use_cache=False).logits
-            finally:
-                handle.remove()
+            return self._full_logits(layer, hidden, input_ids)
         for j in range(layer + 1, len(self.blocks)):
             args, kwargs = self.inputs[j]
             if args:
@@ -150,6 +145,16 @@ class Splicer:
             else:
                 hidden = hidden_state(self.blocks[j](hidden_states=hidden, **kwargs))
         return self.head(self.norm(hidden))
+
+    def _full_logits(self, layer: int, hidden: Tensor, input_ids: Tensor) -> Tensor:
+        def replace(_module, _args, output):
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = self.blocks[layer].register_forward_hook(replace)
+        try:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            handle.remove()
 
     def check_suffix(self, input_ids: Tensor, clean_logits: Tensor, required: bool) -> None:
         """The suffix path must reproduce the clean logits from the clean hidden state (first batch only).
@@ -159,14 +164,34 @@ class Splicer:
         """
         layer = self.layers[0]
         replay = self.logits(layer, self.outputs[layer], input_ids)
-        err = (replay - clean_logits).abs().max().item()
-        if err <= 1e-4 * max(clean_logits.abs().max().item(), 1e-6):
+        self._compare(replay, clean_logits, required, "")
+
+    def check_splice(self, layer: int, hidden: Tensor, input_ids: Tensor, required: bool) -> Tensor:
+        """The suffix logits with block `layer`'s output := `hidden` (a perturbed one) must equal a full
+        forward's (first batch only, after `check_suffix`); returns the full forward's logits, correct in
+        either case, so that the caller can use them for that variant and the check costs one forward.
+
+        The clean check cannot see state that the blocks pass to each other outside the residual stream and
+        the recorded arguments (a shared KV cache, something a block caches on a module that a later block
+        reads): replayed from a clean forward, such state still holds the clean values. A perturbed output
+        shows it; the evaluation then falls back to full forwards.
+        """
+        # The replay first, as the variants run it: right after the clean forward, whose state it inherits.
+        replay = self.logits(layer, hidden, input_ids) if self.mode == "suffix" else None
+        full = self._full_logits(layer, hidden, input_ids)
+        if replay is not None:
+            self._compare(replay, full, required, f" with layers.{layer} spliced")
+        return full
+
+    def _compare(self, replay: Tensor, expected: Tensor, required: bool, what: str) -> None:
+        err = (replay - expected).abs().max().item()
+        if err <= 1e-4 * max(expected.abs().max().item(), 1e-6):
             return
         name = type(self.model).__name__
-        msg = f"the suffix forward of {name} does not reproduce its logits (max error {err:.3g})"
+        msg = f"the suffix forward of {name} does not reproduce its logits{what} (max error {err:.3g})"
         if required:
             raise EvalError(msg + "; use splice='auto' or 'full'")
-        warnings.warn(msg + "; using a full forward per spliced variant instead", stacklevel=3)
+        warnings.warn(msg + "; using a full forward per spliced variant instead", stacklevel=4)
         self.mode = "full"
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sae_core import Sae, SaeConfig
 from sae_core.evaluate import METRIC_KEYS, PLOT_FILES, EvalError, evaluate, evaluate_run, main
 from sae_core.models import find_blocks
-from tests.support.tiny import child_env, tiny_model
+from tests.support.tiny import child_env, shared_cache_model, tiny_model
 
 BOS, EOS, PAD = 0, 1, 2
 SPECIAL = [BOS, PAD]
@@ -279,6 +279,24 @@ def test_a_model_whose_logits_the_suffix_cannot_replay_falls_back_to_full_forwar
     ref = reference(model, saes["layers.0"], 0, ids)
     assert auto.hookpoints["layers.0"]["kl"] == pytest.approx(ref["kl"], rel=1e-6)
     with pytest.raises(EvalError, match="does not reproduce its logits"):
+        evaluate(model, saes, ids, exclude_tokens=SPECIAL, splice="suffix")
+
+
+def test_a_model_passing_state_outside_the_residual_stream_falls_back_to_full_forwards():
+    # Block 1 caches its input for block 2, like a shared KV cache: clean replays pass, spliced ones fail.
+    model = shared_cache_model(n_layers=3, d=D).double()
+    ids = token_ids(n_seq=4, seq_len=10)
+    saes = {
+        h: IdentitySae(offset=torch.full((D,), 0.1, dtype=torch.float64)) for h in ("layers.0", "layers.1")
+    }
+    with pytest.warns(UserWarning, match="does not reproduce its logits with layers.0 spliced"):
+        auto = evaluate(model, saes, ids, exclude_tokens=SPECIAL, batch_size=2)
+    assert auto.settings["splice"] == "full"
+    for h, layer in (("layers.0", 0), ("layers.1", 1)):
+        ref = reference(model, saes[h], layer, ids)
+        for key in ("ce_sae", "ce_zero", "ce_mean", "kl", "kl_zero", "kl_mean"):
+            assert auto.hookpoints[h][key] == pytest.approx(ref[key], rel=1e-6, abs=1e-12), (h, key)
+    with pytest.raises(EvalError, match="does not reproduce its logits with layers.0 spliced"):
         evaluate(model, saes, ids, exclude_tokens=SPECIAL, splice="suffix")
 
 

@@ -6,7 +6,7 @@ import torch
 from sae_core.errors import EvalError
 from sae_core.models import find_blocks
 from sae_core.splice import Splicer, block_means
-from tests.support.tiny import tiny_model
+from tests.support.tiny import shared_cache_model, tiny_model
 
 
 class NoBar:
@@ -47,6 +47,8 @@ def test_suffix_logits_equal_a_full_forward_with_the_block_output_replaced(kind)
                 clean = splicer.forward(ids)
         suffix.check_suffix(ids, clean, required=True)  # replays the clean logits
         hidden = suffix.outputs[1] * 0.5
+        checked = suffix.check_splice(1, hidden, ids, required=True)  # and a perturbed splice
+        assert suffix.mode == "suffix" and torch.equal(checked, full.logits(1, hidden, ids))
         assert torch.allclose(
             suffix.logits(1, hidden, ids), full.logits(1, hidden, ids), rtol=1e-10, atol=1e-12
         )
@@ -59,3 +61,26 @@ def test_suffix_mode_without_a_known_final_norm_is_an_eval_error():
     with pytest.raises(EvalError, match="needs a known final norm and unembedding"):
         Splicer(model, [0], "suffix")
     assert Splicer(model, [0], "auto").mode == "full"
+
+
+def test_a_perturbed_splice_catches_state_passed_outside_the_residual_stream():
+    model = shared_cache_model(n_layers=3, d=16).double()
+    ids = torch.randint(3, 300, (2, 8))
+
+    def recorded(mode):
+        splicer = Splicer(model, [0], mode)
+        with splicer.recording():
+            clean = splicer.forward(ids)
+        splicer.check_suffix(ids, clean, required=True)  # the clean replay cannot see the cache
+        return splicer, splicer.outputs[0] * 0.5
+
+    with torch.no_grad():
+        strict, hidden = recorded("suffix")
+        replayed = strict.logits(0, hidden, ids)  # block 2 reads block 1's clean input, cached by then
+        with pytest.raises(EvalError, match="does not reproduce its logits with layers.0 spliced"):
+            strict.check_splice(0, hidden, ids, required=True)
+        auto, hidden = recorded("auto")
+        with pytest.warns(UserWarning, match="using a full forward per spliced variant instead"):
+            full = auto.check_splice(0, hidden, ids, required=False)
+        assert auto.mode == "full" and torch.equal(auto.logits(0, hidden, ids), full)
+        assert not torch.allclose(replayed, full)

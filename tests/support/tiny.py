@@ -143,3 +143,35 @@ def child_env(**overrides: str) -> dict[str, str]:
     keep = os.environ.get("PYTHONPATH")
     path = os.pathsep.join([str(ROOT)] + ([keep] if keep else []))
     return {**os.environ, "PYTHONPATH": path, **overrides}
+
+
+class _SharedCacheBlock(torch.nn.Module):
+    """A block that caches its first input of each forward on a shared object (like a KV cache holding the
+    first pass's keys), or one that adds that cached input to its output."""
+
+    def __init__(self, block, shared, writes: bool):
+        super().__init__()
+        self.block, self.shared, self.writes = block, shared, writes
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.writes and self.shared.memory is None:
+            self.shared.memory = hidden_states
+        out = self.block(hidden_states, *args, **kwargs)
+        if self.writes:
+            return out
+        extra = 0.5 * self.shared.memory
+        return (out[0] + extra, *out[1:]) if isinstance(out, tuple) else out + extra
+
+
+def shared_cache_model(n_layers: int = 3, d: int = 32):
+    """A tiny Llama whose block 1 caches its input on a shared object that block 2 reads, emptied at the start
+    of every forward: replayed from a clean forward, block 2 still reads the clean input of block 1."""
+    from types import SimpleNamespace
+
+    model = tiny_model("llama", n_layers=n_layers, d=d)
+    shared = SimpleNamespace(memory=None)
+    model.model.register_forward_pre_hook(lambda *_: setattr(shared, "memory", None))
+    layers = model.model.layers
+    layers[1] = _SharedCacheBlock(layers[1], shared, writes=True)
+    layers[2] = _SharedCacheBlock(layers[2], shared, writes=False)
+    return model
