@@ -10,6 +10,7 @@ Everything after the top-k touches only k of the M latents per token, so:
 - `sparse_decode` is an embedding-bag: x_hat[t] = sum_j acts[t, j] * W_dec[idx[t, j]] (+ bias).
 """
 
+import contextlib
 import warnings
 from typing import NamedTuple
 
@@ -85,6 +86,13 @@ def _encoder_grads(ids: Tensor, g: Tensor, x: Tensor, weight: Tensor, need_x: bo
     return grad_x, grad_w
 
 
+def _autocast_off(device_type: str):
+    """A region where autocast is off for this device type (nothing to do where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, k, dead_idx, k_aux, compute_dtype):
@@ -120,11 +128,21 @@ class _TopKEncode(torch.autograd.Function):
         aux_acts.relu_()
         acts, aux_acts = acts.to(x.dtype), aux_acts.to(x.dtype)
         ctx.save_for_backward(x, weight, idx, acts, aux_idx, aux_acts)
+        ctx.device_type = x.device.type
         ctx.mark_non_differentiable(idx, aux_idx)
         return acts, idx, aux_acts, aux_idx
 
     @staticmethod
     def backward(ctx, g_acts, _g_idx, g_aux, _g_aux_idx):
+        # A backward called inside an autocast region would have its products recast (the CPU CSR product has
+        # no bf16 kernel at all): the gradients are computed in the parameters' dtype whatever the caller's
+        # autocast state, as they are without autocast. (torch.amp.custom_bwd would instead replay the
+        # forward's autocast state.)
+        with _autocast_off(ctx.device_type):
+            return _TopKEncode._backward(ctx, g_acts, g_aux)
+
+    @staticmethod
+    def _backward(ctx, g_acts, g_aux):
         x, weight, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
         if g_acts is None:
             g_acts = torch.zeros_like(acts)
@@ -154,9 +172,17 @@ def topk_encode(
     """ReLU(x @ weight.T + bias), keep the top k per row; optionally also the top k_aux among `dead_idx`.
 
     `compute_dtype` (e.g. bfloat16) runs the dense product in that dtype; outputs and gradients stay in
-    the parameters' dtype.
+    the parameters' dtype. Without it, an enclosing `torch.autocast` for x's device type sets it: the result
+    is exactly that of passing `compute_dtype=<autocast's dtype>`. An explicit `compute_dtype` wins.
     """
-    return EncoderOutput(*_TopKEncode.apply(x, weight, bias, k, dead_idx, k_aux, compute_dtype))
+    device_type = x.device.type
+    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if compute_dtype is None and autocast_on:
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    # The forward casts to compute_dtype itself; with autocast off inside it, it runs exactly as it does
+    # for an explicit compute_dtype (no op is recast on top).
+    with _autocast_off(device_type):
+        return EncoderOutput(*_TopKEncode.apply(x, weight, bias, k, dead_idx, k_aux, compute_dtype))
 
 
 def sparse_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -124,6 +124,9 @@ class Sae(nn.Module):
     ) -> ForwardOutput:
         """Encode, decode and compute the losses.
 
+        `compute_dtype` (e.g. bfloat16) runs the encoder's dense product in that dtype; without it, an
+        enclosing `torch.autocast` for x's device sets it (the same result). Decode and losses stay in the
+        SAE's dtype.
         `total_variance` is the denominator of FVU and AuxK; by default the variance of x around its own mean.
         The trainer passes 1.0 (sums of squares) and divides by the variance of the whole global batch at the
         optimizer step, so that micro-batches, accumulation steps and ranks add up to exactly one big batch.
