@@ -63,12 +63,14 @@ class LiveActivations:
         self.model, self.dataset, self.hookpoints, self.owners = model, dataset, hookpoints, owners
         self.ctx, self.batch_size, self.d_in, self.excluded = ctx, batch_size, d_in, excluded
         self.gather, self.profiler = gather, profiler
+        # The order in which the training sequences are visited (None: dataset order); set by the trainer.
+        self.order: Tensor | None = None
         self.local_hookpoints = [h for h in hookpoints if owners[h] == ctx.rank]
 
     def batch(self, index: int) -> Batch:
         """This rank's SAE inputs of global batch `index`, for the SAEs it owns."""
         per_batch = self.batch_size * self.ctx.world_size
-        global_ids = sequence_rows(self.dataset, index * per_batch, (index + 1) * per_batch)
+        global_ids = sequence_rows(self.dataset, index * per_batch, (index + 1) * per_batch, self.order)
         rank_ids = global_ids[self.ctx.rank * self.batch_size : (self.ctx.rank + 1) * self.batch_size]
         with self.profiler.timed("lm_forward_s", sync=True):
             with (

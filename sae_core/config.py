@@ -118,6 +118,10 @@ class TrainConfig:
     exclude_tokens: list[int] | None = None
     """Token ids never fed to the SAEs; default: the tokenizer's BOS id, and pad's when it is not EOS."""
 
+    shuffle_sequences: bool = True
+    """Visit the training sequences in a random order (seeded by --seed): a batch then mixes documents from
+    the whole training set instead of a few neighbouring ones. Evaluation's held-out tail is unchanged."""
+
     max_tokens: int | None = None
     """Stop after this many tokens (default: one pass over the dataset)."""
 

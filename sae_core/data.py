@@ -232,9 +232,16 @@ def sequence_shape(input_ids: Any) -> tuple[int, int]:
     return n, (len(input_ids[0]["input_ids"]) if n else 0)
 
 
-def sequence_rows(input_ids: Any, start: int, stop: int) -> Tensor:
-    """Sequences start .. stop-1 as a [stop - start, T] long tensor."""
-    if isinstance(input_ids, Tensor):
+def sequence_rows(input_ids: Any, start: int, stop: int, order: Tensor | None = None) -> Tensor:
+    """Sequences start .. stop-1 as a [stop - start, T] long tensor; with `order`, the sequences
+    order[start:stop] instead."""
+    if order is not None:
+        index = order[start:stop]
+        if isinstance(input_ids, Tensor):
+            return input_ids[index].long()
+        rows = input_ids[index.tolist()]["input_ids"]
+    elif isinstance(input_ids, Tensor):
         return input_ids[start:stop].long()
-    rows = input_ids[start:stop]["input_ids"]
+    else:
+        rows = input_ids[start:stop]["input_ids"]
     return rows.long() if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)

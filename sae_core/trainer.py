@@ -127,6 +127,12 @@ class SaeTrainer:
         self._build_saes()
         self.seq_len, self.total_steps = self._step_budget()
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
+        if cfg.shuffle_sequences:
+            # Sequences [0, n_train) feed the run (evaluation holds out the rest), visited in a seeded order
+            # that every rank draws alike and a resume draws again.
+            n_train = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
+            generator = torch.Generator().manual_seed(cfg.seed)
+            self.activations.order = torch.randperm(n_train, generator=generator)
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0

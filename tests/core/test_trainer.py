@@ -215,3 +215,27 @@ def test_dead_latents_counted_in_tokens_and_auxk_turns_on(tmp_path):
     assert any(line["auxk/layers.0"] > 0 for line in lines)
     counters = t.tokens_since_fired["layers.0"]
     assert counters.max() <= t.tokens_seen and (counters == 0).any()
+
+
+def test_training_sequences_are_visited_once_each_in_a_seeded_order(tmp_path, monkeypatch):
+    data = token_data(n_seq=40)
+    seen = []
+    trainer = make_trainer(tmp_path, data=data, max_tokens=32 * 16)  # 8 steps of 4 sequences: 32 of the 40
+    original = trainer.activations.batch
+
+    def record(index):
+        batch = original(index)
+        seen.append(index)
+        return batch
+
+    monkeypatch.setattr(trainer.activations, "batch", record)
+    order = trainer.activations.order
+    assert sorted(order.tolist()) == list(range(32))  # the held-out tail (32..39) is never visited
+    assert order.tolist() != list(range(32))
+    trainer.fit()
+    assert seen == list(range(8))
+    again = make_trainer(tmp_path, data=data, max_tokens=32 * 16, run_name="again")
+    assert torch.equal(again.activations.order, order)  # the same seed draws the same order
+    assert (
+        make_trainer(tmp_path, data=data, shuffle_sequences=False, run_name="plain").activations.order is None
+    )
