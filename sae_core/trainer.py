@@ -46,7 +46,8 @@ from .distributed import (
     init_distributed,
     split_layers,
 )
-from .errors import CheckpointError, ConfigError, TrainingDivergedError
+from .errors import CheckpointError, ConfigError
+from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
@@ -63,7 +64,6 @@ from .version import __version__
 # A step whose loss or gradients are not finite is skipped. One such step is a bad batch or a spike the run
 # survives; ten in a row mean the weights, the learning rate or the model's numerics are broken and more steps
 # will not recover (the counters would only hide it), so the run stops.
-MAX_CONSECUTIVE_SKIPS = 10
 
 
 class TrainStep(NamedTuple):
@@ -138,9 +138,7 @@ class SaeTrainer:
         self.wall_time = 0.0
         self.b_dec_initialised = False
         # Run totals (not per step: a metrics record is only written every log_every steps).
-        self.nonfinite_tokens = 0  # token rows dropped because an activation was NaN/Inf
-        self.skipped_steps = 0  # steps in which at least one SAE's update was skipped
-        self.consecutive_skips = {hookpoint: 0 for hookpoint in self.hookpoints}
+        self.watch = DivergenceWatch(self.hookpoints)  # run totals of dropped rows and skipped steps
         # Activations are multiplied by these before the SAEs (1 unless normalize_inputs), set at the first
         # step.
         self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
@@ -307,28 +305,10 @@ class SaeTrainer:
                 tuple(hookpoint for hookpoint, why in skipped.items() if why == "empty"),
             )
         )
-        return TrainStep(step.tokens, {**step.metrics, **self._count_skips(step)})
-
-    def _count_skips(self, step: TrainStep) -> dict[str, float]:
-        """Run totals of dropped rows and skipped steps; stop after MAX_CONSECUTIVE_SKIPS non-finite steps of
-        one SAE. Every rank sees the same merged step, so every rank stops together."""
-        self.nonfinite_tokens += step.nonfinite_tokens
-        if step.nonfinite_skips or step.empty_skips:
-            self.skipped_steps += 1
-        for hookpoint in self.hookpoints:
-            if hookpoint in step.nonfinite_skips:
-                self.consecutive_skips[hookpoint] += 1
-            elif hookpoint not in step.empty_skips:  # a step with no tokens says nothing either way
-                self.consecutive_skips[hookpoint] = 0
-        diverged = [h for h, n in self.consecutive_skips.items() if n >= MAX_CONSECUTIVE_SKIPS]
-        if diverged:
-            raise TrainingDivergedError(
-                f"training diverged at step {self.step + 1}: the loss or gradients of the SAE of "
-                f"{', '.join(diverged)} were NaN/Inf for {MAX_CONSECUTIVE_SKIPS} steps in a row (those "
-                "updates were skipped); the last checkpoint is intact; lower --lr, or run the model in "
-                "float32 (--dtype float32)"
-            )
-        return {"nonfinite_tokens": self.nonfinite_tokens, "skipped_steps": self.skipped_steps}
+        totals = self.watch.after_step(
+            self.step + 1, step.nonfinite_tokens, step.nonfinite_skips, step.empty_skips
+        )
+        return TrainStep(step.tokens, {**step.metrics, **totals})
 
     @torch.no_grad()
     def _init_from_first_step(self, hookpoint: str, x: Tensor) -> None:
@@ -421,7 +401,7 @@ class SaeTrainer:
         """Write the SAE folders, this rank's trainer state and run.json; every rank reaches the same
         barriers."""
         writes_state = self.distributed_layers or self.ctx.is_main
-        self._refuse_nonfinite_weights()
+        refuse_nonfinite_weights(self.saes, self.ctx, self.distributed_layers, self.step, self.run_dir)
         if writes_state:
             try:
                 self._write_checkpoint()
@@ -442,20 +422,6 @@ class SaeTrainer:
             self._write_run_info(profile, {h: s for part in scales for h, s in part.items()})
         barrier(self.ctx)
 
-    def _refuse_nonfinite_weights(self) -> None:
-        """Never write NaN/Inf weights over a good checkpoint; every rank learns of any rank's (one
-        collective), so all stop together."""
-        broken = [hookpoint for hookpoint, sae in self.saes.items() if not all_finite(list(sae.parameters()))]
-        count = torch.tensor([len(broken)], dtype=torch.long)
-        if self.distributed_layers:
-            all_reduce_sum(count, self.ctx)
-        if count.item():
-            raise TrainingDivergedError(
-                f"refusing to save step {self.step}: SAE weights are NaN/Inf"
-                f"{' (' + ', '.join(broken) + ')' if broken else ' on another rank'}; the last checkpoint in "
-                f"{self.run_dir} is intact; lower --lr, or run the model in float32 (--dtype float32)"
-            )
-
     def _write_checkpoint(self) -> None:
         for hookpoint, sae in self.saes.items():
             sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
@@ -471,8 +437,7 @@ class SaeTrainer:
             "optimizers": {hookpoint: opt.state_dict() for hookpoint, opt in self.optimizers.items()},
             "tokens_since_fired": dict(self.tokens_since_fired),
             "b_dec_initialised": self.b_dec_initialised,
-            "nonfinite_tokens": self.nonfinite_tokens,
-            "skipped_steps": self.skipped_steps,
+            **self.watch.state_dict(),
             "input_scales": dict(self.input_scales),
         }
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
@@ -550,12 +515,5 @@ class SaeTrainer:
         self.tokens_seen = state["tokens"]
         self.wall_time = state.get("wall_time", 0.0)
         self.b_dec_initialised = state["b_dec_initialised"]
-        self.nonfinite_tokens = state.get("nonfinite_tokens", 0)  # absent from states of older versions
-        self.skipped_steps = state.get("skipped_steps", 0)
+        self.watch.load_state_dict(state)
         self.input_scales.update(state.get("input_scales", {}))  # absent in states written before the option
-
-
-@torch.no_grad()
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether no element of `tensors` is NaN or Inf (one device sync)."""
-    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

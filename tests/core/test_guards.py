@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from sae_core import SaeConfig, SaeTrainer, TrainConfig
 from sae_core.distributed import DistContext
 from sae_core.errors import SaeCoreError, TrainingDivergedError
+from sae_core.guards import MAX_CONSECUTIVE_SKIPS
 from sae_core.models import find_blocks
 from sae_core.sae import Sae
-from sae_core.trainer import MAX_CONSECUTIVE_SKIPS
 from tests.support.processes import free_port
 from tests.support.tiny import tiny_model
 from tests.support.training import Tok, make_trainer, params, token_data
@@ -185,7 +185,7 @@ def test_an_empty_batch_adds_nothing_to_its_step(tmp_path):
     alone = make_trainer(tmp_path, data=data[:4], run_name="alone")
     accumulated.fit()
     alone.fit()
-    assert accumulated.skipped_steps == 0
+    assert accumulated.watch.skipped_steps == 0
     reference = params(alone)
     for name, p in params(accumulated).items():
         torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -202,7 +202,7 @@ def test_steps_with_no_tokens_are_skipped_and_never_count_as_divergence(tmp_path
     after_first = params(trainer)
     counters = {h: c.clone() for h, c in trainer.tokens_since_fired.items()}
     trainer.fit()
-    assert trainer.step == n_steps and trainer.skipped_steps == n_steps - 1
+    assert trainer.step == n_steps and trainer.watch.skipped_steps == n_steps - 1
     assert all(torch.equal(p, after_first[name]) for name, p in params(trainer).items())
     assert all(torch.equal(counters[h], c) for h, c in trainer.tokens_since_fired.items())
     assert records(trainer)[-1]["skipped_steps"] == n_steps - 1
