@@ -265,7 +265,3 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.ctx_len < 2:
             raise ConfigError(f"ctx_len must be at least 2, got {self.ctx_len}")
-
-    def public_dict(self) -> dict[str, Any]:
-        """The config as saved and logged (the same as to_dict: secrets are never serialised)."""
-        return self.to_dict()

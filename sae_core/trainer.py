@@ -127,12 +127,12 @@ class SaeTrainer:
         self._build_saes()
         self.seq_len, self.total_steps = self._step_budget()
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
+        # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
+        self.train_sequences = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
         if cfg.shuffle_sequences:
-            # Sequences [0, n_train) feed the run (evaluation holds out the rest), visited in a seeded order
-            # that every rank draws alike and a resume draws again.
-            n_train = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
+            # Visited in a seeded order that every rank draws alike and a resume draws again.
             generator = torch.Generator().manual_seed(cfg.seed)
-            self.activations.order = torch.randperm(n_train, generator=generator)
+            self.activations.order = torch.randperm(self.train_sequences, generator=generator)
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
@@ -450,8 +450,7 @@ class SaeTrainer:
             "tokens": self.tokens_seen,
             "steps": self.step,
             "total_steps": self.total_steps,
-            # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
-            "train_sequences": self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size,
+            "train_sequences": self.train_sequences,
             "seq_len": self.seq_len,
             "wall_time_s": round(self.wall_time, 3),
             "world_size": self.ctx.world_size,
@@ -460,10 +459,18 @@ class SaeTrainer:
             "learning_rate": {
                 "optimizer": cfg.optimizer,
                 "peak": self.lr,
-                # What the schedule actually reached: below `peak` when the run stopped during warm-up.
-                "peak_reached": max(
-                    (lr_at(s, self.total_steps, self.warmup_steps, self.lr) for s in range(self.step)),
-                    default=0.0,
+                # What the schedule actually reached: below `peak` when the run stopped during warm-up. The
+                # schedule rises until step max(warmup, 1) - 1 and only falls after, so that step (or the last
+                # one taken, if earlier) holds the maximum.
+                "peak_reached": (
+                    lr_at(
+                        min(self.step, max(self.warmup_steps, 1)) - 1,
+                        self.total_steps,
+                        self.warmup_steps,
+                        self.lr,
+                    )
+                    if self.step
+                    else 0.0
                 ),
                 "warmup_steps": self.warmup_steps,
             },
@@ -486,7 +493,7 @@ class SaeTrainer:
                     "or choose another --run_name / --save_dir (nothing was overwritten)"
                 )
             return
-        writers = self.ctx.world_size if self.distributed_layers else 1
+        writers = ckpt.state_writers(self.ctx.world_size, self.distributed_layers)
         step = ckpt.latest_complete_step(self.run_dir, writers)
         if step is None:
             if ckpt.has_state(self.run_dir):
