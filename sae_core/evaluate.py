@@ -13,7 +13,6 @@ when a variant runs only the blocks after the hooked one. heldout.py says which 
 import argparse
 import json
 import math
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,12 +26,13 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .data import sequence_rows, sequence_shape
 from .embedded import EMBEDDED_MODEL_NAME, embedded_model_path, is_embedded_model
-from .errors import CheckpointError, EvalError, SaeCoreError
+from .errors import CheckpointError, EvalError
 from .heldout import FALLBACK_CTX_LEN, held_out_sequences, read_run_json
 from .models import load_model, max_context, module_device, special_token_ids
 from .report import METRIC_KEYS, PLOT_FILES, EvalReport
 from .sae import Sae
 from .splice import FINAL_NORMS, Splicer, block_means, check_saes
+from .utils import exit_on_bad_input
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     local = Path(args.sae).expanduser()
     out = Path(args.out) if args.out else (local / "eval" if local.is_dir() else Path("eval"))
-    try:
+    with exit_on_bad_input():
         report = evaluate_run(
             args.model,
             args.sae,
@@ -466,9 +466,6 @@ def main(argv: list[str] | None = None) -> None:
             splice=args.splice,
             progress=True,
         )
-    except (SaeCoreError, OSError) as e:  # bad input or no such file; anything else is a bug: traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(report.to_markdown())
     print(f"wrote {out / 'report.json'}, report.md and {', '.join(PLOT_FILES)}")
 

@@ -20,10 +20,9 @@ import logging
 import mmap
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from .card import render_model_card
 from .download import (
@@ -33,9 +32,9 @@ from .download import (
     hub_call,
     known_tokens,
 )
-from .errors import HubError, SaeCoreError
+from .errors import HubError
 from .models import CFG_FILE, HOOKPOINT_FILES, list_hookpoints
-from .utils import atomic_folder
+from .utils import atomic_folder, exit_on_bad_input, fail
 
 logger = logging.getLogger(__name__)
 
@@ -354,9 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--license", default="mit", help="license in the model card (default: mit)")
     args = parser.parse_args(argv)
     if args.repo_id is None and args.local_dir is None:
-        _fail("give a REPO_ID to publish to the Hub, or --local_dir DIR to write a folder")
+        fail("give a REPO_ID to publish to the Hub, or --local_dir DIR to write a folder")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
+    with exit_on_bad_input():  # bad input, refusals, an unreachable Hub: one line; bugs keep theirs
         result = publish(
             args.run_dir,
             args.repo_id,
@@ -367,17 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             local_dir=args.local_dir,
             license=args.license,
         )
-    except (
-        SaeCoreError,
-        OSError,
-    ) as error:  # bad input, refusals, an unreachable Hub: one line; bugs keep theirs
-        _fail(str(error))
     print(result.describe())
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 if __name__ == "__main__":

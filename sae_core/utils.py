@@ -7,10 +7,13 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
+
+from .errors import SaeCoreError
 
 
 @contextlib.contextmanager
@@ -128,3 +131,19 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def fail(message: str) -> NoReturn:
+    """End a command line with `error: <message>` on stderr and exit status 2 (bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def exit_on_bad_input() -> Iterator[None]:
+    """In a CLI's main: bad input, refusals and unreachable files or servers (SaeCoreError, OSError) end the
+    command with one line; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (SaeCoreError, OSError) as error:
+        fail(str(error))
