@@ -59,12 +59,13 @@ class LiveActivations:
         excluded: Tensor,
         gather: bool,
         profiler: Profiler,
+        order: Tensor | None = None,
     ):
         self.model, self.dataset, self.hookpoints, self.owners = model, dataset, hookpoints, owners
         self.ctx, self.batch_size, self.d_in, self.excluded = ctx, batch_size, d_in, excluded
         self.gather, self.profiler = gather, profiler
-        # The order in which the training sequences are visited (None: dataset order); set by the trainer.
-        self.order: Tensor | None = None
+        # The order in which the training sequences are visited (None: dataset order).
+        self.order = order
         self.local_hookpoints = [h for h in hookpoints if owners[h] == ctx.rank]
 
     def batch(self, index: int) -> Batch:

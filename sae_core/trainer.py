@@ -112,6 +112,15 @@ class SaeTrainer:
 
         self._place_hookpoints()
         self.excluded_token_ids = excluded_token_ids(cfg.exclude_tokens, tokenizer, warn=self.ctx.is_main)
+        self._build_saes()
+        self.seq_len, self.total_steps = self._step_budget()
+        self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
+        # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
+        self.train_sequences = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
+        order = None
+        if cfg.shuffle_sequences:
+            # Visited in a seeded order that every rank draws alike and a resume draws again.
+            order = torch.randperm(self.train_sequences, generator=torch.Generator().manual_seed(cfg.seed))
         self.activations = LiveActivations(
             model,
             dataset,
@@ -123,22 +132,14 @@ class SaeTrainer:
             excluded=self.excluded_token_ids,
             gather=self.distributed_layers,
             profiler=self.profiler,
+            order=order,
         )
-        self._build_saes()
-        self.seq_len, self.total_steps = self._step_budget()
-        self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
-        # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
-        self.train_sequences = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
-        if cfg.shuffle_sequences:
-            # Visited in a seeded order that every rank draws alike and a resume draws again.
-            generator = torch.Generator().manual_seed(cfg.seed)
-            self.activations.order = torch.randperm(self.train_sequences, generator=generator)
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
         self.b_dec_initialised = False
-        # Run totals (not per step: a metrics record is only written every log_every steps).
-        self.watch = DivergenceWatch(self.hookpoints)  # run totals of dropped rows and skipped steps
+        # Run totals of dropped rows and skipped steps (a metrics record is written every log_every steps).
+        self.watch = DivergenceWatch(self.hookpoints)
         # Activations are multiplied by these before the SAEs (1 unless normalize_inputs), set at the first
         # step.
         self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
