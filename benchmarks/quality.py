@@ -8,8 +8,9 @@ library's default recipe unless extra flags after `--` change it: e.g. `-- --lr 
 (never fired on those tokens), ΔCE and KL with the SAE spliced in. Writes a PNG of held-out FVU against
 training tokens (plus the training FVU curves) and appends one row per budget to benchmarks/RESULTS.md.
 
-The embedded corpus holds 453k tokens (1,770 chunks of 256), so the largest budget that leaves 64 held-out
-chunks is 436k tokens: the default long budget is 400k.
+The embedded corpus makes 1,777 chunks of 256 tokens (`len(prepare_dataset(None, tokenizer,
+ctx_len=256).sequences)`, 2026-11-30), so the largest budget that leaves 64 held-out chunks is 438,528 tokens:
+the default long budget is 400k.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from benchmarks.common import append_row, child_env  # noqa: E402
 
 CTX_LEN = 256
 HELD_OUT_CHUNKS = 64
+EMBEDDED_CHUNKS = 1777  # chunks of CTX_LEN tokens in the embedded corpus (measured; see the docstring)
 
 
 def train(budget: int, args: argparse.Namespace, save_dir: Path) -> tuple[Path, float]:
@@ -141,7 +143,7 @@ def main() -> None:
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: further training flags, as they are")
     args = ap.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
-    max_budget = 1770 * CTX_LEN - HELD_OUT_CHUNKS * CTX_LEN
+    max_budget = (EMBEDDED_CHUNKS - HELD_OUT_CHUNKS) * CTX_LEN
     if max(args.budgets) > max_budget:
         ap.error(
             f"the embedded corpus leaves {HELD_OUT_CHUNKS} held-out chunks only up to {max_budget:,} "
