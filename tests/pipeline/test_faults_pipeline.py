@@ -130,10 +130,12 @@ def test_restarting_dagster_dev_mid_training_keeps_the_run_going_and_leaks_nothi
     home, root = tmp_path / "dagster_home", tmp_path / "artefacts"
     home.mkdir()
     (home / "dagster.yaml").write_text(DAGSTER_YAML)
-    # ~320 optimizer steps of one sequence on 2 ranks (~30 s): training outlasts the webserver's end.
+    # ~620 optimizer steps of one 16-token sequence on 2 ranks: training outlasts the webserver's end. (At 32
+    # tokens, ~310 steps, a quiet machine once finished the run before the webserver was killed.)
     entry = tiny_entry(
         tiny_model_dir,
         corpus_file,
+        ctx_len=16,
         train={"batch_size": 1, "max_tokens": 20_000, "save_every": 25, "log_every": 1},
     )
     registry = write_registry(tmp_path / "models.yaml", entry)
