@@ -60,12 +60,16 @@ class LiveActivations:
         gather: bool,
         profiler: Profiler,
         order: Tensor | None = None,
+        keep_nonfinite: bool = False,
     ):
         self.model, self.dataset, self.hookpoints, self.owners = model, dataset, hookpoints, owners
         self.ctx, self.batch_size, self.d_in, self.excluded = ctx, batch_size, d_in, excluded
         self.gather, self.profiler = gather, profiler
         # The order in which the training sequences are visited (None: dataset order).
         self.order = order
+        # The activation cache keeps NaN/Inf rows (every hookpoint then has one row per kept token); its
+        # reader drops and counts them as this class does.
+        self.keep_nonfinite = keep_nonfinite
         self.local_hookpoints = [h for h in hookpoints if owners[h] == ctx.rank]
 
     def batch(self, index: int) -> Batch:
@@ -98,6 +102,9 @@ class LiveActivations:
         inputs, nonfinite = {}, {}
         for hookpoint in self.local_hookpoints:
             x = acts[hookpoint][keep.to(acts[hookpoint].device)].float()
+            if self.keep_nonfinite:
+                inputs[hookpoint], nonfinite[hookpoint] = x, 0
+                continue
             # One NaN/Inf row would turn every SAE parameter into NaN at the next update: drop it, count it.
             finite = x.isfinite().all(-1)
             nonfinite[hookpoint] = int(x.shape[0] - finite.sum())

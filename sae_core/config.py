@@ -124,6 +124,10 @@ class TrainConfig:
     """Visit the training sequences in a random order (seeded by --seed): a batch then mixes documents from
     the whole training set instead of a few neighbouring ones. Evaluation's held-out tail is unchanged."""
 
+    cache_shuffle_shards: int = 4
+    """Training from an activation cache: rows are shuffled across windows of this many shards, the shards
+    taken in a seeded random order (--seed); 0 reads the cache in its written order."""
+
     max_tokens: int | None = None
     """Stop after this many tokens (default: one pass over the dataset)."""
 
@@ -184,6 +188,8 @@ class TrainConfig:
             raise ConfigError(f"dead_feature_threshold must be positive, got {self.dead_feature_threshold}")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ConfigError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.cache_shuffle_shards < 0:
+            raise ConfigError(f"cache_shuffle_shards must be >= 0, got {self.cache_shuffle_shards}")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
         if self.sae_dtype in ("bfloat16", "float16"):
@@ -260,6 +266,10 @@ class RunConfig(TrainConfig):
 
     resume: bool = False
     """Continue the run in save_dir/run_name from its newest checkpoint."""
+
+    activations: str | None = None
+    """Train from this activation cache folder (written by python -m sae_core.cache) instead of running the
+    LM; model and data settings are read from its manifest."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

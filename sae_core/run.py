@@ -107,7 +107,8 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         ns = parser.parse_args(argv)
         cfg: RunConfig = getattr(ns, _CFG)
         model = ns.model_pos or cfg.model
-        if model is None:  # the demo: parse again so that explicit flags win over DEMO_DEFAULTS
+        # The demo (no MODEL, no --activations): parse again so that explicit flags win over DEMO_DEFAULTS.
+        if model is None and cfg.activations is None:
             parser = build_parser(demo_config())
             ns = parser.parse_args(argv)
             cfg = getattr(ns, _CFG)
@@ -116,64 +117,81 @@ def parse_run_config(argv: Sequence[str] | None = None) -> RunConfig:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
-def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[str, float]:
-    """Load model and data, then train; `loggers` are called on the main rank with every metrics record."""
-    # Lazy: `--help` and a typo in a flag answer without importing transformers and datasets.
+def load_source(cfg: RunConfig, ctx: Any) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, training sequences, model name) of `cfg`: what training, and the activation cache,
+    read. Local rank 0 loads first under torchrun (it may download or convert)."""
     from transformers import AutoTokenizer
 
     from .data import prepare_dataset
-    from .distributed import barrier, destroy, init_distributed
+    from .distributed import barrier
     from .embedded import EMBEDDED_MODEL_NAME, embedded_model_path, is_embedded_model
     from .models import load_model, max_context
-    from .trainer import SaeTrainer
 
     token = cfg.hf_token or os.environ.get("HF_TOKEN")
+    model_name = cfg.model or EMBEDDED_MODEL_NAME
+    model_path = str(embedded_model_path()) if is_embedded_model(model_name) else model_name
+    if ctx.enabled and ctx.local_rank != 0:
+        barrier(ctx)  # let local rank 0 convert/download first
+    # The model first: an unknown name fails there with the clearest message, after one round of retries.
+    model = load_model(
+        model_path,
+        dtype=cfg.dtype,
+        device=ctx.device,
+        attn_implementation=cfg.attn_implementation,
+        load_in_8bit=cfg.load_in_8bit,
+        revision=cfg.revision,
+        token=token,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}") from None
+    limit = max_context(model)
+    if limit is not None and cfg.ctx_len > limit:
+        raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's maximum context of {limit} tokens")
+    data = prepare_dataset(
+        cfg.dataset,
+        tokenizer,
+        ctx_len=cfg.ctx_len,
+        split=cfg.split,
+        text_column=cfg.text_column,
+        data_args=cfg.data_args,
+        max_examples=cfg.max_examples,
+        shuffle_seed=cfg.shuffle_seed,
+        num_proc=cfg.data_preprocessing_num_proc,
+        token=token,
+    ).sequences
+    if ctx.enabled and ctx.local_rank == 0:
+        barrier(ctx)
+    release_free_memory()
+    return model, tokenizer, data, model_name
+
+
+def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[str, float]:
+    """Load model and data (or open the activation cache of --activations), then train; `loggers` are called
+    on the main rank with every metrics record."""
+    # Lazy: `--help` and a typo in a flag answer without importing transformers and datasets.
+    from .distributed import destroy, init_distributed
+    from .trainer import SaeTrainer
+
     ctx = init_distributed(cfg.device, cfg.backend)
     try:
-        model_name = cfg.model or EMBEDDED_MODEL_NAME
-        model_path = str(embedded_model_path()) if is_embedded_model(model_name) else model_name
-        if ctx.enabled and ctx.local_rank != 0:
-            barrier(ctx)  # let local rank 0 convert/download first
-        # The model first: an unknown name fails there with the clearest message, after one round of retries.
-        model = load_model(
-            model_path,
-            dtype=cfg.dtype,
-            device=ctx.device,
-            attn_implementation=cfg.attn_implementation,
-            load_in_8bit=cfg.load_in_8bit,
-            revision=cfg.revision,
-            token=token,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                model_path, revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code
-            )
-        except OSError as e:
-            raise ModelLoadError(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}") from None
-        limit = max_context(model)
-        if limit is not None and cfg.ctx_len > limit:
-            raise ConfigError(f"ctx_len={cfg.ctx_len} exceeds the model's maximum context of {limit} tokens")
-        data = prepare_dataset(
-            cfg.dataset,
-            tokenizer,
-            ctx_len=cfg.ctx_len,
-            split=cfg.split,
-            text_column=cfg.text_column,
-            data_args=cfg.data_args,
-            max_examples=cfg.max_examples,
-            shuffle_seed=cfg.shuffle_seed,
-            num_proc=cfg.data_preprocessing_num_proc,
-            token=token,
-        ).sequences
-        if ctx.enabled and ctx.local_rank == 0:
-            barrier(ctx)
-        release_free_memory()
+        if cfg.activations is not None:  # no LM: the cache holds its activations
+            from .cache import open_for_run
+
+            source, cfg, run_info = open_for_run(cfg)
+            model, tokenizer, model_name = None, None, run_info["model"]
+        else:
+            model, tokenizer, source, model_name = load_source(cfg, ctx)
+            run_info = {"model": model_name, "dataset": cfg.dataset or "embedded"}
         cfg.run_name = cfg.run_name or _default_run_name(model_name)
-        run_info = {"model": model_name, "dataset": cfg.dataset or "embedded", "config": cfg.to_dict()}
+        run_info["config"] = cfg.to_dict()
         trainer = SaeTrainer(
             cfg,
-            data,
+            source,
             model,
             tokenizer=tokenizer,
             dist_ctx=ctx,

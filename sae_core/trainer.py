@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .activations import LiveActivations, excluded_token_ids
+from .cache import ActivationCache, CachedActivations
 from .config import TrainConfig
 from .data import sequence_shape
 from .distributed import (
@@ -79,7 +80,8 @@ class TrainStep(NamedTuple):
 
 class SaeTrainer:
     """Trains one SAE per selected hookpoint of `model` on `dataset` (token ids [sequences, tokens], or a
-    dataset with an 'input_ids' column), alone or under torchrun.
+    dataset with an 'input_ids' column), alone or under torchrun. With an `ActivationCache` as `dataset` it
+    trains from the cached activations, and `model` may be None.
 
     `loggers` are called on the main rank with every metrics record, after metrics.jsonl (always written) and
     wandb/TensorBoard (when cfg asks). `resume=True` continues the newest checkpoint in the run folder;
@@ -102,8 +104,9 @@ class SaeTrainer:
         self.cfg = cfg
         self.model = model
         self.dataset = dataset
+        self.cache = dataset if isinstance(dataset, ActivationCache) else None
         # Without an explicit context, follow the model: a CPU model on a GPU machine trains on the CPU.
-        self.ctx = dist_ctx or init_distributed(str(module_device(model)))
+        self.ctx = dist_ctx or init_distributed(str(module_device(model)) if model is not None else None)
         self.run_info = run_info or {}
         self.progress = progress
         self.extra_loggers = list(loggers)
@@ -111,29 +114,32 @@ class SaeTrainer:
         self.profiler = Profiler(self.ctx.device, enabled=cfg.profile)
 
         self._place_hookpoints()
-        self.excluded_token_ids = excluded_token_ids(cfg.exclude_tokens, tokenizer, warn=self.ctx.is_main)
+        if self.cache is not None:
+            self.cache.check_exclusion(cfg.exclude_tokens)
+            self.excluded_token_ids = self.cache.excluded_token_ids
+        else:
+            self.excluded_token_ids = excluded_token_ids(cfg.exclude_tokens, tokenizer, warn=self.ctx.is_main)
         self._build_saes()
         self.seq_len, self.total_steps = self._step_budget()
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
         # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
         self.train_sequences = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
-        order = None
-        if cfg.shuffle_sequences:
-            # Visited in a seeded order that every rank draws alike and a resume draws again.
-            order = torch.randperm(self.train_sequences, generator=torch.Generator().manual_seed(cfg.seed))
-        self.activations = LiveActivations(
-            model,
-            dataset,
-            hookpoints=self.hookpoints,
-            owners=self.owners,
-            ctx=self.ctx,
-            batch_size=cfg.batch_size,
-            d_in=self.d_in,
-            excluded=self.excluded_token_ids,
-            gather=self.distributed_layers,
-            profiler=self.profiler,
-            order=order,
-        )
+        if self.cache is not None:
+            # A shuffled cache feeds rows of any cached sequence: evaluation must start after all of them.
+            self.train_sequences = self.cache.sequences
+            self.activations = CachedActivations(
+                self.cache,
+                hookpoints=self.hookpoints,
+                owners=self.owners,
+                ctx=self.ctx,
+                batch_size=cfg.batch_size,
+                whole_batch=self.distributed_layers,
+                seed=cfg.seed,
+                shuffle_shards=cfg.cache_shuffle_shards,
+                profiler=self.profiler,
+            )
+        else:
+            self.activations = self._live_activations()
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
@@ -145,13 +151,34 @@ class SaeTrainer:
         self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
         self._resume_or_refuse(resume)
 
+    def _live_activations(self) -> LiveActivations:
+        order = None
+        if self.cfg.shuffle_sequences:
+            # Visited in a seeded order that every rank draws alike and a resume draws again.
+            generator = torch.Generator().manual_seed(self.cfg.seed)
+            order = torch.randperm(self.train_sequences, generator=generator)
+        return LiveActivations(
+            self.model,
+            self.dataset,
+            hookpoints=self.hookpoints,
+            owners=self.owners,
+            ctx=self.ctx,
+            batch_size=self.cfg.batch_size,
+            d_in=self.d_in,
+            excluded=self.excluded_token_ids,
+            gather=self.distributed_layers,
+            profiler=self.profiler,
+            order=order,
+        )
+
     def _place_hookpoints(self) -> None:
         """The SAEs this rank trains: all (alone, or data parallel) or its share (--distribute_layers)."""
         cfg = self.cfg
-        self.hookpoints = select_hookpoints(
-            self.model, layers=cfg.layers, layer_stride=cfg.layer_stride, hookpoints=cfg.hookpoints
-        )
-        self.d_in = hidden_size(self.model)
+        selection = {"layers": cfg.layers, "layer_stride": cfg.layer_stride, "hookpoints": cfg.hookpoints}
+        if self.cache is not None:
+            self.hookpoints, self.d_in = self.cache.select_hookpoints(**selection), self.cache.d_in
+        else:
+            self.hookpoints, self.d_in = select_hookpoints(self.model, **selection), hidden_size(self.model)
         self.distributed_layers = cfg.distribute_layers and self.ctx.enabled
         self.ddp = self.ctx.enabled and not self.distributed_layers
         if self.distributed_layers:
@@ -188,7 +215,7 @@ class SaeTrainer:
     def _step_budget(self) -> tuple[int, int]:
         """(tokens per sequence, optimizer steps of the run): one pass over the data, or max_tokens' worth."""
         cfg = self.cfg
-        n_seq, seq_len = sequence_shape(self.dataset)
+        n_seq, seq_len = self.cache.sequence_shape() if self.cache else sequence_shape(self.dataset)
         if n_seq == 0:
             raise ConfigError("the dataset is empty")
         per_batch = cfg.batch_size * self.ctx.world_size
