@@ -590,6 +590,16 @@ class CacheConfig:
     device: str | None = None
     """cpu or cuda (default: cuda when available)."""
 
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+        for name in ("shard_tokens", "batch_size", "layer_stride", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if self.ctx_len < 2:
+            raise ConfigError(f"ctx_len must be at least 2, got {self.ctx_len}")
+
 
 # Without MODEL: the embedded model and corpus, with the training demo's data settings (run.DEMO_DEFAULTS), so
 # `python -m sae_core --activations DIR` then trains the demo from the cache.
@@ -619,9 +629,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(None)
-    ns = parser.parse_args(argv)
-    if ns.model_pos is None:
-        ns = parser_for(CacheConfig(**CACHE_DEMO_DEFAULTS)).parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+        if ns.model_pos is None:
+            ns = parser_for(CacheConfig(**CACHE_DEMO_DEFAULTS)).parse_args(argv)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     cfg: CacheConfig = getattr(ns, _CFG)
     if not cfg.out:
         parser.exit(2, f"{parser.prog}: error: --out DIR is required (the cache folder)\n")

@@ -227,3 +227,24 @@ def test_cli_cache_then_train_from_it_with_torchrun_data_parallel_and_distribute
     assert info["train_sequences"] == 75 and info["seq_len"] == 32
     assert info["model"] == str(tiny_model_dir) and info["dataset"] == str(tiny_text_file)
     assert info["config"]["activations"] == str(cache_dir) and info["config"]["shuffle_seed"] is None
+    from transformers import AutoTokenizer
+
+    from sae_core.heldout import held_out_sequences
+
+    _, settings = held_out_sequences(
+        info,
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        None,
+        split=None,
+        offset=None,
+        ctx_len=None,
+        text_column=None,
+        max_tokens=64,
+        model_max=None,
+        token=None,
+    )
+    assert settings["offset"] == 75 and settings["dataset"] == str(tiny_text_file)
+    p = run([sys.executable, "-m", "sae_core.cache", *source, "--dtype", "float8", "--out", str(cache_dir)])
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith(
+        "error: dtype must be one of float16, bfloat16, float32, got 'float8'"
+    )
