@@ -271,6 +271,13 @@ class RunConfig(TrainConfig):
     """Train from this activation cache folder (written by python -m sae_core.cache) instead of running the
     LM; model and data settings are read from its manifest."""
 
+    sweep: list[str] = field(default_factory=list)
+    """Train every combination of these settings in one pass, e.g. k=16,32 expansion_factor=8,16; each
+    variant is saved under run_name/<variant>/."""
+
+    init_seeds: list[int] = field(default_factory=list)
+    """Also sweep the SAE initialisation seed over these values (one variant each)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ctx_len < 2:

@@ -189,7 +189,12 @@ def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[
             run_info = {"model": model_name, "dataset": cfg.dataset or "embedded"}
         cfg.run_name = cfg.run_name or _default_run_name(model_name)
         run_info["config"] = cfg.to_dict()
-        trainer = SaeTrainer(
+        trainer_class, sweep = SaeTrainer, {}
+        if cfg.sweep or cfg.init_seeds:  # several SAE configurations per hookpoint, in one pass
+            from .sweep import SweepTrainer
+
+            trainer_class, sweep = SweepTrainer, {"sweep": cfg.sweep, "init_seeds": cfg.init_seeds}
+        trainer = trainer_class(
             cfg,
             source,
             model,
@@ -198,6 +203,7 @@ def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[
             resume=cfg.resume,
             run_info=run_info,
             loggers=loggers,
+            **sweep,
         )
         if ctx.is_main:
             print(
