@@ -45,7 +45,7 @@ from torch import Tensor
 from .activations import Batch, LiveActivations, excluded_token_ids
 from .data import sequence_shape
 from .distributed import DistContext
-from .errors import ConfigError, DatasetLoadError
+from .errors import ConfigError, DatasetLoadError, SaeCoreError
 from .loggers import Profiler
 from .models import hidden_size, hookpoint_layer, select_hookpoints
 from .utils import atomic_write_bytes, atomic_write_json, natural_key
@@ -119,7 +119,12 @@ def write_cache(
             dtype=dtype,
             shard_tokens=shard_tokens,
             batch_size=batch_size,
-            source=dict(source or {}),
+            # What the manifest says the activations are of; the CLI passes the full source description.
+            source={
+                "model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+                "dataset": None,
+                **(source or {}),
+            },
             progress=progress,
         )
     finally:
@@ -225,13 +230,22 @@ def _write_locked(
                 if buffered
                 else {"batch": batch_index + 1, "row": 0}
             )
-            for h in chosen:
-                block = torch.cat(pending[h])
-                pending[h] = [block[take:]]
-                _write_shard(out, manifest, h, block[:take])
-            manifest["tokens"] += take
-            manifest["next"] = next_position
-            atomic_write_json(out / MANIFEST, manifest)
+            done = len(manifest["shards"][chosen[0]])
+            try:
+                for h in chosen:
+                    block = torch.cat(pending[h])
+                    pending[h] = [block[take:]]
+                    _write_shard(out, manifest, h, block[:take])
+                manifest["tokens"] += take
+                manifest["next"] = next_position
+                atomic_write_json(out / MANIFEST, manifest)
+            except OSError as e:
+                # Disk full, quota, permissions: every write is atomic and the manifest on disk still ends at
+                # the last complete shard set.
+                raise SaeCoreError(
+                    f"cannot write shard {done} of the cache in {out}: {e.strerror or e}; the first {done} "
+                    "shards of each hookpoint are intact (free space, then run the same command to resume)"
+                ) from None
         batch_index += 1
         bar.update(1)
     bar.close()
@@ -507,13 +521,15 @@ def open_for_run(cfg: Any) -> tuple[ActivationCache, Any, dict[str, Any]]:
     cache.check_exclusion(cfg.exclude_tokens)
     cfg = replace(
         cfg,
-        **{name: m.get(name) for name in SOURCE_FIELDS},
+        # Only what the manifest knows (a cache written from token ids by write_cache has no text settings).
+        **{name: m[name] for name in SOURCE_FIELDS if name in m},
         ctx_len=m["ctx_len"],
         revision=m.get("revision"),
         dtype=m.get("model_dtype", cfg.dtype),
         activations=str(cfg.activations),
     )
-    return cache, cfg, {"model": m["model"], "dataset": m.get("dataset") or "embedded"}
+    # A cache written by write_cache from token ids does not know their dataset: evaluation then needs one.
+    return cache, cfg, {"model": m["model"], "dataset": m.get("dataset") or "unknown"}
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

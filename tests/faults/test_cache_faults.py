@@ -1,6 +1,7 @@
 """Faults around the activation cache: broken or foreign caches are refused in one line; a killed writer
 resumes to the same bytes; a second writer is turned away."""
 
+import errno
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from sae_core.cache import ActivationCache, open_for_run, write_cache
 from sae_core.config import RunConfig
-from sae_core.errors import ConfigError, DatasetLoadError
+from sae_core.errors import ConfigError, DatasetLoadError, SaeCoreError
 from tests.support.tiny import tiny_model
 from tests.support.training import Tok, env, token_data
 
@@ -147,6 +148,39 @@ def test_a_second_writer_on_one_folder_is_refused(tmp_path):
     assert ActivationCache(out).tokens == 32 * 15
 
 
+def test_disk_full_while_writing_keeps_the_shards_before_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    def write(out):
+        write_cache(tiny_model(), Tok(), token_data(), out, dtype="float16", shard_tokens=50, progress=False)
+
+    write(tmp_path / "reference")
+    import sae_core.utils as utils
+
+    real_fsync, calls = os.fsync, []
+
+    def fills_up(fd):
+        calls.append(fd)
+        # Two per atomic write (file, folder): the first manifest, then 2 shard sets (3 shards + manifest).
+        if len(calls) > 18:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(utils.os, "fsync", fills_up)
+    with pytest.raises(
+        SaeCoreError, match="No space left on device; the first 2 shards of each hookpoint are intact"
+    ):
+        write(tmp_path / "full")
+    monkeypatch.setattr(utils.os, "fsync", real_fsync)
+    partial = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert not partial["complete"] and partial["tokens"] == 100
+    assert not list((tmp_path / "full").rglob("*.tmp"))
+    with pytest.raises(DatasetLoadError, match="incomplete"):
+        ActivationCache(tmp_path / "full")
+    write(tmp_path / "full")  # space freed: the same call resumes
+    for f in (tmp_path / "reference").rglob("*.safetensors"):
+        assert (tmp_path / "full" / f.relative_to(tmp_path / "reference")).read_bytes() == f.read_bytes()
+    assert ActivationCache(tmp_path / "full").manifest == ActivationCache(tmp_path / "reference").manifest
+
+
 def cache_cli(model_dir, text_file, out):
     return [
         sys.executable,
@@ -210,3 +244,53 @@ def test_kill_9_while_writing_then_resume_gives_the_bytes_of_an_uninterrupted_ca
     full, resumed = (json.loads((d / "manifest.json").read_text()) for d in (reference, killed))
     assert resumed == full
     assert not list(killed.rglob("*.tmp"))  # nothing half-written left behind
+
+
+@pytest.mark.slow
+def test_kill_9_while_training_from_the_cache_then_resume_equals_uninterrupted(tmp_path):
+    from sae_core.checkpoint import latest_complete_step
+    from tests.support.training import sae_params
+
+    cache = tmp_path / "cache"
+    write_cache(tiny_model(), Tok(), token_data(n_seq=320), cache, shard_tokens=500, progress=False)
+    train = [
+        sys.executable,
+        "-m",
+        "sae_core",
+        "--activations",
+        str(cache),
+        "--device",
+        "cpu",
+        "--run_name",
+        "r",
+    ]
+    train += ["--expansion_factor", "4", "--k", "4", "--batch_size", "2", "--save_every", "1"]
+    p = subprocess.run(
+        [*train, "--save_dir", str(tmp_path / "full")], env=env(), capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    run_dir = tmp_path / "killed" / "r"
+    proc = subprocess.Popen(
+        [*train, "--save_dir", str(tmp_path / "killed")],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (latest_complete_step(run_dir, 1) or 0) < 10:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 10 <= latest_complete_step(run_dir, 1) < 160
+    p = subprocess.run(
+        [*train, "--save_dir", str(tmp_path / "killed"), "--resume"],
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    full, resumed = sae_params(tmp_path / "full" / "r"), sae_params(run_dir)
+    assert sorted(full) == sorted(resumed)
+    for name in full:
+        assert (full[name] == resumed[name]).all(), name
