@@ -120,12 +120,14 @@ class SweepTrainer:
         self.run_dir = Path(cfg.save_dir) / (cfg.run_name or "run")
         self.configs = [variant_config(cfg, settings, self.run_dir) for settings in variants]
         self.trainers: list[SaeTrainer] = []
+        loggers = list(trainer_kwargs.pop("loggers", ()))
         for i, variant_cfg in enumerate(self.configs):
-            info = {
-                **(run_info or {}),
-                "config": variant_cfg.to_dict(),
-                "sweep_variant": variant_cfg.run_name,
-            }
+            name = variant_cfg.run_name
+            info = {**(run_info or {}), "config": variant_cfg.to_dict(), "sweep_variant": name}
+            # The caller's loggers hear every variant: each record says which.
+            trainer_kwargs["loggers"] = [
+                lambda record, log=log, name=name: log({**record, "variant": name}) for log in loggers
+            ]
             try:
                 trainer = SaeTrainer(
                     variant_cfg, dataset, model, run_info=info, progress=progress and i == 0, **trainer_kwargs

@@ -14,13 +14,21 @@ from tests.support.tiny import tiny_model
 from tests.support.training import COMMON, Tok, check, params, run, sae_params, token_data, torchrun
 
 
-def sweep_trainer(tmp_path, data, model, sweep=("k=2,4",), init_seeds=(0, 1), resume=False, **kw):
+def sweep_trainer(tmp_path, data, model, sweep=("k=2,4",), init_seeds=(0, 1), resume=False, loggers=(), **kw):
     cfg = TrainConfig(
         SaeConfig(expansion_factor=4, k=4),
         **{"batch_size": 4, "lr_warmup_steps": 2, "save_dir": str(tmp_path), "run_name": "sweep", **kw},
     )
     return SweepTrainer(
-        cfg, data, model, sweep=sweep, init_seeds=init_seeds, tokenizer=Tok(), progress=False, resume=resume
+        cfg,
+        data,
+        model,
+        sweep=sweep,
+        init_seeds=init_seeds,
+        tokenizer=Tok(),
+        progress=False,
+        resume=resume,
+        loggers=loggers,
     )
 
 
@@ -29,10 +37,12 @@ def test_every_variant_equals_its_own_run_and_the_lm_runs_once_per_batch(tmp_pat
     model = tiny_model()
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    sweep = sweep_trainer(tmp_path, token_data(), model, **extra)
+    records = []
+    sweep = sweep_trainer(tmp_path, token_data(), model, loggers=[records.append], log_every=1, **extra)
     assert sweep.variants == ["k2_seed0", "k2_seed1", "k4_seed0", "k4_seed1"]
     sweep.fit()
     per_step = extra.get("grad_acc_steps", 1)
+    assert [r["variant"] for r in records[:4]] == sweep.variants and len(records) == 4 * sweep.total_steps
     assert len(forwards) == sweep.total_steps * per_step  # once per batch, not once per variant
     for trainer in sweep.trainers:
         k, seed = trainer.cfg.sae.k, trainer.cfg.seed
