@@ -125,14 +125,14 @@ def test_cli_sweep_with_torchrun_distribute_layers_equals_one_process(
     tmp_path, tiny_model_dir, tiny_text_file
 ):
     args = [str(tiny_model_dir), str(tiny_text_file), *COMMON, "--max_tokens", "1200", "--run_name", "r"]
-    args += ["--sweep", "k=2,4", "--init_seeds", "0", "1"]
+    args += ["--layers", "0", "2", "--sweep", "k=2,4", "--init_seeds", "0"]
     p = run([sys.executable, "-m", "sae_core", *args, "--batch_size", "4", "--save_dir", str(tmp_path / "1")])
     check(p)
     check(
         run(torchrun(2, *args, "--batch_size", "2", "--distribute_layers", "--save_dir", str(tmp_path / "2")))
     )
-    for variant in ("k2_seed0", "k2_seed1", "k4_seed0", "k4_seed1"):
+    for variant in ("k2_seed0", "k4_seed0"):
         one, two = sae_params(tmp_path / "1" / "r" / variant), sae_params(tmp_path / "2" / "r" / variant)
-        assert sorted(one) == sorted(two) and len(one) == 3 * 4
+        assert sorted(one) == sorted(two) and len(one) == 2 * 4
         for name in one:
             torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
