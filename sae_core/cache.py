@@ -443,6 +443,7 @@ class CachedActivations:
         profiler: Profiler,
     ):
         self.cache, self.ctx, self.profiler = cache, ctx, profiler
+        profiler.seconds.setdefault("cache_read_s", 0.0)  # --profile: reading replaces lm_forward_s
         self.local_hookpoints = [h for h in hookpoints if owners[h] == ctx.rank]
         self.rows_per_batch = batch_size * cache.rows_per_sequence  # per rank
         self.whole_batch = whole_batch  # --distribute_layers: the owner takes every rank's share
@@ -470,7 +471,7 @@ class CachedActivations:
             start += self.ctx.rank * self.rows_per_batch
             stop = start + self.rows_per_batch
         inputs, nonfinite = {}, {}
-        with self.profiler.timed("cache_read_s"):
+        with self.profiler.timed("cache_read_s", sync=True):
             for hookpoint in self.local_hookpoints:
                 x = self._rows(hookpoint, start, min(stop, self.starts[-1])).to(self.ctx.device).float()
                 finite = x.isfinite().all(-1)

@@ -158,6 +158,12 @@ def test_resume_from_a_cache_continues_in_the_same_order(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_profile_of_a_cached_run_times_the_reading(tmp_path):
+    cached_trainer(tmp_path, cache_of(tmp_path / "c"), profile=True).fit(max_steps=2)
+    timings = json.loads((tmp_path / "cached" / "run.json").read_text())["timings"]
+    assert timings["cache_read_s"] > 0 and timings["lm_forward_s"] == 0 and timings["sae_s"] > 0
+
+
 def test_same_source_and_settings_give_byte_identical_shards(tmp_path):
     cache_of(tmp_path / "a", dtype="float16")
     cache_of(tmp_path / "b", dtype="float16")
