@@ -445,29 +445,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .sweep import sweep_variants
+
     args = build_parser().parse_args(argv)
     local = Path(args.sae).expanduser()
-    out = Path(args.out) if args.out else (local / "eval" if local.is_dir() else Path("eval"))
-    with exit_on_bad_input():
-        report = evaluate_run(
-            args.model,
-            args.sae,
-            args.dataset,
-            max_tokens=args.max_tokens,
-            ctx_len=args.ctx_len,
-            split=args.split,
-            offset=args.offset,
-            out_dir=out,
-            include_special_tokens=args.include_special_tokens,
-            batch_size=args.batch_size,
-            hookpoints=args.hookpoints,
-            device=args.device,
-            dtype=args.dtype,
-            splice=args.splice,
-            progress=True,
-        )
-    print(report.to_markdown())
-    print(f"wrote {out / 'report.json'}, report.md and {', '.join(PLOT_FILES)}")
+    # A sweep's folder (python -m sae_core --sweep ...): every variant, each into its own eval folder.
+    variants = sweep_variants(local)
+    targets = [(str(v), Path(args.out) / v.name if args.out else v / "eval") for v in variants] or [
+        (args.sae, Path(args.out) if args.out else (local / "eval" if local.is_dir() else Path("eval")))
+    ]
+    for sae, out in targets:
+        with exit_on_bad_input():
+            report = evaluate_run(
+                args.model,
+                sae,
+                args.dataset,
+                max_tokens=args.max_tokens,
+                ctx_len=args.ctx_len,
+                split=args.split,
+                offset=args.offset,
+                out_dir=out,
+                include_special_tokens=args.include_special_tokens,
+                batch_size=args.batch_size,
+                hookpoints=args.hookpoints,
+                device=args.device,
+                dtype=args.dtype,
+                splice=args.splice,
+                progress=True,
+            )
+        if variants:
+            print(f"## {Path(sae).name}")
+        print(report.to_markdown())
+        print(f"wrote {out / 'report.json'}, report.md and {', '.join(PLOT_FILES)}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ SWEEPABLE: dict[str, Any] = {
 SAE_FIELDS = ("k", "expansion_factor", "num_latents", "normalize_decoder")
 
 
+def sweep_variants(folder: Path) -> list[Path]:
+    """The variant run folders of a sweep's folder (subfolders with a run.json); [] for any other folder."""
+    if not folder.is_dir() or (folder / "run.json").exists():
+        return []
+    return sorted(p for p in folder.iterdir() if (p / "run.json").is_file())
+
+
 def parse_sweep(sweep: Sequence[str], init_seeds: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Every combination of `field=v1,v2` settings (and seeds) as a list of {field: value} dicts."""
     axes: list[tuple[str, list[Any]]] = []

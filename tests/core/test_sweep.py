@@ -136,3 +136,28 @@ def test_cli_sweep_with_torchrun_distribute_layers_equals_one_process(
         assert sorted(one) == sorted(two) and len(one) == 2 * 4
         for name in one:
             torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5, msg=f"{variant} {name}")
+
+
+def test_evaluating_a_sweep_folder_evaluates_every_variant(tmp_path, tiny_model_dir, tiny_text_file, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sae_core.evaluate import main as evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sweep_trainer(tmp_path, token_data(), model, sweep=("k=2,4",), init_seeds=(), layers=[1]).fit()
+    evaluate(
+        [
+            str(tiny_model_dir),
+            str(tmp_path / "sweep"),
+            "--max_tokens",
+            "64",
+            "--offset",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
+    printed = capsys.readouterr().out
+    for variant in ("k2", "k4"):
+        report = json.loads((tmp_path / "sweep" / variant / "eval" / "report.json").read_text())
+        assert list(report["hookpoints"]) == ["layers.1"] and f"## {variant}" in printed
