@@ -12,7 +12,8 @@ Row i of every hookpoint is the same token. NaN/Inf rows are stored too (counted
 when read, as live training drops them. Each shard is written atomically and the manifest after it, with the
 position in the token stream where the next shard starts: an interrupted cache resumes there, and since the
 LM sees the same batches, a resumed cache is byte-identical to an uninterrupted one. A lock file keeps a
-second writer out.
+second writer out. Under torchrun, rank r runs batches r, r + world_size, ... and writes `rank<r>-shard-*`
+files and `progress-rank<r>.json` (its resume position); rank 0 merges them into the manifest at the end.
 
 Held-out data: only the first `ceil(max_tokens / ctx_len)` sequences are cached (all when max_tokens is
 unset), and a run trained from the cache records every cached sequence as trained on (run.json's
@@ -35,7 +36,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from .activations import Batch, LiveActivations, excluded_token_ids
 from .data import sequence_shape
-from .distributed import DistContext
+from .distributed import DistContext, barrier
 from .errors import ConfigError, DatasetLoadError, SaeCoreError
 from .loggers import Profiler
 from .models import hidden_size, hookpoint_layer, select_hookpoints
@@ -82,13 +83,16 @@ def write_cache(
     batch_size: int = 8,
     source: dict[str, Any] | None = None,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     """Cache the activations of `model` on `sequences` (token ids [n, T] or a Dataset with 'input_ids') in
     `out`; resume an interrupted cache of the same settings. Returns the manifest.
 
     `source` describes where model and data came from (model name, revision, dataset, split, tokenization
-    settings); it is recorded in the manifest and must match when resuming.
+    settings); it is recorded in the manifest and must match when resuming. Under torchrun (`ctx` of several
+    ranks) rank r runs every world_size-th batch from batch r and writes shards of its own.
     """
+    ctx = ctx or DistContext()
     from filelock import FileLock, Timeout
 
     if dtype not in STORAGE_DTYPES:
@@ -101,7 +105,8 @@ def write_cache(
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK))
     try:
-        lock.acquire(timeout=0)
+        if ctx.is_main:  # one lock per writing job (torchrun tears the job down when rank 0 fails)
+            lock.acquire(timeout=0)
     except Timeout:
         raise ConfigError(
             f"{out} is being written by another process (it holds {out / LOCK}); wait for it to finish "
@@ -125,10 +130,12 @@ def write_cache(
                 "dataset": None,
                 **(source or {}),
             },
-            progress=progress,
+            progress=progress and ctx.is_main,
+            ctx=ctx,
         )
     finally:
-        lock.release()
+        if lock.is_locked:
+            lock.release()
 
 
 def _write_locked(
@@ -145,6 +152,7 @@ def _write_locked(
     batch_size: int,
     source: dict[str, Any],
     progress: bool,
+    ctx: DistContext,
 ) -> dict[str, Any]:
     chosen = select_hookpoints(model, **selection)
     d_in = hidden_size(model)
@@ -163,8 +171,11 @@ def _write_locked(
         "dtype": dtype,
         "shard_tokens": shard_tokens,
         "batch_size": batch_size,
+        "world_size": ctx.world_size,  # which batches each rank wrote: a resume needs the same
     }
+    barrier(ctx)  # every rank checks the folder before rank 0 writes to it
     manifest = _existing_manifest(out, settings)
+    barrier(ctx)
     if manifest is None:
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -183,11 +194,79 @@ def _write_locked(
         }
     elif manifest["complete"]:
         return manifest
-    # Before any shard, so that a writer killed at any moment leaves a folder it can resume; and we hold the
-    # lock, so temporary files are leftovers of a killed writer.
+    if ctx.is_main:
+        # Before any shard, so that a writer killed at any moment leaves a folder it can resume; and we hold
+        # the lock, so temporary files are leftovers of a killed writer.
+        atomic_write_json(out / MANIFEST, manifest)
+        for leftover in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+            leftover.unlink(missing_ok=True)
+    barrier(ctx)
+    # What this rank has written: one process keeps it in the manifest; under torchrun each rank has a
+    # progress file, merged into the manifest when every rank is done.
+    state, state_path, prefix = manifest, out / MANIFEST, ""
+    if ctx.enabled:
+        state_path, prefix = out / f"progress-rank{ctx.rank}.json", f"rank{ctx.rank:03d}-"
+        state = {
+            "tokens": 0,
+            "excluded_tokens": 0,
+            "nonfinite_rows": {h: 0 for h in chosen},
+            "shards": {h: [] for h in chosen},
+            "next": {"batch": ctx.rank, "row": 0},
+        }
+        if state_path.exists():
+            state = json.loads(state_path.read_text())
+    job = _Job(out, chosen, excluded, cached_seqs, seq_len, d_in, dtype, shard_tokens, batch_size)
+    _write_rank(model, sequences, job, state, state_path, prefix, progress, ctx)
+    barrier(ctx)
+    if ctx.enabled:
+        if ctx.is_main:
+            _merge_progress(out, manifest, ctx.world_size)
+        barrier(ctx)
+        return read_manifest(out)
+    manifest["complete"] = True
     atomic_write_json(out / MANIFEST, manifest)
-    for leftover in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
-        leftover.unlink(missing_ok=True)
+    return manifest
+
+
+def _merge_progress(out: Path, manifest: dict[str, Any], world_size: int) -> None:
+    """The manifest of a torchrun cache: every rank's shards, in rank order, and their totals."""
+    parts = [json.loads((out / f"progress-rank{r}.json").read_text()) for r in range(world_size)]
+    manifest["tokens"] = sum(p["tokens"] for p in parts)
+    manifest["excluded_tokens"] = sum(p["excluded_tokens"] for p in parts)
+    for h in manifest["hookpoints"]:
+        manifest["nonfinite_rows"][h] = sum(p["nonfinite_rows"][h] for p in parts)
+        manifest["shards"][h] = [shard for p in parts for shard in p["shards"][h]]
+    manifest["next"] = None
+    manifest["complete"] = True
+    atomic_write_json(out / MANIFEST, manifest)
+
+
+class _Job(NamedTuple):
+    """What every rank of one cache write shares."""
+
+    out: Path
+    hookpoints: list[str]
+    excluded: Tensor  # token ids left out
+    sequences: int  # sequences cached: the first ones of the dataset
+    seq_len: int
+    d_in: int
+    dtype: str
+    shard_tokens: int
+    batch_size: int  # sequences per LM forward
+
+
+def _write_rank(
+    model: Any,
+    sequences: Any,
+    job: _Job,
+    state: dict[str, Any],
+    state_path: Path,
+    prefix: str,
+    progress: bool,
+    ctx: DistContext,
+) -> None:
+    """Run this rank's batches (from state["next"]) and write their rows as shards, `state` after each."""
+    out, chosen, excluded, cached_seqs, seq_len, d_in, dtype, shard_tokens, batch_size = job
     device = next(model.parameters()).device
     live = LiveActivations(
         model,
@@ -204,23 +283,23 @@ def _write_locked(
         keep_nonfinite=True,
     )
     n_batches = math.ceil(cached_seqs / batch_size)
-    batch_index, skip = manifest["next"]["batch"], manifest["next"]["row"]
+    batch_index, skip = state["next"]["batch"], state["next"]["row"]
     pending: dict[str, list[Tensor]] = {h: [] for h in chosen}
     buffered = 0
-    bar = _bar(progress, n_batches, batch_index)
+    bar = _bar(progress, len(range(ctx.rank, n_batches, ctx.world_size)), batch_index // ctx.world_size)
     while batch_index < n_batches:
         rows = live.batch(batch_index).inputs
         batch_rows = rows[chosen[0]].shape[0]
         first = batch_index * batch_size
         tokens_in_batch = (min(first + batch_size, cached_seqs) - first) * seq_len
         if skip == 0:  # counted once per batch, in the shard set that starts in it
-            manifest["excluded_tokens"] += tokens_in_batch - batch_rows
+            state["excluded_tokens"] += tokens_in_batch - batch_rows
         for h in chosen:
             pending[h].append(rows[h][skip:].to(STORAGE_DTYPES[dtype]))
         buffered += batch_rows - skip
         skip = 0
-        last = batch_index == n_batches - 1
-        while buffered >= shard_tokens or (last and buffered > 0):
+        following = batch_index + ctx.world_size  # this rank's next batch
+        while buffered >= shard_tokens or (following >= n_batches and buffered > 0):
             take = min(shard_tokens, buffered)
             buffered -= take
             # What remains comes from this batch (the buffer held < shard_tokens rows before it): its last
@@ -228,17 +307,17 @@ def _write_locked(
             next_position = (
                 {"batch": batch_index, "row": batch_rows - buffered}
                 if buffered
-                else {"batch": batch_index + 1, "row": 0}
+                else {"batch": following, "row": 0}
             )
-            done = len(manifest["shards"][chosen[0]])
+            done = len(state["shards"][chosen[0]])
             try:
                 for h in chosen:
                     block = torch.cat(pending[h])
                     pending[h] = [block[take:]]
-                    _write_shard(out, manifest, h, block[:take])
-                manifest["tokens"] += take
-                manifest["next"] = next_position
-                atomic_write_json(out / MANIFEST, manifest)
+                    _write_shard(out, state, h, block[:take], prefix)
+                state["tokens"] += take
+                state["next"] = next_position
+                atomic_write_json(state_path, state)
             except OSError as e:
                 # Disk full, quota, permissions: every write is atomic and the manifest on disk still ends at
                 # the last complete shard set.
@@ -246,21 +325,19 @@ def _write_locked(
                     f"cannot write shard {done} of the cache in {out}: {e.strerror or e}; the first {done} "
                     "shards of each hookpoint are intact (free space, then run the same command to resume)"
                 ) from None
-        batch_index += 1
+        batch_index = following
         bar.update(1)
     bar.close()
-    manifest["complete"] = True
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
 
 
-def _write_shard(out: Path, manifest: dict[str, Any], hookpoint: str, rows: Tensor) -> None:
-    shards = manifest["shards"][hookpoint]
+def _write_shard(out: Path, state: dict[str, Any], hookpoint: str, rows: Tensor, prefix: str) -> None:
+    shards = state["shards"][hookpoint]
+    name = prefix + shard_name(len(shards))
     data = save_safetensors({TENSOR: rows.contiguous().cpu()})
-    atomic_write_bytes(out / hookpoint / shard_name(len(shards)), data)
+    atomic_write_bytes(out / hookpoint / name, data)
     nonfinite = int((~rows.float().isfinite().all(-1)).sum())
-    manifest["nonfinite_rows"][hookpoint] += nonfinite
-    shards.append({"file": shard_name(len(shards)), "rows": rows.shape[0], "sha256": _sha256(data)})
+    state["nonfinite_rows"][hookpoint] += nonfinite
+    shards.append({"file": name, "rows": rows.shape[0], "sha256": _sha256(data)})
 
 
 def _existing_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -624,7 +701,7 @@ CACHE_DEMO_DEFAULTS = {"ctx_len": 256, "batch_size": 8, "layer_stride": 8, "max_
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from .distributed import init_distributed
+    from .distributed import destroy, init_distributed
     from .run import _CFG, _optional_dests, _Parser, load_source
     from .utils import exit_on_bad_input
 
@@ -676,38 +753,41 @@ def main(argv: Sequence[str] | None = None) -> None:
             trust_remote_code=cfg.trust_remote_code,
             device=cfg.device,
         )
-        ctx = init_distributed(cfg.device)
-        if ctx.enabled:
-            raise ConfigError("python -m sae_core.cache runs in one process; run it without torchrun")
-        model, tokenizer, sequences, model_name = load_source(source_cfg, ctx)
-        source = {
-            "model": model_name,
-            "revision": cfg.revision,
-            "model_dtype": cfg.model_dtype,
-            "load_in_8bit": cfg.load_in_8bit,
-            "dataset": ns.dataset_pos or "embedded",
-            **{k: v for k, v in asdict(cfg).items() if k in SOURCE_FIELDS[2:]},
-        }
-        manifest = write_cache(
-            model,
-            tokenizer,
-            sequences,
-            cfg.out,
-            hookpoints=cfg.hookpoints,
-            layers=cfg.layers,
-            layer_stride=cfg.layer_stride,
-            exclude_tokens=cfg.exclude_tokens,
-            max_tokens=cfg.max_tokens,
-            dtype=cfg.dtype,
-            shard_tokens=cfg.shard_tokens,
-            batch_size=cfg.batch_size,
-            source=source,
-        )
-        print(
-            f"cached {manifest['tokens']:,} tokens x {len(manifest['hookpoints'])} hookpoints "
-            f"({', '.join(manifest['hookpoints'])}) of {model_name} in {cfg.out}",
-            flush=True,
-        )
+        ctx = init_distributed(cfg.device)  # under torchrun: each rank runs its share of the batches
+        try:
+            model, tokenizer, sequences, model_name = load_source(source_cfg, ctx)
+            source = {
+                "model": model_name,
+                "revision": cfg.revision,
+                "model_dtype": cfg.model_dtype,
+                "load_in_8bit": cfg.load_in_8bit,
+                "dataset": ns.dataset_pos or "embedded",
+                **{k: v for k, v in asdict(cfg).items() if k in SOURCE_FIELDS[2:]},
+            }
+            manifest = write_cache(
+                model,
+                tokenizer,
+                sequences,
+                cfg.out,
+                hookpoints=cfg.hookpoints,
+                layers=cfg.layers,
+                layer_stride=cfg.layer_stride,
+                exclude_tokens=cfg.exclude_tokens,
+                max_tokens=cfg.max_tokens,
+                dtype=cfg.dtype,
+                shard_tokens=cfg.shard_tokens,
+                batch_size=cfg.batch_size,
+                source=source,
+                ctx=ctx,
+            )
+        finally:
+            destroy()
+        if ctx.is_main:
+            print(
+                f"cached {manifest['tokens']:,} tokens x {len(manifest['hookpoints'])} hookpoints "
+                f"({', '.join(manifest['hookpoints'])}) of {model_name} in {cfg.out}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -254,3 +254,29 @@ def test_cli_cache_then_train_from_it_with_torchrun_data_parallel_and_distribute
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith(
         "error: dtype must be one of float16, bfloat16, float32, got 'float8'"
     )
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_their_own_shards_of_the_same_rows(tmp_path, tiny_model_dir, tiny_text_file):
+    source = [str(tiny_model_dir), str(tiny_text_file), "--ctx_len", "32", "--shuffle_seed", "none"]
+    flags = ["--layers", "1", "--max_tokens", "2400", "--batch_size", "2", "--shard_tokens", "100"]
+    flags += ["--dtype", "float32", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    check(run([sys.executable, "-m", "sae_core.cache", *source, *flags, "--out", str(one)]))
+    cmd = torchrun(2, *source, *flags, "--out", str(two))
+    cmd[cmd.index("sae_core")] = "sae_core.cache"
+    p = run(cmd)
+    check(p)
+    assert p.stdout.count("cached 2,325 tokens x 1 hookpoints") == 1  # rank 0 says it
+    a, b = ActivationCache(one), ActivationCache(two)
+    for key in ("tokens", "excluded_tokens", "sequences", "nonfinite_rows", "hookpoints", "d_in"):
+        assert a.manifest[key] == b.manifest[key], key
+    assert b.manifest["world_size"] == 2 and len(list(two.glob("progress-rank*.json"))) == 2
+    names = [s["file"] for s in b.shards("layers.1")]
+    assert names[0] == "rank000-shard-00000.safetensors" and "rank001-shard-00000.safetensors" in names
+
+    def rows(cache):
+        return torch.cat([cache.load_shard("layers.1", i) for i in range(len(cache.shards("layers.1")))])
+
+    # The same LM batches, run by two ranks: the same rows, in another order.
+    assert sorted(map(tuple, rows(a).tolist())) == sorted(map(tuple, rows(b).tolist()))
