@@ -177,6 +177,10 @@ def run(cfg: RunConfig, loggers: Sequence[Callable[[dict], None]] = ()) -> dict[
     from .distributed import destroy, init_distributed
     from .trainer import SaeTrainer
 
+    if cfg.sweep or cfg.init_seeds:  # a typo in a sweep fails before the LM loads
+        from .sweep import check_sweep
+
+        check_sweep(cfg, cfg.sweep, cfg.init_seeds)
     ctx = init_distributed(cfg.device, cfg.backend)
     try:
         if cfg.activations is not None:  # no LM: the cache holds its activations

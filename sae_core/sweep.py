@@ -66,6 +66,11 @@ def parse_sweep(sweep: Sequence[str], init_seeds: Sequence[int] = ()) -> list[di
         axes.append((name, parsed))
     if init_seeds:
         axes.append(("seed", list(init_seeds)))
+    for name, values in axes:
+        if len(set(values)) != len(values):  # two variants would share one folder
+            raise ConfigError(
+                f"--{'init_seeds' if name == 'seed' else 'sweep ' + name} repeats a value: {values}"
+            )
     return [dict(zip([n for n, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
 
 
@@ -88,6 +93,12 @@ def variant_config(cfg: TrainConfig, settings: dict[str, Any], save_dir: Path) -
         )
     except ConfigError as e:
         raise ConfigError(f"sweep variant {name}: {e}") from None
+
+
+def check_sweep(cfg: TrainConfig, sweep: Sequence[str], init_seeds: Sequence[int]) -> None:
+    """Every variant's settings are valid (those that need the model's width are checked with it)."""
+    for settings in parse_sweep(sweep, init_seeds):
+        variant_config(cfg, settings, Path(cfg.save_dir))
 
 
 class SharedBatches:

@@ -114,6 +114,16 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, sweep, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_bad_sweep_fails_before_the_model_loads(tmp_path):
+    from sae_core.config import RunConfig
+    from sae_core.run import run
+
+    with pytest.raises(ConfigError, match="sweep variant k0: k must be a positive integer"):
+        run(RunConfig(model=str(tmp_path / "no-such-model"), sweep=["k=0,4"], device="cpu"))
+    with pytest.raises(ConfigError, match=r"--init_seeds repeats a value: \[1, 1\]"):
+        run(RunConfig(model=str(tmp_path / "no-such-model"), init_seeds=[1, 1], device="cpu"))
+
+
 def test_parse_sweep_gives_every_combination():
     assert parse_sweep(["k=16,32", "expansion_factor=8,16"], [0, 1]) == [
         {"k": k, "expansion_factor": e, "seed": s} for k in (16, 32) for e in (8, 16) for s in (0, 1)
