@@ -63,6 +63,10 @@ RESERVED_TRAIN_OPTIONS = {
     "data_args": "the entry's `data_args`",
     "shuffle_seed": "the entry's `shuffle_seed`",
     "hf_token": "the HF_TOKEN environment variable (a token must never be written to the registry)",
+    # The assets read one SAE per hookpoint from the run folder, trained from the tokenized dataset.
+    "activations": "the pipeline (it trains from the tokenized dataset; no activation cache asset yet)",
+    "sweep": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
+    "init_seeds": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
 }
 MODEL_HINT = "a Hub id, a local folder, or smollm2-135m"
 
