@@ -586,12 +586,17 @@ def open_for_run(cfg: Any) -> tuple[ActivationCache, Any, dict[str, Any]]:
     settings of the cache's manifest (what evaluation reads back from run.json), and the run's run_info."""
     cache = ActivationCache(cfg.activations)
     m = cache.manifest
-    if cfg.model is not None and cfg.model != m["model"]:
+    from .data import EMBEDDED_DATASET_NAMES
+    from .embedded import is_embedded_model
+
+    embedded = is_embedded_model(cfg.model) and is_embedded_model(m["model"])  # two spellings of one model
+    if cfg.model is not None and cfg.model != m["model"] and not embedded:
         raise ConfigError(
             f"MODEL is {cfg.model!r} but the cache {cache.folder} holds activations of {m['model']!r}; "
             "leave MODEL out with --activations, or write a cache of this model"
         )
-    if cfg.dataset is not None and cfg.dataset != m.get("dataset"):
+    both_embedded = {cfg.dataset, m.get("dataset")} <= set(EMBEDDED_DATASET_NAMES)
+    if cfg.dataset is not None and cfg.dataset != m.get("dataset") and not both_embedded:
         raise ConfigError(
             f"DATASET is {cfg.dataset!r} but the cache {cache.folder} was written from {m.get('dataset')!r}; "
             "leave DATASET out with --activations"

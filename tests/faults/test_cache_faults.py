@@ -98,6 +98,15 @@ def test_a_cache_of_another_model_or_dataset_is_refused(cache_dir):
         open_for_run(RunConfig(dataset="wikitext", activations=str(cache_dir)))
     cache, cfg, info = open_for_run(RunConfig(activations=str(cache_dir)))
     assert (cfg.model, cfg.dataset, cfg.ctx_len, info["model"]) == ("tiny-llama", "ids", 16, "tiny-llama")
+    # The embedded model and corpus under their other names are the same source.
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    (cache_dir / "manifest.json").write_text(
+        json.dumps({**manifest, "model": "smollm2-135m", "dataset": "embedded"})
+    )
+    cache, cfg, info = open_for_run(
+        RunConfig(model="embedded", dataset="python-docs", activations=str(cache_dir))
+    )
+    assert (cfg.model, cfg.dataset) == ("smollm2-135m", "embedded")
 
 
 def test_an_incomplete_cache_is_refused_for_training(cache_dir):
