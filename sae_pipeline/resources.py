@@ -24,6 +24,9 @@ from .partitions import check_model_key
 from .registry import ModelEntry, Registry, load_registry, registry_path
 
 ROOT_ENV = "SAE_PIPELINE_ROOT"
+# The concurrency pool of the steps that need the GPUs (training, evaluation). Its size is the instance's:
+# deploy/dagster.yaml gives every pool 1 slot; `dagster instance concurrency set gpu N` changes it.
+GPU_POOL = "gpu"
 
 
 class ArtefactStore(dg.ConfigurableResource):

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ..checks import quality_check_results, quality_check_specs
 from ..partitions import model_stride_partitions
-from ..resources import ArtefactStore, ModelRegistry
+from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in
 from .training import sae_checkpoints
 
@@ -30,6 +30,7 @@ class EvaluationConfig(dg.Config):
     check_specs=quality_check_specs(),
     group_name="sae",
     kinds={"pytorch"},
+    pool=GPU_POOL,  # the model and the SAEs run on the step's device
     description="FVU, L0, dead latents, ΔCE and KL with each SAE spliced into the model, on held-out tokens "
     "(sae_core.evaluate); <root>/evaluations/<model>/stride-<s>/report.{json,md} and plots.",
 )

@@ -4,7 +4,9 @@ The training runs in torchrun's processes, never in the step process: the step b
 through Dagster Pipes (sae_pipeline.torchrun) and reports what global rank 0 sent back.
 
 A run folder with an unfinished checkpoint (a failed or cancelled run) is resumed, so re-running a failed
-partition loses at most the steps since the last checkpoint. A finished run is kept as `stride-<s>.previous`
+partition loses at most the steps since the last checkpoint. The step's retry policy does that by itself
+for failures that may pass (a rank killed, a collective timeout: sae_pipeline.retries); the step takes a
+slot of the `gpu` concurrency pool while it runs. A finished run is kept as `stride-<s>.previous`
 and training starts over (the retraining schedule); `restart: true` in the run config also discards an
 unfinished one.
 """
@@ -17,7 +19,8 @@ import dagster as dg
 from pydantic import Field
 
 from ..partitions import model_stride_partitions
-from ..resources import ArtefactStore, ModelRegistry, TorchrunLauncher
+from ..resources import GPU_POOL, ArtefactStore, ModelRegistry, TorchrunLauncher
+from ..retries import TRAINING_RETRY_POLICY
 from ..torchrun import run_torchrun
 from .common import fail_step_on_bad_input, model_and_stride
 from .tokenized import tokenized_dataset
@@ -37,6 +40,8 @@ class TrainingConfig(dg.Config):
     deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
     group_name="sae",
     kinds={"pytorch"},
+    pool=GPU_POOL,
+    retry_policy=TRAINING_RETRY_POLICY,
     description="SAEs on every stride-th layer, trained by torchrun (sae_core) on the tokenized dataset; "
     "<root>/runs/<model>/stride-<s>/<hookpoint>/{cfg.json,sae.safetensors}, run.json, metrics.jsonl.",
 )
@@ -94,7 +99,10 @@ def sae_checkpoints(
             },
         )
     if not results:
-        raise dg.Failure(description="training finished but rank 0 reported nothing (see the step's stderr)")
+        raise dg.Failure(
+            description="training finished but rank 0 reported nothing (see the step's stderr)",
+            allow_retries=False,
+        )
     yield from results
 
 
