@@ -2,6 +2,8 @@
 folder."""
 
 import json
+import shutil
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -86,11 +88,16 @@ def published_saes(
             description=f"publishing {run_dir} failed: {message}", allow_retries=is_transient(error)
         ) from None
     context.log.info(result.describe())
+    pruned = prune_previous_trainer_state(run_dir)
+    if pruned is not None:
+        context.log.info(f"removed {pruned}: the new run is published, the old run's optimizer state is done")
     metadata: dict[str, object] = {
         "revision": result.revision,
         "url": dg.MetadataValue.url(result.url),
         "created_commit": result.created_commit,
     }
+    if pruned is not None:
+        metadata["pruned"] = dg.MetadataValue.path(str(pruned))
     if result.repo_id:
         metadata["repo"] = result.repo_id
     else:
@@ -108,3 +115,14 @@ def is_transient(error: OSError) -> bool:
     if status is None:
         return not isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError))
     return status >= 500 or status in (408, 429)
+
+
+def prune_previous_trainer_state(run_dir: Path) -> Path | None:
+    """Delete the trainer state (optimizer moments, a few times the SAEs' size) of the run this partition's
+    retraining replaced, `stride-<s>.previous/trainer_state`, once the new run is published; its SAEs stay.
+    Returns the folder removed, if there was one."""
+    state = run_dir.with_name(run_dir.name + ".previous") / "trainer_state"
+    if not state.is_dir():
+        return None
+    shutil.rmtree(state)
+    return state
