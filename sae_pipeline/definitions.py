@@ -16,7 +16,7 @@ from .jobs import tokenize_job, train_job
 from .notify import WEBHOOK_ENV, LogNotifier, WebhookNotifier
 from .resources import ArtefactStore, HubPublisher, ModelRegistry, TorchrunLauncher
 from .schedules import retrain_schedule
-from .sensors import model_registry_sensor, notify_on_run_failure
+from .sensors import model_registry_sensor, notify_on_run_failure, train_new_models
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
@@ -42,6 +42,6 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=[tokenize_job, train_job],
     schedules=[retrain_schedule],
-    sensors=[model_registry_sensor, notify_on_run_failure],
+    sensors=[model_registry_sensor, notify_on_run_failure, train_new_models],
     resources=default_resources(),
 )

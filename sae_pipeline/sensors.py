@@ -12,6 +12,7 @@ import json
 
 import dagster as dg
 
+from .assets import published_saes, sae_checkpoints, sae_evaluation
 from .jobs import tokenize_job
 from .notify import Notifier
 from .partitions import model_partitions
@@ -19,6 +20,17 @@ from .registry import ModelEntry
 from .resources import ModelRegistry
 
 _FAILURE_LINES = 3
+
+# Declarative automation of the training assets (their `on_missing` conditions): a newly registered model's
+# strides are trained, evaluated and published once, as soon as its tokenized dataset exists. Runs go through
+# the instance's queue and the `gpu` pool like any other.
+train_new_models = dg.AutomationConditionSensorDefinition(
+    "train_new_models",
+    target=dg.AssetSelection.assets(sae_checkpoints, sae_evaluation, published_saes),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Trains, evaluates and publishes the strides of a newly registered model once tokenized.",
+)
 
 
 def tokenize_run_key(entry: ModelEntry) -> str:

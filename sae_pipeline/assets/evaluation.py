@@ -28,6 +28,8 @@ class EvaluationConfig(dg.Config):
     deps=[sae_checkpoints],
     check_specs=quality_check_specs(),
     group_name="sae",
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
+    automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"pytorch"},
     pool=GPU_POOL,  # the model and the SAEs run on the step's device
     description="FVU, L0, dead latents, ΔCE and KL with each SAE spliced into the model, on held-out tokens "

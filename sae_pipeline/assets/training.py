@@ -22,7 +22,7 @@ from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry, TorchrunLauncher
 from ..retries import TRAINING_RETRY_POLICY
 from ..torchrun import run_torchrun
-from .common import fail_step_on_bad_input, model_and_stride
+from .common import fail_step_on_bad_input, partition_of, registry_entry
 from .tokenized import tokenized_dataset
 
 
@@ -39,9 +39,15 @@ class TrainingConfig(dg.Config):
     partitions_def=model_stride_partitions,
     deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
     group_name="sae",
+    # A backfill makes one run per partition: each has its own run folder lock, gpu slot and retries.
+    backfill_policy=dg.BackfillPolicy.multi_run(1),
     kinds={"pytorch"},
     pool=GPU_POOL,
     retry_policy=TRAINING_RETRY_POLICY,
+    # A new model's strides are trained once its tokenized dataset exists (the train_new_models sensor);
+    # partitions that existed when automation was turned on, and retokenized data, are left to the schedule.
+    automation_condition=dg.AutomationCondition.on_missing(),
+    output_required=False,  # a stride the registry entry leaves out ends without a materialization
     description="SAEs on every stride-th layer, trained by torchrun (sae_core) on the tokenized dataset; "
     "<root>/runs/<model>/stride-<s>/<hookpoint>/{cfg.json,sae.safetensors}, run.json, metrics.jsonl.",
 )
@@ -52,7 +58,16 @@ def sae_checkpoints(
     artefacts: ArtefactStore,
     launcher: TorchrunLauncher,
 ):
-    key, entry = model_and_stride(context, registry)
+    key = partition_of(context)
+    entry = registry_entry(registry, key.model)
+    if entry.strides is not None and key.stride not in entry.strides:
+        # Automation asks for every stride partition of a new model: the ones its entry leaves out end here.
+        # (Evaluating or publishing such a partition fails, naming the entry's strides.)
+        context.log.warning(
+            f"stride {key.stride} is not trained for {key.model}: its registry entry lists strides "
+            f"{list(entry.strides)}; nothing to do"
+        )
+        return
     data = artefacts.tokenized_dir(key.model)
     if not (data / "dataset_info.json").is_file():
         raise dg.Failure(
