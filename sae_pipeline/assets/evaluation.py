@@ -28,7 +28,6 @@ class EvaluationConfig(dg.Config):
     deps=[sae_checkpoints],
     check_specs=quality_check_specs(),
     group_name="sae",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),
     automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"pytorch"},
     pool=GPU_POOL,  # the model and the SAEs run on the step's device

@@ -28,7 +28,6 @@ class PublishConfig(dg.Config):
     partitions_def=model_stride_partitions,
     deps=[sae_evaluation],
     group_name="sae",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),
     automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"huggingface"},
     retry_policy=PUBLISHING_RETRY_POLICY,

@@ -16,7 +16,6 @@ PIPELINE_INFO = "pipeline.json"  # written next to the dataset files: what it wa
 @dg.asset(
     partitions_def=model_partitions,
     group_name="sae",
-    backfill_policy=dg.BackfillPolicy.multi_run(1),
     kinds={"python"},
     description="The registry entry's dataset, tokenized with the model's tokenizer into ctx_len sequences "
     "(sae_core.data.prepare_dataset), saved with Dataset.save_to_disk under <root>/tokenized/<model>/.",

@@ -39,8 +39,6 @@ class TrainingConfig(dg.Config):
     partitions_def=model_stride_partitions,
     deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
     group_name="sae",
-    # A backfill makes one run per partition: each has its own run folder lock, gpu slot and retries.
-    backfill_policy=dg.BackfillPolicy.multi_run(1),
     kinds={"pytorch"},
     pool=GPU_POOL,
     retry_policy=TRAINING_RETRY_POLICY,
