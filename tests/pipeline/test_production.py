@@ -169,7 +169,7 @@ def services(postgres, tmp_path_factory, tiny_model_dir, corpus_file):
         "SAE_PIPELINE_ROOT": str(root),
         "SAE_PIPELINE_REGISTRY": str(registry),
         "FAKE_RANK_DIR": str(records),
-        "FAKE_RANK_SLEEP_S": "6",
+        "FAKE_RANK_SLEEP_S": "4",
     }
     (root / "tokenized" / MODEL).mkdir(parents=True)
     (root / "tokenized" / MODEL / "dataset_info.json").write_text("{}")  # the training step checks it
@@ -263,7 +263,7 @@ def test_a_backfill_with_one_gpu_slot_trains_one_partition_at_a_time(services):
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), services.log_tail()
     spans = list(trainings(services.rank_events()).values())
     assert len(spans) == 2 and all(end is not None for _, end in spans), spans
-    # Each fake training lasts 6 s, both runs were launched together, and still they never overlapped.
+    # Each fake training lasts 4 s, both runs were launched together, and still they never overlapped.
     assert_one_at_a_time(spans)
     with services.instance() as instance:
         info = instance.event_log_storage.get_concurrency_info("gpu")
@@ -320,14 +320,14 @@ def run_status(services: Services, run_id: str) -> dg.DagsterRunStatus:
 
 
 def test_a_killed_run_frees_its_gpu_slot_and_is_retried(services):
-    holder = launch_training(services, stride=4, sleep_s=20)
+    holder = launch_training(services, stride=4, sleep_s=12)
     deadline = time.monotonic() + 120
     while not (ranks := fake_ranks(services, stride=4)):
         assert time.monotonic() < deadline, services.log_tail()
         time.sleep(0.5)
     waiting = launch_training(services, stride=1, sleep_s=1)
     # The slot is taken: the second run stays in the queue (the daemon looks every few seconds).
-    for _ in range(8):
+    for _ in range(5):
         assert run_status(services, waiting) == dg.DagsterRunStatus.QUEUED
         time.sleep(1)
 
@@ -363,7 +363,7 @@ def test_a_killed_run_frees_its_gpu_slot_and_is_retried(services):
 
 
 def test_restarting_postgres_while_a_run_trains_keeps_the_run_and_its_record(services, postgres):
-    run_id = launch_training(services, stride=2, sleep_s=15)
+    run_id = launch_training(services, stride=2, sleep_s=10)
     deadline = time.monotonic() + 120
     while not fake_ranks(services, stride=2):
         assert time.monotonic() < deadline, services.log_tail()
