@@ -13,9 +13,10 @@ import dagster as dg
 
 from .assets import ALL_ASSETS
 from .jobs import tokenize_job, train_job
+from .notify import WEBHOOK_ENV, LogNotifier, WebhookNotifier
 from .resources import ArtefactStore, HubPublisher, ModelRegistry, TorchrunLauncher
 from .schedules import retrain_schedule
-from .sensors import model_registry_sensor
+from .sensors import model_registry_sensor, notify_on_run_failure, train_new_models
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
@@ -29,6 +30,11 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         # {"env": "HF_TOKEN"}. Without HF_TOKEN the field stays empty (an unset EnvVar fails every run, even
         # the ones publishing to a local folder).
         "hub": HubPublisher(token=dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else None),
+        # Failed runs: to a webhook when its URL (a secret, like the token) is in the environment, else to the
+        # sensor's log.
+        "notifier": WebhookNotifier(url=dg.EnvVar(WEBHOOK_ENV))
+        if os.environ.get(WEBHOOK_ENV)
+        else LogNotifier(),
     }
 
 
@@ -36,6 +42,6 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=[tokenize_job, train_job],
     schedules=[retrain_schedule],
-    sensors=[model_registry_sensor],
+    sensors=[model_registry_sensor, notify_on_run_failure, train_new_models],
     resources=default_resources(),
 )

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,11 @@ PROGRESS_INTERVAL_S = 2.0
 _TRACEBACK_LINES = 30
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(
+    argv: list[str] | None = None, train_fn: Callable[[list[str], Any | None], None] | None = None
+) -> None:
+    """Run `train_fn(argv, pipes)` as a rank: `train` below by default (tests pass a cheap stand-in)."""
+    train_fn = train_fn or train
     # Imported here, not at the top: it loads torch, and the module docstring promises a light import.
     from sae_core.distributed import die_with_parent
 
@@ -44,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
 
         if rank == 0 and PipesEnvVarParamsLoader().is_dagster_pipes_process():
             with open_dagster_pipes() as pipes:
-                train(argv, pipes)
+                train_fn(argv, pipes)
         else:
-            train(argv, None)
+            train_fn(argv, None)
     except BaseException as error:
         if not (isinstance(error, SystemExit) and error.code in (0, None)):
             _record_failure(rank, error)

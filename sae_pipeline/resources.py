@@ -24,6 +24,9 @@ from .partitions import check_model_key
 from .registry import ModelEntry, Registry, load_registry, registry_path
 
 ROOT_ENV = "SAE_PIPELINE_ROOT"
+# The concurrency pool of the steps that need the GPUs (training, evaluation). Its size is the instance's:
+# deploy/dagster.yaml gives every pool 1 slot; `dagster instance concurrency set gpu N` changes it.
+GPU_POOL = "gpu"
 
 
 class ArtefactStore(dg.ConfigurableResource):
@@ -104,8 +107,9 @@ class TorchrunLauncher(dg.ConfigurableResource):
 
     Only this node is launched by Dagster. For several nodes, start the same command on the other nodes (with
     your cluster's tooling) against the same rendezvous endpoint; global rank 0 must run on this node, because
-    it is the rank that reports to Dagster (use a static rendezvous with node_rank 0 here, or the c10d backend
-    with this node joining first).
+    it is the rank that reports to Dagster. So several nodes need the static rendezvous with this node as node
+    0 (`rdzv_backend: static`, `node_rank: 0`); with c10d, torch assigns ranks itself and rank 0 may land on
+    another node, so it is refused.
     """
 
     python_executable: str = Field(default_factory=lambda: sys.executable, description="Python for torchrun.")
@@ -133,6 +137,12 @@ class TorchrunLauncher(dg.ConfigurableResource):
         """Raise ValueError for settings torchrun would reject, before the step touches any folder."""
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (a host:port every node can reach)")
+        if self.nnodes > 1 and (self.rdzv_backend != "static" or self.node_rank != 0):
+            raise ValueError(
+                f"nnodes={self.nnodes} with rdzv_backend={self.rdzv_backend!r}, node_rank={self.node_rank}: "
+                "global rank 0, the rank that reports to Dagster, must run on this node; use "
+                "rdzv_backend: static with node_rank: 0 here (the other nodes take node_rank 1, 2, ...)"
+            )
 
     def command(self, train_args: list[str], run_id: str) -> list[str]:
         self.check()

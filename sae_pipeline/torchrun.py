@@ -14,7 +14,8 @@ in sessions of their own) are orphaned and keep the GPUs busy. So here:
   runs in a child of the run worker, and when the run worker is killed Dagster marks the run failed, but the
   step process (and so torchrun) would go on training for nobody. The step checks its parent every second.
 - every rank inherits the Pipes environment, but only global rank 0 opens the Pipes session; ranks write their
-  traceback to a per-launch folder when they fail, and the step failure quotes the rank that failed first.
+  traceback to a per-launch folder when they fail, and the step failure quotes the rank that failed first and
+  says whether a retry may help (sae_pipeline.retries).
 """
 
 import collections
@@ -35,6 +36,8 @@ import dagster as dg
 import psutil
 
 from sae_core.distributed import die_with_parent
+
+from .retries import diagnose_launch_failure
 
 RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
 _STDERR_TAIL_LINES = 40
@@ -238,6 +241,7 @@ def _launch_failure(
     returncode: int, command: Sequence[str], error_dir: Path, stderr_tail: list[str]
 ) -> dg.Failure:
     errors = rank_errors(error_dir)
+    diagnosis = diagnose_launch_failure(returncode, errors, stderr_tail)
     how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
     if errors:
         rank, text = errors[0]
@@ -249,12 +253,16 @@ def _launch_failure(
         rank, text = None, "\n".join(stderr_tail)
         description = f"torchrun ended with {how} before any rank reported an error; its last output:\n\n"
         description += text
+    retry = "retryable" if diagnosis.retryable else "not retried"
+    description = f"{diagnosis.reason} ({retry}).\n{description}"
     metadata: dict[str, Any] = {
         "exit_code": returncode,
         "failed_rank": rank if rank is not None else "unknown",
+        "retryable": diagnosis.retryable,
+        "diagnosis": diagnosis.reason,
         "error": dg.MetadataValue.md(f"```\n{text.rstrip()}\n```"),
         "command": shlex.join(command),
     }
-    # Retrying a deterministic failure (a config error, a bug) only burns GPU time; retries are the caller's
-    # choice.
-    return dg.Failure(description=description, metadata=metadata, allow_retries=False)
+    # A rank's own exception (a bug, bad settings) fails the same way again: retrying it only burns GPU time.
+    # A dead rank, a killed torchrun or a collective timeout may pass: the step's retry policy says how often.
+    return dg.Failure(description=description, metadata=metadata, allow_retries=diagnosis.retryable)

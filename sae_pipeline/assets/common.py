@@ -43,12 +43,17 @@ def registry_entry(registry: ModelRegistry, model: str) -> ModelEntry:
         return registry.entry(model)
 
 
+def partition_of(context: dg.AssetExecutionContext) -> ModelStride:
+    """This step's (model, stride); a malformed key fails the step with its message."""
+    with fail_step_on_bad_input(also=(PartitionKeyError,)):
+        return parse_model_stride(context.partition_key)
+
+
 def model_and_stride(
     context: dg.AssetExecutionContext, registry: ModelRegistry
 ) -> tuple[ModelStride, ModelEntry]:
     """This step's (model, stride) and the model's registry entry, checked against the entry's strides."""
-    with fail_step_on_bad_input(also=(PartitionKeyError,)):
-        key = parse_model_stride(context.partition_key)
+    key = partition_of(context)
     entry = registry_entry(registry, key.model)
     if entry.strides is not None and key.stride not in entry.strides:
         raise dg.Failure(

@@ -1,6 +1,5 @@
 """sae_evaluation: sae_core's evaluation report for one model x stride, judged by blocking quality checks."""
 
-import base64
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from pydantic import Field
 
 from ..checks import quality_check_results, quality_check_specs
 from ..partitions import model_stride_partitions
-from ..resources import ArtefactStore, ModelRegistry
+from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in
 from .training import sae_checkpoints
 
@@ -29,7 +28,9 @@ class EvaluationConfig(dg.Config):
     deps=[sae_checkpoints],
     check_specs=quality_check_specs(),
     group_name="sae",
+    automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"pytorch"},
+    pool=GPU_POOL,  # the model and the SAEs run on the step's device
     description="FVU, L0, dead latents, ΔCE and KL with each SAE spliced into the model, on held-out tokens "
     "(sae_core.evaluate); <root>/evaluations/<model>/stride-<s>/report.{json,md} and plots.",
 )
@@ -80,17 +81,30 @@ def evaluation_metadata(report: dict[str, Any], folder: Path, table: str) -> dic
         "tokens": int(settings.get("tokens", 0)),
         "held_out": str(settings.get("held_out", "")),
         "report": dg.MetadataValue.md(table),
+        "metrics": metrics_table(hookpoints),
     }
     for metric in SUMMARY_METRICS:
         values = [m[metric] for m in hookpoints.values() if m.get(metric) is not None]
         if values:
             worst = min(values) if metric == "loss_recovered_zero" else max(values)
             metadata[f"{metric}_worst"] = float(worst)
-    plots = sorted(folder.glob("*.png"))
-    if plots:
-        # The UI renders Markdown images from data URIs: the plots show in the asset's metadata panel.
-        images = [
-            f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})" for p in plots
-        ]
-        metadata["plots"] = dg.MetadataValue.md("\n\n".join(images))
+    # The plots stay files in the evaluation folder: their paths go into the event log, not the images (a few
+    # hundred kB of base64 per materialization would bloat every query of the asset's history).
+    for plot in sorted(folder.glob("*.png")):
+        metadata[f"plot/{plot.stem}"] = dg.MetadataValue.path(str(plot))
     return metadata
+
+
+def metrics_table(hookpoints: dict[str, dict[str, Any]]) -> dg.TableMetadataValue:
+    """One row per hookpoint with the summary metrics: the UI shows it as a sortable table."""
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("hookpoint", "string"),
+            *(dg.TableColumn(metric, "float") for metric in SUMMARY_METRICS),
+        ]
+    )
+    rows = []
+    for name, metrics in hookpoints.items():
+        values = {m: None if metrics.get(m) is None else float(metrics[m]) for m in SUMMARY_METRICS}
+        rows.append(dg.TableRecord({"hookpoint": name, **values}))
+    return dg.MetadataValue.table(rows, schema)

@@ -2,6 +2,8 @@
 folder."""
 
 import json
+import shutil
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -9,6 +11,7 @@ from pydantic import Field
 from ..checks import failed_checks, quality_check_results
 from ..partitions import model_stride_partitions
 from ..resources import ArtefactStore, HubPublisher, ModelRegistry
+from ..retries import PUBLISHING_RETRY_POLICY
 from .common import fail_step_on_bad_input, model_and_stride
 from .evaluation import sae_evaluation
 
@@ -25,7 +28,9 @@ class PublishConfig(dg.Config):
     partitions_def=model_stride_partitions,
     deps=[sae_evaluation],
     group_name="sae",
+    automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"huggingface"},
+    retry_policy=PUBLISHING_RETRY_POLICY,
     description="The SAEs, their evaluation report and plots, and a model card: one Hub commit when the hub "
     "resource has a repo template, else <root>/published/<model>/stride-<s>/. Skipped when a quality check "
     "failed.",
@@ -59,31 +64,66 @@ def published_saes(
             description=f"refusing to publish, quality checks failed: {reasons}", allow_retries=False
         )
 
-    # sae_core.hub's messages are one line and never hold the token. ValueError: the hub resource's
-    # repo_template. Retries stay allowed, as before: a Hub outage may pass.
-    with fail_step_on_bad_input(
-        f"publishing {run_dir} failed", also=(ValueError, OSError), allow_retries=True
-    ):
+    # ValueError: the hub resource's repo_template, which no retry can fix.
+    with fail_step_on_bad_input("hub resource", also=(ValueError,)):
         repo_id = config.repo_id or hub.repo_id(key.model, key.stride)
-        result = publish(
-            run_dir,
-            repo_id,
-            token=hub.token or None,
-            endpoint=hub.endpoint,
-            private=hub.private,
-            commit_message=f"SAEs for {key.model}, stride {key.stride} (Dagster run {context.run.run_id})",
-            eval_dir=eval_dir,
-            local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
-        )
+    # sae_core.hub's messages are one line and never hold the token. Bad input (HubError, a ValueError such as
+    # an invalid repo id) is not retried; an OSError that may pass (no connection, a 5xx, rate limiting) is,
+    # under the step's retry policy: the upload is one commit, so a retry never publishes half a run.
+    try:
+        with fail_step_on_bad_input(f"publishing {run_dir} failed", also=(ValueError,)):
+            result = publish(
+                run_dir,
+                repo_id,
+                token=hub.token or None,
+                endpoint=hub.endpoint,
+                private=hub.private,
+                commit_message=f"SAEs for {key.model}, stride {key.stride} "
+                f"(Dagster run {context.run.run_id})",
+                eval_dir=eval_dir,
+                local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
+            )
+    except OSError as error:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise dg.Failure(
+            description=f"publishing {run_dir} failed: {message}", allow_retries=is_transient(error)
+        ) from None
     context.log.info(result.describe())
+    pruned = prune_previous_trainer_state(run_dir)
+    if pruned is not None:
+        context.log.info(f"removed {pruned}: the new run is published, the old run's optimizer state is done")
     metadata: dict[str, object] = {
         "revision": result.revision,
         "url": dg.MetadataValue.url(result.url),
         "created_commit": result.created_commit,
     }
+    if pruned is not None:
+        metadata["pruned"] = dg.MetadataValue.path(str(pruned))
     if result.repo_id:
         metadata["repo"] = result.repo_id
     else:
         metadata["path"] = dg.MetadataValue.path(str(result.local_dir))
         metadata["card"] = dg.MetadataValue.path(str(result.local_dir / "README.md"))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def is_transient(error: OSError) -> bool:
+    """Whether an error of the Hub client may pass by itself: no HTTP answer at all (a connection error, a
+    timeout), a server error, a timeout or rate limit answer. A refused token or a missing repo (other 4xx)
+    and local file errors will not."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is None:
+        return not isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError))
+    return status >= 500 or status in (408, 429)
+
+
+def prune_previous_trainer_state(run_dir: Path) -> Path | None:
+    """Delete the trainer state (optimizer moments, a few times the SAEs' size) of the run this partition's
+    retraining replaced, `stride-<s>.previous/trainer_state`, once the new run is published; its SAEs stay.
+    Returns the folder removed, if there was one."""
+    state = run_dir.with_name(run_dir.name + ".previous") / "trainer_state"
+    if not state.is_dir():
+        return None
+    shutil.rmtree(state)
+    return state

@@ -4,7 +4,9 @@ The training runs in torchrun's processes, never in the step process: the step b
 through Dagster Pipes (sae_pipeline.torchrun) and reports what global rank 0 sent back.
 
 A run folder with an unfinished checkpoint (a failed or cancelled run) is resumed, so re-running a failed
-partition loses at most the steps since the last checkpoint. A finished run is kept as `stride-<s>.previous`
+partition loses at most the steps since the last checkpoint. The step's retry policy does that by itself
+for failures that may pass (a rank killed, a collective timeout: sae_pipeline.retries); the step takes a
+slot of the `gpu` concurrency pool while it runs. A finished run is kept as `stride-<s>.previous`
 and training starts over (the retraining schedule); `restart: true` in the run config also discards an
 unfinished one.
 """
@@ -17,9 +19,10 @@ import dagster as dg
 from pydantic import Field
 
 from ..partitions import model_stride_partitions
-from ..resources import ArtefactStore, ModelRegistry, TorchrunLauncher
+from ..resources import GPU_POOL, ArtefactStore, ModelRegistry, TorchrunLauncher
+from ..retries import TRAINING_RETRY_POLICY
 from ..torchrun import run_torchrun
-from .common import fail_step_on_bad_input, model_and_stride
+from .common import fail_step_on_bad_input, partition_of, registry_entry
 from .tokenized import tokenized_dataset
 
 
@@ -37,6 +40,12 @@ class TrainingConfig(dg.Config):
     deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
     group_name="sae",
     kinds={"pytorch"},
+    pool=GPU_POOL,
+    retry_policy=TRAINING_RETRY_POLICY,
+    # A new model's strides are trained once its tokenized dataset exists (the train_new_models sensor);
+    # partitions that existed when automation was turned on, and retokenized data, are left to the schedule.
+    automation_condition=dg.AutomationCondition.on_missing(),
+    output_required=False,  # a stride the registry entry leaves out ends without a materialization
     description="SAEs on every stride-th layer, trained by torchrun (sae_core) on the tokenized dataset; "
     "<root>/runs/<model>/stride-<s>/<hookpoint>/{cfg.json,sae.safetensors}, run.json, metrics.jsonl.",
 )
@@ -47,7 +56,16 @@ def sae_checkpoints(
     artefacts: ArtefactStore,
     launcher: TorchrunLauncher,
 ):
-    key, entry = model_and_stride(context, registry)
+    key = partition_of(context)
+    entry = registry_entry(registry, key.model)
+    if entry.strides is not None and key.stride not in entry.strides:
+        # Automation asks for every stride partition of a new model: the ones its entry leaves out end here.
+        # (Evaluating or publishing such a partition fails, naming the entry's strides.)
+        context.log.warning(
+            f"stride {key.stride} is not trained for {key.model}: its registry entry lists strides "
+            f"{list(entry.strides)}; nothing to do"
+        )
+        return
     data = artefacts.tokenized_dir(key.model)
     if not (data / "dataset_info.json").is_file():
         raise dg.Failure(
@@ -94,7 +112,10 @@ def sae_checkpoints(
             },
         )
     if not results:
-        raise dg.Failure(description="training finished but rank 0 reported nothing (see the step's stderr)")
+        raise dg.Failure(
+            description="training finished but rank 0 reported nothing (see the step's stderr)",
+            allow_retries=False,
+        )
     yield from results
 
 

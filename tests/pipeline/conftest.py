@@ -27,6 +27,22 @@ def corpus_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", make_text(300))
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL 15 server on 127.0.0.1 for the whole session (tests/support/postgres.py); each test makes
+    its own database on it. Skips the tests that need it where PostgreSQL is not installed."""
+    from tests.support.postgres import missing_reason, start_server, stop_server
+    from tests.support.processes import free_port
+
+    if reason := missing_reason():
+        pytest.skip(reason)
+    server = start_server(free_port())
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
 @dataclass
 class Trained:
     root: Path

@@ -4,6 +4,7 @@ why."""
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
@@ -58,7 +59,12 @@ def test_sae_checkpoints_trained_on_two_ranks_report_through_rank_zero(trained):
 def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
     meta = metadata_of(trained.train, "sae_evaluation")
     assert meta["tokens"] > 0 and 0 <= meta["fvu_worst"] < 1.5 and "delta_ce_worst" in meta
-    assert meta["plots"].count("data:image/png;base64,") == 3
+    # Per-hookpoint metrics as a table; the plots as paths to files (no base64 images in the event log).
+    rows = {row.data["hookpoint"]: row.data for row in meta["metrics"].records}
+    assert set(rows) == {"layers.0", "layers.2"} and all(0 <= r["fvu"] < 1.5 for r in rows.values())
+    assert {c.name for c in meta["metrics"].schema.columns} >= {"hookpoint", "fvu", "l0", "delta_ce", "kl"}
+    plots = {k: v for k, v in meta.items() if k.startswith("plot/")}
+    assert len(plots) == 3 and all(Path(v).is_file() and v.endswith(".png") for v in plots.values())
     checks = {c.check_name: c.passed for c in trained.train.get_asset_check_evaluations()}
     assert checks == {
         "fvu_below_threshold": True,
@@ -76,10 +82,23 @@ def test_published_saes_land_in_the_partitions_folder_with_a_card(trained):
     assert sorted(p.name for p in folder.iterdir() if (p / "cfg.json").is_file()) == ["layers.0", "layers.2"]
 
 
-def test_publishing_again_is_idempotent(trained):
-    result = materialize([published_saes], PARTITION, trained.instance, trained.resources)
-    assert result.success, failure_text(result)
-    assert metadata_of(result, "published_saes")["created_commit"] is False
+def test_publishing_again_is_idempotent_and_prunes_the_previous_runs_trainer_state(trained):
+    # What a retraining leaves: the replaced run as stride-2.previous, with its optimizer state.
+    previous = trained.root / "runs" / MODEL / "stride-2.previous"
+    (previous / "trainer_state").mkdir(parents=True)
+    (previous / "trainer_state" / "state.pt").write_bytes(b"optimizer moments")
+    (previous / "layers.0").mkdir()
+    (previous / "layers.0" / "sae.safetensors").write_bytes(b"the old SAE")
+    try:
+        result = materialize([published_saes], PARTITION, trained.instance, trained.resources)
+        assert result.success, failure_text(result)
+        meta = metadata_of(result, "published_saes")
+        assert meta["created_commit"] is False
+        # Published: the old run's trainer state goes, its SAEs stay.
+        assert meta["pruned"] == str(previous / "trainer_state") and not (previous / "trainer_state").exists()
+        assert (previous / "layers.0" / "sae.safetensors").read_bytes() == b"the old SAE"
+    finally:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def test_a_failed_quality_check_blocks_publishing(trained, tmp_path):

@@ -96,3 +96,54 @@ def test_schedule_requests_one_run_per_registered_model_and_stride(tmp_path):
     assert keys == ["a|1", "a|2", "a|4", "b|2"]
     assert len({r.run_key for r in requests}) == len(requests)
     assert all(r.partition_key.keys_by_dimension["model"] in ("a", "b") for r in requests)
+
+
+def requested(result, asset) -> list[str]:
+    return sorted(str(k) for k in result.get_requested_partitions(dg.AssetKey(asset)))
+
+
+def test_a_new_model_is_trained_evaluated_and_published_once_after_tokenization():
+    # The conditions of the train_new_models sensor, evaluated tick by tick as the daemon does.
+    from sae_pipeline.definitions import defs
+
+    def materialized(asset: str, partition: str) -> None:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
+
+    with dg.instance_for_test() as instance:
+        # A model already there when automation starts is left to the schedule, tokenized or not.
+        instance.add_dynamic_partitions("models", ["old"])
+        materialized("tokenized_dataset", "old")
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert tick.total_requested == 0
+        # A new model: nothing until its tokenized dataset exists, then each stride once.
+        instance.add_dynamic_partitions("models", ["new"])
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        assert tick.total_requested == 0
+        materialized("tokenized_dataset", "new")
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        # Training, evaluation and publishing are asked for together (one run per partition, in order).
+        for asset in ("sae_checkpoints", "sae_evaluation", "published_saes"):
+            assert requested(tick, asset) == ["new|1", "new|2", "new|4"], asset
+        # Once done, nothing is asked for again.
+        for asset in ("sae_checkpoints", "sae_evaluation", "published_saes"):
+            materialized(asset, "new|2")
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        assert tick.total_requested == 0
+        # Retokenizing does not retrain (the weekly schedule does).
+        materialized("tokenized_dataset", "new")
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        assert tick.total_requested == 0
+
+
+def test_training_a_stride_the_entry_leaves_out_ends_without_a_materialization(tmp_path):
+    from sae_pipeline.assets import sae_checkpoints
+    from tests.support.pipeline import failure_text, materialize, resources_for
+
+    path = write_registry(tmp_path / "models.yaml", {"name": "b", "model": "org/b", "strides": [2]})
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("models", ["b"])
+        result = materialize([sae_checkpoints], "b|4", instance, resources_for(tmp_path / "artefacts", path))
+        assert result.success, failure_text(result)
+        assert not result.get_asset_materialization_events()
+        logs = [r.user_message for r in instance.all_logs(result.run_id) if r.user_message]
+    assert any("stride 4 is not trained for b: its registry entry lists strides [2]" in m for m in logs)

@@ -2,13 +2,15 @@
 
 A fresh DAGSTER_HOME, `python -m sae_pipeline register`, then the tokenize job and the train -> evaluate ->
 publish job with partitions given as tags, exactly as README documents; the published folder is checked at
-the end. A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs wrote
-(artefacts, the published folder, DAGSTER_HOME with its SQLite storage and compute logs) nor in what the
-commands printed.
+the end. Twice: with the default SQLite storage, and with the production instance (deploy/dagster.yaml) on
+a real PostgreSQL 15. A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs
+wrote (artefacts, the published folder, DAGSTER_HOME with its storage and compute logs), in no row of the
+database (pg_dump) nor in what the commands printed.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +31,20 @@ def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
     return done
 
 
-def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(tmp_path, tiny_model_dir, corpus_file):
+@pytest.mark.parametrize("storage", ["sqlite", "postgres"])
+def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(
+    storage, request, tmp_path, tiny_model_dir, corpus_file
+):
     home, root = tmp_path / "dagster_home", tmp_path / "artefacts"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    instance_env: dict[str, str] = {}
+    if storage == "postgres":
+        postgres = request.getfixturevalue("postgres")
+        database = postgres.create_database()
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        instance_env = {**postgres.dagster_env(database), "DAGSTER_COMPUTE_LOGS_DIR": str(home / "logs")}
+    else:
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     entry = tiny_entry(tiny_model_dir, corpus_file, name="cli-tiny")
     registry = write_registry(tmp_path / "models.yaml", entry)
     config = tmp_path / "run_config.yaml"
@@ -44,6 +56,7 @@ def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(tmp_path, 
         "SAE_PIPELINE_ROOT": str(root),
         "OMP_NUM_THREADS": "1",
         "HF_TOKEN": FAKE_TOKEN,
+        **instance_env,
     }
 
     registered = run([sys.executable, "-m", "sae_pipeline", "register"], env)
@@ -73,6 +86,13 @@ def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(tmp_path, 
     # The token was in every step's environment, and was written nowhere.
     printed = [done.stdout + done.stderr for done in (registered, tokenized, trained)]
     assert not any(FAKE_TOKEN in text for text in printed)
-    assert (home / "history" / "runs").is_dir() and (home / "storage").is_dir()  # SQLite logs, compute logs
+    if storage == "postgres":
+        # The runs' records are in PostgreSQL (no SQLite files), the step logs in DAGSTER_COMPUTE_LOGS_DIR.
+        dump = postgres.dump(database)
+        assert dump.count("train_evaluate_publish_job") > 10 and "ASSET_MATERIALIZATION" in dump
+        assert FAKE_TOKEN not in dump
+        assert not (home / "history").exists() and any((home / "logs").rglob("*.err"))
+    else:
+        assert (home / "history" / "runs").is_dir() and (home / "storage").is_dir()  # SQLite, compute logs
     written = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
     assert not written, written

@@ -1,0 +1,52 @@
+"""The launcher refuses multi-node settings under which global rank 0, the only rank that reports to
+Dagster, could run on another node than the one Dagster launched: several nodes need the static rendezvous
+with this node as node 0."""
+
+import dagster as dg
+import pytest
+
+from sae_pipeline.assets import sae_checkpoints
+from sae_pipeline.resources import TorchrunLauncher
+from tests.support.pipeline import MODEL, failure_text, materialize, resources_for, tiny_entry, write_registry
+
+WHAT_WORKS = "use rdzv_backend: static with node_rank: 0 here (the other nodes take node_rank 1, 2, ...)"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"rdzv_backend": "c10d"},  # torch assigns ranks: rank 0 may land on the other node
+        {"rdzv_backend": "static", "node_rank": 1},  # this node is not node 0
+        {"rdzv_backend": "static"},  # no node rank
+    ],
+)
+def test_multi_node_without_this_node_as_node_0_is_refused_in_one_line(settings):
+    launcher = TorchrunLauncher(nnodes=2, rdzv_endpoint="head:29400", **settings)
+    with pytest.raises(ValueError) as error:
+        launcher.command(["model"], run_id="run")
+    message = str(error.value)
+    assert message.startswith("nnodes=2 with rdzv_backend=") and message.endswith(WHAT_WORKS)
+    assert "\n" not in message
+
+
+def test_static_rendezvous_with_this_node_as_node_0_is_launched_as_asked():
+    launcher = TorchrunLauncher(nnodes=2, rdzv_endpoint="head:29400", rdzv_backend="static", node_rank=0)
+    command = " ".join(launcher.command(["model"], run_id="run"))
+    assert "--nnodes 2 --rdzv-backend static" in command and "--node-rank 0" in command
+    assert "--rdzv-endpoint head:29400" in command
+
+
+def test_the_training_step_fails_on_it_before_touching_the_run_folder(tmp_path, tiny_model_dir, corpus_file):
+    root = tmp_path / "artefacts"
+    (root / "tokenized" / MODEL).mkdir(parents=True)
+    (root / "tokenized" / MODEL / "dataset_info.json").write_text("{}")
+    registry = write_registry(tmp_path / "models.yaml", tiny_entry(tiny_model_dir, corpus_file))
+    resources = resources_for(root, registry, nnodes=2, rdzv_endpoint="head:29400")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", [MODEL])
+    result = materialize([sae_checkpoints], f"{MODEL}|2", instance, resources)
+    assert not result.success
+    assert "launcher resource: nnodes=2 with rdzv_backend='c10d', node_rank=None: global rank 0" in (
+        failure_text(result)
+    )
+    assert not (root / "runs").exists()
