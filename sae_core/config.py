@@ -104,7 +104,7 @@ class TrainConfig:
     """A latent is dead after this many tokens without firing."""
 
     hookpoints: list[str] = field(default_factory=list)
-    """Hookpoint names or glob patterns, e.g. 'layers.*'."""
+    """Block outputs or module paths in the decoder stack, globs allowed: 'layers.*', 'layers.*.mlp'."""
 
     layers: list[int] = field(default_factory=list)
     """Layer indices to train SAEs on (default: all)."""

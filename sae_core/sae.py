@@ -28,6 +28,7 @@ from .models import (
     CFG_FILE,
     SAE_FILE,
     hookpoint_aliases,
+    hookpoint_layer,
     list_hookpoints,
 )
 from .utils import atomic_write_bytes, atomic_write_json, first_line
@@ -174,7 +175,11 @@ class Sae(nn.Module):
         d = {**self.cfg.to_dict(), "d_in": self.d_in}
         if self.hookpoint is not None:
             d["hookpoint"] = self.hookpoint
-            d["stream"] = "residual stream after the block (output of the decoder layer)"
+            d["stream"] = (
+                "residual stream after the block (output of the decoder layer)"
+                if hookpoint_layer(self.hookpoint) is not None
+                else f"output of the module {self.hookpoint} (first tensor of a tuple)"
+            )
         d["sae_core_version"] = __version__
         return d
 

@@ -52,7 +52,7 @@ from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
-    layer_index,
+    hookpoint_seed,
     module_device,
     resolve_dtype,
     select_hookpoints,
@@ -198,7 +198,7 @@ class SaeTrainer:
         # it.
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
-            torch.manual_seed(cfg.seed + layer_index(hookpoint))
+            torch.manual_seed(cfg.seed + hookpoint_seed(hookpoint))
             self.saes[hookpoint] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
