@@ -67,6 +67,15 @@ from .version import __version__
 # will not recover (the counters would only hide it), so the run stops.
 
 
+def decayed_k(step: int, decay_steps: int, start: int, k: int) -> int:
+    """The k of optimizer step `step`: linear from `start` at step 0 to `k` at `decay_steps`, then `k` (as
+    sparsify's k decay, counted here in optimizer steps rather than batches)."""
+    if step >= decay_steps:
+        return k
+    progress = step / decay_steps
+    return round(start * (1 - progress) + k * progress)
+
+
 class TrainStep(NamedTuple):
     """What one optimizer step did, over all ranks."""
 
@@ -292,6 +301,14 @@ class SaeTrainer:
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
         for optimizer in self.optimizers.values():
             optimizer.set_lr(lr)
+        k = decayed_k(
+            self.step,
+            cfg.k_decay_steps,
+            cfg.k_decay_start or min(self.num_latents, 10 * self.d_in),
+            cfg.sae.k,
+        )
+        for sae in self.saes.values():
+            sae.k_override = k
         tokens, metrics, skipped = 0, {}, {}
         for batch_number, batch in enumerate(batches):
             with self.profiler.timed("sae_s"):
@@ -324,6 +341,10 @@ class SaeTrainer:
                         )
                         metrics.update(sae_metrics)
         metrics["lr"] = lr
+        if cfg.k_decay_steps:
+            metrics["k"] = k
+        for sae in self.saes.values():
+            sae.k_override = None  # outside a step (after fit, in a checkpoint) an SAE encodes with cfg.k
         step = self._merge_ranks(
             TrainStep(
                 tokens,
