@@ -19,12 +19,13 @@ i.e. (max(S)+1) + L + 3·Σ_{i∈S}(L−1−i) blocks and 1 + 3·|S| heads, wher
 norm is known (Llama-like `model.norm`, GPT-NeoX, GPT-2), after checking on the first batch that it
 reproduces the clean logits and, for each hooked layer, the logits of one spliced variant (one extra full
 forward per hookpoint); otherwise every variant is a full forward with a hook that replaces the module's
-output. A hookpoint inside a block (`layers.3.mlp`) or before the blocks (`embed_tokens`) always takes full
-forwards: the suffix replays whole blocks from their recorded inputs, and the module's block would need
-its own replay.
+output. A hookpoint inside block i (`layers.3.mlp`) re-runs block i from its recorded input with the
+module's output replaced, then the same suffix (checked on the first batch like a block output); one before
+the blocks (`embed_tokens`) always takes full forwards.
 """
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -42,6 +43,9 @@ from .models import (
     hookpoint_module,
     submodule,
 )
+
+# A module inside block i: layers.<i>.<path>.
+_INNER = re.compile(r"layers\.(\d+)\..+")
 
 # The final norm after the block list, per block-list path (see models.BLOCK_LIST_PATHS).
 FINAL_NORMS = {
@@ -73,19 +77,27 @@ def check_saes(model: nn.Module, saes: Mapping[str, Any]) -> dict[str, str]:
 class Splicer:
     """The LM's logits with the output of a hookpoint's module replaced by a given hidden state.
 
-    "suffix" mode, for the block outputs `layers.<i>`: during the clean forward, record the (args, kwargs)
-    each block after the shallowest hooked one was called with; a variant then calls blocks i+1 .. L-1 with
-    those arguments and its own hidden state, then the final norm and the unembedding. "full" mode, and any
-    other module (`layers.3.mlp`, `embed_tokens`) in either mode: a whole forward with a hook that replaces
-    the module's output.
+    "suffix" mode: during the clean forward, record the (args, kwargs) each block from the shallowest hooked
+    one on was called with. A variant at a block output `layers.<i>` then calls blocks i+1 .. L-1 with those
+    arguments and its own hidden state, then the final norm and the unembedding; a variant at a module inside
+    block i (`layers.<i>.mlp`) first calls block i on its recorded input with a hook that replaces the
+    module's output, then the same suffix. "full" mode, and a module outside the blocks (`embed_tokens`) in
+    either mode: a whole forward with a hook that replaces the module's output.
     """
 
     def __init__(self, model: nn.Module, hookpoints: Sequence[str], mode: str):
         self.model = model
         path, self.blocks = find_blocks(model)
         self.modules = {h: hookpoint_module(model, h) for h in dict.fromkeys(hookpoints)}
-        # The residual hookpoints, the only ones a suffix can replay: {hookpoint: block index}.
-        self.block_of = {h: i for h in self.modules if (i := hookpoint_layer(h)) is not None}
+        # The hookpoints a suffix can replay, by the first block it runs: i+1 after the output of block i,
+        # i for a module inside block i (that block is re-run with the module's output replaced).
+        self.first_block = {}
+        for h in self.modules:
+            layer = hookpoint_layer(h)
+            if layer is not None:
+                self.first_block[h] = layer + 1
+            elif (inner := _INNER.fullmatch(h)) and int(inner.group(1)) < len(self.blocks):
+                self.first_block[h] = int(inner.group(1))
         self.norm = submodule(model, FINAL_NORMS[path]) if path in FINAL_NORMS else None
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         known = self.norm is not None and self.head is not None
@@ -94,13 +106,15 @@ class Splicer:
                 f"splice='suffix' needs a known final norm and unembedding, which {type(model).__name__} "
                 "does not have here; use splice='auto' or 'full'"
             )
-        self.mode = "suffix" if mode != "full" and known and self.block_of else "full"
+        self.mode = "suffix" if mode != "full" and known and self.first_block else "full"
+        # Blocks re-run for a module inside them: their recorded inputs keep the hidden state too.
+        self.rerun = {i for h, i in self.first_block.items() if hookpoint_layer(h) is None}
         self.outputs: dict[str, Tensor] = {}
         self.inputs: dict[int, tuple[tuple, dict]] = {}
 
     def replays(self, hookpoint: str) -> bool:
         """Whether a variant at `hookpoint` runs as a suffix (else as a full forward)."""
-        return self.mode == "suffix" and hookpoint in self.block_of
+        return self.mode == "suffix" and hookpoint in self.first_block
 
     @contextlib.contextmanager
     def recording(self, stop_early: bool = False) -> Iterator[None]:
@@ -123,8 +137,11 @@ class Splicer:
 
         def keep_inputs(j: int):
             def hook(_module, args, kwargs):
-                # Everything but the hidden state itself, which each variant brings: less memory held.
-                if args:
+                # Everything but the hidden state itself, which each variant brings (less memory held),
+                # unless the block is re-run from its own input.
+                if j in self.rerun:
+                    self.inputs[j] = (args, kwargs)
+                elif args:
                     self.inputs[j] = ((None, *args[1:]), kwargs)
                 else:
                     self.inputs[j] = ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
@@ -135,7 +152,7 @@ class Splicer:
             for h, module in self.modules.items():
                 handles.append(module.register_forward_hook(keep_output(h)))
             if self.mode == "suffix" and not stop_early:
-                for j in range(min(self.block_of.values()) + 1, len(self.blocks)):
+                for j in range(min(self.first_block.values()), len(self.blocks)):
                     handles.append(self.blocks[j].register_forward_pre_hook(keep_inputs(j), with_kwargs=True))
             yield
         finally:
@@ -153,19 +170,25 @@ class Splicer:
         """Logits with `hookpoint`'s output replaced by `hidden` (after a recorded clean forward)."""
         if not self.replays(hookpoint):
             return self._full_logits(hookpoint, hidden, input_ids)
-        for j in range(self.block_of[hookpoint] + 1, len(self.blocks)):
+        first = self.first_block[hookpoint]
+        if hookpoint_layer(hookpoint) is None:  # a module inside block `first`: re-run that block
+            args, kwargs = self.inputs[first]
+            handle = self.modules[hookpoint].register_forward_hook(_replacing(hidden))
+            try:
+                hidden = hidden_state(self.blocks[first](*args, **kwargs))
+            finally:
+                handle.remove()
+            first += 1
+        for j in range(first, len(self.blocks)):
             args, kwargs = self.inputs[j]
             if args:
                 hidden = hidden_state(self.blocks[j](hidden, *args[1:], **kwargs))
             else:
-                hidden = hidden_state(self.blocks[j](hidden_states=hidden, **kwargs))
+                hidden = hidden_state(self.blocks[j](**{**kwargs, "hidden_states": hidden}))
         return self.head(self.norm(hidden))
 
     def _full_logits(self, hookpoint: str, hidden: Tensor, input_ids: Tensor) -> Tensor:
-        def replace(_module, _args, output):
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        handle = self.modules[hookpoint].register_forward_hook(replace)
+        handle = self.modules[hookpoint].register_forward_hook(_replacing(hidden))
         try:
             return self.model(input_ids=input_ids, use_cache=False).logits
         finally:
@@ -177,7 +200,7 @@ class Splicer:
         A model that does something between the last block and the logits that is not replayed here (logit
         soft-capping, a logit scale, ...) fails this check, and the evaluation falls back to full forwards.
         """
-        first = min(self.block_of, key=self.block_of.__getitem__)
+        first = min(self.first_block, key=self.first_block.__getitem__)
         replay = self.logits(first, self.outputs[first], input_ids)
         self._compare(replay, clean_logits, required, "")
 
@@ -208,6 +231,15 @@ class Splicer:
             raise EvalError(msg + "; use splice='auto' or 'full'")
         warnings.warn(msg + "; using a full forward per spliced variant instead", stacklevel=4)
         self.mode = "full"
+
+
+def _replacing(hidden: Tensor):
+    """A forward hook that replaces a module's output (the first element of a tuple) by `hidden`."""
+
+    def replace(_module, _args, output):
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return replace
 
 
 def block_means(

@@ -128,7 +128,7 @@ def test_evaluation_splices_at_the_sub_module(kind):
     }
     ids = torch.randint(3, 300, (4, 12))
     report = evaluate(model, saes, ids, exclude_tokens=[], batch_size=2)
-    assert report.settings["splice"] == "suffix"  # for layers.0; the MLP takes full forwards
+    assert report.settings["splice"] == "suffix"  # the MLP's variants re-run block 1, then blocks 2..
     full = evaluate(model, saes, ids, exclude_tokens=[], batch_size=2, splice="full")
     for h in saes:
         assert report.hookpoints[h]["kl"] == pytest.approx(reference_kl(model, h, saes[h], ids), rel=1e-6)

@@ -37,27 +37,35 @@ def test_recording_with_stop_early_runs_no_block_above_the_deepest_hookpoint():
     assert means["layers.1"].dtype == torch.float64 and means["layers.1"].shape == (16,)
 
 
+ATTENTION = {"llama": "self_attn", "neox": "attention", "gpt2": "attn"}
+
+
 @pytest.mark.parametrize("kind", ["llama", "neox", "gpt2"])
-def test_suffix_logits_equal_a_full_forward_with_the_block_output_replaced(kind):
+@pytest.mark.parametrize("module", ["", ".mlp", ".attention"])
+def test_suffix_logits_equal_a_full_forward_with_the_module_output_replaced(kind, module):
+    # A block output replays blocks 2.. ; a module inside block 1 re-runs block 1 with its output replaced.
     model = tiny_model(kind, n_layers=3, d=16).double()
     ids = torch.randint(3, 300, (2, 8))
-    suffix, full = Splicer(model, ["layers.1"], "suffix"), Splicer(model, ["layers.1"], "full")
-    assert (suffix.mode, full.mode) == ("suffix", "full")
+    h = "layers.1" + module.replace("attention", ATTENTION[kind])
+    suffix, full = Splicer(model, [h, "layers.2"], "suffix"), Splicer(model, [h, "layers.2"], "full")
+    assert (suffix.mode, full.mode) == ("suffix", "full") and suffix.replays(h)
     with torch.no_grad():
         for splicer in (suffix, full):
             with splicer.recording():
                 clean = splicer.forward(ids)
         suffix.check_suffix(ids, clean, required=True)  # replays the clean logits
-        hidden = suffix.outputs["layers.1"] * 0.5
-        checked = suffix.check_splice("layers.1", hidden, ids, required=True)  # and a perturbed splice
-        assert suffix.mode == "suffix" and torch.equal(checked, full.logits("layers.1", hidden, ids))
-        assert torch.allclose(
-            suffix.logits("layers.1", hidden, ids),
-            full.logits("layers.1", hidden, ids),
-            rtol=1e-10,
-            atol=1e-12,
-        )
-        assert not torch.allclose(suffix.logits("layers.1", hidden, ids), clean)
+        hidden = suffix.outputs[h] * 0.5
+        checked = suffix.check_splice(h, hidden, ids, required=True)  # and a perturbed splice
+        assert suffix.mode == "suffix" and torch.equal(checked, full.logits(h, hidden, ids))
+        torch.testing.assert_close(suffix.logits(h, hidden, ids), checked, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(suffix.logits(h, hidden, ids), clean)
+
+
+def test_a_module_before_the_blocks_takes_full_forwards():
+    model = tiny_model("llama", n_layers=2, d=16).double()
+    splicer = Splicer(model, ["embed_tokens", "layers.0"], "suffix")
+    assert splicer.replays("layers.0") and not splicer.replays("embed_tokens")
+    assert Splicer(model, ["embed_tokens"], "auto").mode == "full"
 
 
 def test_suffix_mode_without_a_known_final_norm_is_an_eval_error():
