@@ -167,13 +167,17 @@ def hookpoint_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def hookpoint_module(model: nn.Module, hookpoint: str) -> nn.Module:
-    """The module whose output hookpoint `hookpoint` names; a ConfigError listing real ones if none."""
-    index = hookpoint_layer(hookpoint)
-    if index is not None:
-        _, blocks = find_blocks(model)
-        if 0 <= index < len(blocks):
-            return blocks[index]
-    module = hookpoint_modules(model).get(hookpoint)
+    """The module whose output hookpoint `hookpoint` names; a ConfigError listing real ones if none.
+
+    The model's own spelling of its block list works too (GPT-2's `h.3.mlp`, as sparsify names its folders).
+    """
+    path, blocks = find_blocks(model)
+    own = path.rpartition(".")[2] + "."
+    ours = "layers." + hookpoint[len(own) :] if hookpoint.startswith(own) else hookpoint
+    index = hookpoint_layer(ours)
+    if index is not None and 0 <= index < len(blocks):
+        return blocks[index]
+    module = hookpoint_modules(model).get(ours)
     if module is None:
         raise ConfigError(f"hookpoint {hookpoint!r} is not in the model; {_hookpoint_examples(model)}")
     return module

@@ -33,6 +33,9 @@ def test_module_paths_are_named_in_the_decoder_stack_with_the_block_list_spelled
     assert hookpoint_module(gpt2, "layers.1.mlp") is gpt2.transformer.h[1].mlp  # GPT-2's h.1.mlp
     assert hookpoint_module(gpt2, "layers.1") is gpt2.transformer.h[1]
     assert hookpoint_module(gpt2, "layer_1") is gpt2.transformer.h[1]
+    assert hookpoint_module(gpt2, "h.1.mlp") is gpt2.transformer.h[1].mlp  # sparsify's folder name
+    with pytest.raises(ConfigError, match="'h.1.nothing' is not in the model"):
+        hookpoint_module(gpt2, "h.1.nothing")
 
 
 def test_globs_select_modules_one_dotted_part_at_a_time():
