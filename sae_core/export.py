@@ -134,9 +134,10 @@ def export_run(
             "SAEs by their module path, or --hookpoints to export others"
         )
     run = read_run_json(run_dir / "run.json")  # model, dataset, context: SAELens's metadata
+    # Every SAE checked (finite, decoder present) before the first file is written.
+    files = {h: saelens_files(sae, names[h], run) for h, sae in saes.items()}
     written = []
-    for h, sae in saes.items():
-        tensors, cfg = saelens_files(sae, names[h], run)
+    for h, (tensors, cfg) in files.items():
         folder = out / h
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / SAELENS_WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))

@@ -60,3 +60,18 @@ def test_transformer_lens_names_and_refusals(tmp_path):
     assert cfg["metadata"]["hook_name"] == "layers.0.input_layernorm" and cfg["k"] == 5 and cfg["d_sae"] == 64
     with pytest.raises(ConfigError, match="already exists and is not an empty folder"):
         export_run(tmp_path / "run", tmp_path / "out")
+
+
+def test_non_finite_weights_are_refused_before_any_file_is_written(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_run(tmp_path / "run")
+    path = tmp_path / "run" / "layers.1.mlp" / "sae.safetensors"
+    tensors = load_file(str(path))
+    tensors["W_dec"][3, 1] = float("nan")
+    save_file(tensors, str(path))
+    with pytest.raises(
+        ConfigError, match="the SAE for layers.1.mlp has non-finite values in W_dec: not exported"
+    ):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
