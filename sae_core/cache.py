@@ -27,7 +27,6 @@ share of every global batch (under --distribute_layers, the owner of a hookpoint
 """
 
 import bisect
-import fnmatch
 import hashlib
 import json
 import math
@@ -48,7 +47,7 @@ from .data import sequence_shape
 from .distributed import DistContext, barrier
 from .errors import ConfigError, DatasetLoadError, SaeCoreError
 from .loggers import Profiler
-from .models import hidden_size, hookpoint_layer, select_hookpoints
+from .models import hidden_size, hookpoint_layer, select_hookpoints, selects_hookpoint
 from .utils import atomic_write_bytes, atomic_write_json, natural_key
 from .version import __version__
 
@@ -434,7 +433,7 @@ class ActivationCache:
         if hookpoints:
             chosen: list[str] = []
             for pattern in hookpoints:
-                matches = [h for h in cached if fnmatch.fnmatchcase(h, pattern)]
+                matches = [h for h in cached if selects_hookpoint(pattern, h)]
                 if not matches:
                     raise ConfigError(f"hookpoint {pattern!r} is not in the cache {self.folder} ({listing})")
                 chosen += [m for m in matches if m not in chosen]

@@ -104,7 +104,7 @@ class TrainConfig:
     """A latent is dead after this many tokens without firing."""
 
     hookpoints: list[str] = field(default_factory=list)
-    """Hookpoint names or glob patterns, e.g. 'layers.*'."""
+    """Block outputs or module paths in the decoder stack, globs allowed: 'layers.*', 'layers.*.mlp'."""
 
     layers: list[int] = field(default_factory=list)
     """Layer indices to train SAEs on (default: all)."""
@@ -127,6 +127,12 @@ class TrainConfig:
     cache_shuffle_shards: int = 4
     """Training from an activation cache: rows are shuffled across windows of this many shards, the shards
     taken in a seeded random order (--seed); 0 reads the cache in its written order."""
+
+    k_decay_steps: int = 0
+    """Optimizer steps over which k falls linearly from k_decay_start to k, as in sparsify (0: no decay)."""
+
+    k_decay_start: int | None = None
+    """The k of step 0 under k_decay_steps; default min(latents, 10 x d_in), as in sparsify."""
 
     max_tokens: int | None = None
     """Stop after this many tokens (default: one pass over the dataset)."""
@@ -190,6 +196,12 @@ class TrainConfig:
             raise ConfigError(f"max_tokens must be positive, got {self.max_tokens}")
         if self.cache_shuffle_shards < 0:
             raise ConfigError(f"cache_shuffle_shards must be >= 0, got {self.cache_shuffle_shards}")
+        if self.k_decay_steps < 0:
+            raise ConfigError(f"k_decay_steps must be >= 0, got {self.k_decay_steps}")
+        if self.k_decay_start is not None and self.k_decay_start < self.sae.k:
+            raise ConfigError(
+                f"k_decay_start={self.k_decay_start} is below k={self.sae.k}: k decays from a larger start"
+            )
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
         if self.sae_dtype in ("bfloat16", "float16"):

@@ -164,7 +164,8 @@ def evaluate(
     progress: bool = False,
 ) -> EvalReport:
     """Measure every SAE of `saes` ({hookpoint: SAE}) on `input_ids` ([n_seq, T] tensor, or a Dataset with
-    an "input_ids" column); the SAE of hookpoint `layers.<i>` reads the output of block i.
+    an "input_ids" column); the SAE of hookpoint `layers.<i>` reads the output of block i, that of any
+    other module path (`layers.3.mlp`, see `models.hookpoint_modules`) the output of that module.
 
     exclude_tokens: token ids left out of every metric (e.g. `models.special_token_ids(tokenizer)`); None
     or [] keeps every token. splice: "auto" (suffix forwards when verified, else full ones), "suffix"

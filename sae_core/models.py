@@ -1,13 +1,17 @@
-"""Language models: loading them, naming their hookpoints, and reading the residual stream with hooks.
+"""Language models: loading them, naming their hookpoints, and reading module outputs with hooks.
 
 Hookpoint `layers.<i>` is the output of decoder block i, i.e. the residual stream after block i. The blocks
 live in `model.layers` (Llama, Mistral, Qwen, SmolLM2), `gpt_neox.layers` (Pythia) or `transformer.h` (GPT-2).
+Any other module inside the decoder stack is a hookpoint too, named by its path in the stack with the block
+list spelled `layers` (`layers.3.mlp`, `layers.3.self_attn`, `embed_tokens`; GPT-2's `h.3.mlp` is
+`layers.3.mlp`); its SAE reads the module's output (the first element of a tuple).
 """
 
 import contextlib
 import fnmatch
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,26 +142,95 @@ _LAYER_HOOKPOINT = re.compile(r"layers\.(\d+)|layer_(\d+)")
 
 
 def all_hookpoints(model: nn.Module) -> list[str]:
+    """The residual hookpoints layers.0 .. layers.<L-1>: the outputs of the blocks."""
     _, blocks = find_blocks(model)
     return [f"layers.{i}" for i in range(len(blocks))]
+
+
+def hookpoint_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every hookpoint of the model, {name: module}, in module order: each module of the decoder stack (the
+    module that holds the block list) under its path there, the block list spelled `layers`.
+
+    Containers (ModuleList, ModuleDict) are left out: they have no output of their own.
+    """
+    path, blocks = find_blocks(model)
+    stack_path, _, list_name = path.rpartition(".")
+    stack = submodule(model, stack_path) if stack_path else model
+    modules: dict[str, nn.Module] = {}
+    for name, module in stack.named_modules():
+        if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        if name == list_name or name.startswith(list_name + "."):
+            name = "layers" + name[len(list_name) :]
+        modules[name] = module
+    return modules
+
+
+def hookpoint_module(model: nn.Module, hookpoint: str) -> nn.Module:
+    """The module whose output hookpoint `hookpoint` names; a ConfigError listing real ones if none.
+
+    The model's own spelling of its block list works too (GPT-2's `h.3.mlp`, as sparsify names its folders).
+    """
+    path, blocks = find_blocks(model)
+    own = path.rpartition(".")[2] + "."
+    ours = "layers." + hookpoint[len(own) :] if hookpoint.startswith(own) else hookpoint
+    index = hookpoint_layer(ours)
+    if index is not None and 0 <= index < len(blocks):
+        return blocks[index]
+    module = hookpoint_modules(model).get(ours)
+    if module is None:
+        raise ConfigError(f"hookpoint {hookpoint!r} is not in the model; {_hookpoint_examples(model)}")
+    return module
+
+
+def match_module_path(name: str, pattern: str) -> bool:
+    """Whether the module path `name` matches the glob `pattern`, one dotted part at a time: `*` never crosses
+    a dot, so `layers.*` is the blocks and `layers.*.mlp` their MLPs."""
+    parts, pattern_parts = name.split("."), pattern.split(".")
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(part, pat) for part, pat in zip(parts, pattern_parts, strict=True)
+    )
+
+
+def selects_hookpoint(pattern: str, name: str) -> bool:
+    """Whether a selection glob picks hookpoint `name`: `match_module_path` in either spelling (layer_3)."""
+    return any(match_module_path(name, alias) for alias in hookpoint_aliases(pattern))
+
+
+def _hookpoint_examples(model: nn.Module) -> str:
+    n = len(find_blocks(model)[1])
+    names = [h for h in hookpoint_modules(model) if hookpoint_layer(h) is None]
+    first_block = [h for h in names if h.startswith("layers.0.") and h.count(".") == 2]
+    outside = [h for h in names if not h.startswith("layers.")]
+    examples = ", ".join((first_block + outside)[:8])
+    return (
+        f"this model has hookpoints layers.0 .. layers.{n - 1} (the block outputs) and module paths such as "
+        f"{examples} (globs: layers.*.mlp)"
+    )
 
 
 def select_hookpoints(
     model: nn.Module, *, layers: Sequence[int] = (), layer_stride: int = 1, hookpoints: Sequence[str] = ()
 ) -> list[str]:
-    """Resolve the training selection: explicit layers, glob patterns, or every `layer_stride`-th layer."""
+    """Resolve the training selection: explicit layers, glob patterns, or every `layer_stride`-th layer.
+
+    Patterns are module paths with globs (see `match_module_path`); a module other than a block is checked
+    with one short forward (`check_hookpoint_outputs`).
+    """
     names = all_hookpoints(model)
     n = len(names)
     if hookpoints:
+        modules = list(hookpoint_modules(model))
         chosen: list[str] = []
         for pat in hookpoints:
-            matches = [h for h in names if fnmatch.fnmatchcase(h, pat)]
+            matches = [h for h in modules if selects_hookpoint(pat, h)]
             if not matches:
-                raise ConfigError(
-                    f"hookpoint {pat!r} matches nothing; this model has hookpoints layers.0 .. layers.{n - 1}"
-                )
+                raise ConfigError(f"hookpoint {pat!r} matches nothing; {_hookpoint_examples(model)}")
             chosen += [m for m in matches if m not in chosen]
-        return sorted(chosen, key=layer_index)
+        chosen.sort(key=modules.index)
+        if any(hookpoint_layer(h) is None for h in chosen):
+            check_hookpoint_outputs(model, chosen)
+        return chosen
     if layers:
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
@@ -166,10 +239,45 @@ def select_hookpoints(
     return names[::layer_stride]
 
 
+def check_hookpoint_outputs(model: nn.Module, hookpoints: Sequence[str]) -> None:
+    """Refuse a hookpoint whose module does not output a [batch, tokens, hidden size] tensor (e.g. an MLP's
+    activation function, of the intermediate width): one forward of two tokens shows each output's shape.
+
+    SAEs of one run share the model's width (d_in); a module of another width is refused rather than given
+    an SAE of its own width.
+    """
+    width = hidden_size(model)
+    probe = torch.zeros(1, 2, dtype=torch.long, device=module_device(model))
+    with torch.no_grad(), capture_residuals(model, hookpoints) as acts:
+        run_until_captured(model, probe)
+    for h in hookpoints:
+        if h not in acts:
+            raise ConfigError(f"hookpoint {h!r}: its module did not run in the model's forward pass")
+        out = acts[h]
+        if not isinstance(out, Tensor):
+            raise ConfigError(
+                f"hookpoint {h!r} outputs a {type(out).__name__}, not a tensor; pick a module whose output "
+                f"(or the first element of its output tuple) is a [batch, tokens, {width}] tensor"
+            )
+        if out.ndim != 3 or out.shape[-1] != width:
+            raise ConfigError(
+                f"hookpoint {h!r} outputs shape {list(out.shape)} for 1 sequence of 2 tokens, but an SAE "
+                f"here reads [batch, tokens, {width}] (the model's hidden size); pick a module of that "
+                "width, e.g. layers.*.mlp or layers.*.self_attn"
+            )
+
+
 def hookpoint_layer(name: str) -> int | None:
     """The block index of a hookpoint named 'layers.10' or 'layer_10' (10); None for any other name."""
     match = _LAYER_HOOKPOINT.fullmatch(name)
     return int(match.group(1) or match.group(2)) if match else None
+
+
+def hookpoint_seed(hookpoint: str) -> int:
+    """A number that seeds a hookpoint's SAE: the block index for `layers.<i>` (as always), a stable hash of
+    the name for any other module (a sub-module never shares its block's initialisation)."""
+    index = hookpoint_layer(hookpoint)
+    return index if index is not None else zlib.crc32(hookpoint.encode()) % 1_000_003
 
 
 def layer_index(hookpoint: str) -> int:
@@ -217,37 +325,37 @@ def submodule(model: nn.Module, path: str) -> Any:
 
 
 class StopForward(Exception):
-    """Raised by a hook after the deepest block a caller needs: the layers above it are not run."""
+    """Raised by a hook after the last module a caller needs: the layers above it are not run."""
 
 
 def hidden_state(block_output: Any) -> Tensor:
-    """A block's hidden state: blocks return a tensor, or a tuple whose first element is it."""
+    """A module's hidden state: modules return a tensor, or a tuple whose first element is it."""
     return block_output[0] if isinstance(block_output, tuple) else block_output
 
 
 @contextlib.contextmanager
 def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: bool = True) -> Iterator[dict]:
-    """Within the context, a forward pass fills the yielded dict {hookpoint: [B, T, d] tensor}.
+    """Within the context, a forward pass fills the yielded dict {hookpoint: output}, a [B, T, d] tensor for a
+    block or any module checked by `check_hookpoint_outputs`.
 
-    With `stop_early`, the forward stops right after the deepest hooked block (use `run_until_captured`).
+    With `stop_early`, the forward stops as soon as every hooked module has run (use `run_until_captured`).
     """
-    _, blocks = find_blocks(model)
     acts: dict[str, Tensor] = {}
-    deepest = max(layer_index(h) for h in hookpoints)
+    wanted = set(hookpoints)
     handles = []
 
-    def make_hook(name: str, last: bool):
+    def make_hook(name: str):
         def hook(_module, _inputs, output):
             acts[name] = hidden_state(output)
-            if last and stop_early:
+            if stop_early and wanted.issubset(acts):
                 raise StopForward
 
         return hook
 
-    for h in hookpoints:
-        i = layer_index(h)
-        handles.append(blocks[i].register_forward_hook(make_hook(h, i == deepest)))
+    modules = {h: hookpoint_module(model, h) for h in hookpoints}
     try:
+        for h, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(h)))
         yield acts
     finally:
         for handle in handles:

@@ -28,6 +28,7 @@ from .models import (
     CFG_FILE,
     SAE_FILE,
     hookpoint_aliases,
+    hookpoint_layer,
     list_hookpoints,
 )
 from .utils import atomic_write_bytes, atomic_write_json, first_line
@@ -61,6 +62,8 @@ class Sae(nn.Module):
         self.cfg = cfg = cfg if cfg is not None else SaeConfig()
         self.d_in = d_in
         self.hookpoint = hookpoint
+        # The trainer's k while --k_decay_steps decays it (None: cfg.k); cfg.k, the one saved, stays final.
+        self.k_override: int | None = None
         num_latents = cfg.latents_for(d_in)
 
         # Initialised on the CPU in float32, then moved: the same seed gives the same SAE on every device.
@@ -73,6 +76,11 @@ class Sae(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=self.encoder.weight.dtype, device=device))
 
     # ---------------------------------------------------------------- properties
+    @property
+    def k(self) -> int:
+        """Latents active per token in `encode`."""
+        return self.cfg.k if self.k_override is None else self.k_override
+
     @property
     def num_latents(self) -> int:
         return self.encoder.out_features
@@ -102,7 +110,7 @@ class Sae(nn.Module):
             x - self.b_dec,
             self.encoder.weight,
             self.encoder.bias,
-            self.cfg.k,
+            self.k,
             dead_idx,
             self.k_aux,
             compute_dtype,
@@ -174,7 +182,11 @@ class Sae(nn.Module):
         d = {**self.cfg.to_dict(), "d_in": self.d_in}
         if self.hookpoint is not None:
             d["hookpoint"] = self.hookpoint
-            d["stream"] = "residual stream after the block (output of the decoder layer)"
+            d["stream"] = (
+                "residual stream after the block (output of the decoder layer)"
+                if hookpoint_layer(self.hookpoint) is not None
+                else f"output of the module {self.hookpoint} (first tensor of a tuple)"
+            )
         d["sae_core_version"] = __version__
         return d
 

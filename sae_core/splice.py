@@ -1,13 +1,13 @@
-"""Running the LM with one block's output replaced: the spliced and ablated forwards of the evaluation.
+"""Running the LM with one hookpoint's output replaced: the spliced and ablated forwards of the evaluation.
 
-    layer_of = check_saes(model, saes)        {hookpoint: block index}, each SAE checked against the model
-    splicer = Splicer(model, layers, mode)    mode "suffix", "full", or "auto" (suffix where the model allows)
-    with splicer.recording():                 a clean forward records every hooked block's output
+    layer_of = check_saes(model, saes)        {hookpoint: splicer key}, each SAE checked against the model
+    splicer = Splicer(model, hookpoints, mode)   "suffix", "full", or "auto" (suffix where the model allows)
+    with splicer.recording():                 a clean forward records every hooked module's output
         clean_logits = splicer.forward(ids)
     splicer.check_suffix(ids, clean_logits, required)      first batch: the suffix replays the clean logits
-    splicer.check_splice(layer, hidden, ids, required)     first batch, per hooked layer: a spliced suffix
+    splicer.check_splice(hookpoint, hidden, ids, required) first batch, per hookpoint: a spliced suffix
                                                            equals a full forward (returns the full logits)
-    splicer.logits(layer, hidden, ids)                     the logits with block `layer`'s output := hidden
+    splicer.logits(hookpoint, hidden, ids)                 the logits with the hookpoint's output := hidden
 
 Cost per batch, with L blocks, hooked layers i ∈ S and "head" = final norm + unembedding:
     pass 1 (x̄)              blocks 0 .. max(S), stopping there (`block_means`)
@@ -15,13 +15,17 @@ Cost per batch, with L blocks, hooked layers i ∈ S and "head" = final norm + u
     3 variants per hookpoint (SAE, zero, mean): blocks i+1 .. L−1 and the head only, called with the
                             arguments that the clean forward gave them (masks, rotary tables, positions)
 i.e. (max(S)+1) + L + 3·Σ_{i∈S}(L−1−i) blocks and 1 + 3·|S| heads, where a naive evaluation runs
-1 + 3·|S| full forwards. This suffix path is used for models whose final norm is known (Llama-like
-`model.norm`, GPT-NeoX, GPT-2), after checking on the first batch that it reproduces the clean logits
-and, for each hooked layer, the logits of one spliced variant (one extra full forward per hookpoint);
-otherwise every variant is a full forward with a hook that replaces the block's output.
+1 + 3·|S| full forwards. This suffix path is used for the block outputs `layers.<i>` of models whose final
+norm is known (Llama-like `model.norm`, GPT-NeoX, GPT-2), after checking on the first batch that it
+reproduces the clean logits and, for each hooked layer, the logits of one spliced variant (one extra full
+forward per hookpoint); otherwise every variant is a full forward with a hook that replaces the module's
+output. A hookpoint inside block i (`layers.3.mlp`) re-runs block i from its recorded input with the
+module's output replaced, then the same suffix (checked on the first batch like a block output); one before
+the blocks (`embed_tokens`) always takes full forwards.
 """
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,8 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import EvalError
-from .models import StopForward, find_blocks, hidden_size, hidden_state, hookpoint_layer, submodule
+from .errors import ConfigError, EvalError
+from .models import (
+    StopForward,
+    find_blocks,
+    hidden_size,
+    hidden_state,
+    hookpoint_layer,
+    hookpoint_module,
+    submodule,
+)
+
+# A module inside block i: layers.<i>.<path>.
+_INNER = re.compile(r"layers\.(\d+)\..+")
 
 # The final norm after the block list, per block-list path (see models.BLOCK_LIST_PATHS).
 FINAL_NORMS = {
@@ -40,42 +55,49 @@ FINAL_NORMS = {
 }
 
 
-def check_saes(model: nn.Module, saes: Mapping[str, Any]) -> dict[str, int]:
-    """{hookpoint: block index}, after checking that the model has each hookpoint and each SAE fits it."""
+def check_saes(model: nn.Module, saes: Mapping[str, Any]) -> dict[str, str]:
+    """{hookpoint: hookpoint}, the keys of `Splicer`, after checking that the model has each hookpoint and
+    each SAE fits it."""
     if not saes:
         raise EvalError("no SAEs to evaluate")
-    _, blocks = find_blocks(model)
-    n_layers, width = len(blocks), hidden_size(model)
-    layer_of = {}
+    width = hidden_size(model)
     for h, sae in saes.items():
-        i = hookpoint_layer(h)
-        if i is None or not 0 <= i < n_layers:
-            raise EvalError(
-                f"hookpoint {h!r} is not in the model: {type(model).__name__} has hookpoints layers.0 .. "
-                f"layers.{n_layers - 1} (the outputs of its blocks)"
-            )
+        try:
+            hookpoint_module(model, h)
+        except ConfigError as e:
+            raise EvalError(str(e)) from None
         if sae.d_in != width:
             raise EvalError(
                 f"the SAE for {h} has d_in={sae.d_in}, but the model's residual stream at {h} has width "
                 f"{width}: it was trained on another model"
             )
-        layer_of[h] = i
-    return layer_of
+    return {h: h for h in saes}
 
 
 class Splicer:
-    """The LM's logits with the output of block i replaced by a given hidden state.
+    """The LM's logits with the output of a hookpoint's module replaced by a given hidden state.
 
-    "suffix" mode: during the clean forward, record the (args, kwargs) each block after the shallowest
-    hooked one was called with; a variant then calls blocks i+1 .. L-1 with those arguments and its own
-    hidden state, then the final norm and the unembedding. "full" mode: a whole forward with a hook that
-    replaces block i's output.
+    "suffix" mode: during the clean forward, record the (args, kwargs) each block from the shallowest hooked
+    one on was called with. A variant at a block output `layers.<i>` then calls blocks i+1 .. L-1 with those
+    arguments and its own hidden state, then the final norm and the unembedding; a variant at a module inside
+    block i (`layers.<i>.mlp`) first calls block i on its recorded input with a hook that replaces the
+    module's output, then the same suffix. "full" mode, and a module outside the blocks (`embed_tokens`) in
+    either mode: a whole forward with a hook that replaces the module's output.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], mode: str):
+    def __init__(self, model: nn.Module, hookpoints: Sequence[str], mode: str):
         self.model = model
         path, self.blocks = find_blocks(model)
-        self.layers = sorted(set(layers))
+        self.modules = {h: hookpoint_module(model, h) for h in dict.fromkeys(hookpoints)}
+        # The hookpoints a suffix can replay, by the first block it runs: i+1 after the output of block i,
+        # i for a module inside block i (that block is re-run with the module's output replaced).
+        self.first_block = {}
+        for h in self.modules:
+            layer = hookpoint_layer(h)
+            if layer is not None:
+                self.first_block[h] = layer + 1
+            elif (inner := _INNER.fullmatch(h)) and int(inner.group(1)) < len(self.blocks):
+                self.first_block[h] = int(inner.group(1))
         self.norm = submodule(model, FINAL_NORMS[path]) if path in FINAL_NORMS else None
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         known = self.norm is not None and self.head is not None
@@ -84,32 +106,42 @@ class Splicer:
                 f"splice='suffix' needs a known final norm and unembedding, which {type(model).__name__} "
                 "does not have here; use splice='auto' or 'full'"
             )
-        self.mode = "suffix" if mode != "full" and known else "full"
-        self.outputs: dict[int, Tensor] = {}
+        self.mode = "suffix" if mode != "full" and known and self.first_block else "full"
+        # Blocks re-run for a module inside them: their recorded inputs keep the hidden state too.
+        self.rerun = {i for h, i in self.first_block.items() if hookpoint_layer(h) is None}
+        self.outputs: dict[str, Tensor] = {}
         self.inputs: dict[int, tuple[tuple, dict]] = {}
 
-    @contextlib.contextmanager
-    def recording(self, stop_after: int | None = None) -> Iterator[None]:
-        """Within the context a forward fills `outputs` (hooked blocks) and, in suffix mode, `inputs`.
+    def replays(self, hookpoint: str) -> bool:
+        """Whether a variant at `hookpoint` runs as a suffix (else as a full forward)."""
+        return self.mode == "suffix" and hookpoint in self.first_block
 
-        With `stop_after`, the forward stops right after that block (`forward` then returns None).
+    @contextlib.contextmanager
+    def recording(self, stop_early: bool = False) -> Iterator[None]:
+        """Within the context a forward fills `outputs` (hooked modules) and, in suffix mode, `inputs`.
+
+        With `stop_early`, the forward stops as soon as every hooked module has run (`forward` then returns
+        None).
         """
         self.outputs.clear()
         self.inputs.clear()
         handles = []
 
-        def keep_output(i: int):
+        def keep_output(h: str):
             def hook(_module, _args, output):
-                self.outputs[i] = hidden_state(output)
-                if i == stop_after:
+                self.outputs[h] = hidden_state(output)
+                if stop_early and len(self.outputs) == len(self.modules):
                     raise StopForward
 
             return hook
 
         def keep_inputs(j: int):
             def hook(_module, args, kwargs):
-                # Everything but the hidden state itself, which each variant brings: less memory held.
-                if args:
+                # Everything but the hidden state itself, which each variant brings (less memory held),
+                # unless the block is re-run from its own input.
+                if j in self.rerun:
+                    self.inputs[j] = (args, kwargs)
+                elif args:
                     self.inputs[j] = ((None, *args[1:]), kwargs)
                 else:
                     self.inputs[j] = ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
@@ -117,10 +149,10 @@ class Splicer:
             return hook
 
         try:
-            for i in self.layers:
-                handles.append(self.blocks[i].register_forward_hook(keep_output(i)))
-            if self.mode == "suffix" and stop_after is None:
-                for j in range(self.layers[0] + 1, len(self.blocks)):
+            for h, module in self.modules.items():
+                handles.append(module.register_forward_hook(keep_output(h)))
+            if self.mode == "suffix" and not stop_early:
+                for j in range(min(self.first_block.values()), len(self.blocks)):
                     handles.append(self.blocks[j].register_forward_pre_hook(keep_inputs(j), with_kwargs=True))
             yield
         finally:
@@ -134,23 +166,29 @@ class Splicer:
         except StopForward:
             return None
 
-    def logits(self, layer: int, hidden: Tensor, input_ids: Tensor) -> Tensor:
-        """Logits with block `layer`'s output replaced by `hidden` (after a recorded clean forward)."""
-        if self.mode == "full":
-            return self._full_logits(layer, hidden, input_ids)
-        for j in range(layer + 1, len(self.blocks)):
+    def logits(self, hookpoint: str, hidden: Tensor, input_ids: Tensor) -> Tensor:
+        """Logits with `hookpoint`'s output replaced by `hidden` (after a recorded clean forward)."""
+        if not self.replays(hookpoint):
+            return self._full_logits(hookpoint, hidden, input_ids)
+        first = self.first_block[hookpoint]
+        if hookpoint_layer(hookpoint) is None:  # a module inside block `first`: re-run that block
+            args, kwargs = self.inputs[first]
+            handle = self.modules[hookpoint].register_forward_hook(_replacing(hidden))
+            try:
+                hidden = hidden_state(self.blocks[first](*args, **kwargs))
+            finally:
+                handle.remove()
+            first += 1
+        for j in range(first, len(self.blocks)):
             args, kwargs = self.inputs[j]
             if args:
                 hidden = hidden_state(self.blocks[j](hidden, *args[1:], **kwargs))
             else:
-                hidden = hidden_state(self.blocks[j](hidden_states=hidden, **kwargs))
+                hidden = hidden_state(self.blocks[j](**{**kwargs, "hidden_states": hidden}))
         return self.head(self.norm(hidden))
 
-    def _full_logits(self, layer: int, hidden: Tensor, input_ids: Tensor) -> Tensor:
-        def replace(_module, _args, output):
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        handle = self.blocks[layer].register_forward_hook(replace)
+    def _full_logits(self, hookpoint: str, hidden: Tensor, input_ids: Tensor) -> Tensor:
+        handle = self.modules[hookpoint].register_forward_hook(_replacing(hidden))
         try:
             return self.model(input_ids=input_ids, use_cache=False).logits
         finally:
@@ -162,12 +200,12 @@ class Splicer:
         A model that does something between the last block and the logits that is not replayed here (logit
         soft-capping, a logit scale, ...) fails this check, and the evaluation falls back to full forwards.
         """
-        layer = self.layers[0]
-        replay = self.logits(layer, self.outputs[layer], input_ids)
+        first = min(self.first_block, key=self.first_block.__getitem__)
+        replay = self.logits(first, self.outputs[first], input_ids)
         self._compare(replay, clean_logits, required, "")
 
-    def check_splice(self, layer: int, hidden: Tensor, input_ids: Tensor, required: bool) -> Tensor:
-        """The suffix logits with block `layer`'s output := `hidden` (a perturbed one) must equal a full
+    def check_splice(self, hookpoint: str, hidden: Tensor, input_ids: Tensor, required: bool) -> Tensor:
+        """The suffix logits with `hookpoint`'s output := `hidden` (a perturbed one) must equal a full
         forward's (first batch only, after `check_suffix`); returns the full forward's logits, correct in
         either case, so that the caller can use them for that variant and the check costs one forward.
 
@@ -177,10 +215,10 @@ class Splicer:
         shows it; the evaluation then falls back to full forwards.
         """
         # The replay first, as the variants run it: right after the clean forward, whose state it inherits.
-        replay = self.logits(layer, hidden, input_ids) if self.mode == "suffix" else None
-        full = self._full_logits(layer, hidden, input_ids)
+        replay = self.logits(hookpoint, hidden, input_ids) if self.replays(hookpoint) else None
+        full = self._full_logits(hookpoint, hidden, input_ids)
         if replay is not None:
-            self._compare(replay, full, required, f" with layers.{layer} spliced")
+            self._compare(replay, full, required, f" with {hookpoint} spliced")
         return full
 
     def _compare(self, replay: Tensor, expected: Tensor, required: bool, what: str) -> None:
@@ -195,26 +233,36 @@ class Splicer:
         self.mode = "full"
 
 
+def _replacing(hidden: Tensor):
+    """A forward hook that replaces a module's output (the first element of a tuple) by `hidden`."""
+
+    def replace(_module, _args, output):
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return replace
+
+
 def block_means(
     splicer: Splicer,
-    layer_of: Mapping[str, int],
+    layer_of: Mapping[str, str],
     batches: Iterable[Tensor],
     exclude: Tensor,
     bar: Any,
 ) -> tuple[dict[str, Tensor], int]:
-    """({hookpoint: mean block output over the non-excluded tokens}, float64 on the CPU; their number).
+    """({hookpoint: mean output over the non-excluded tokens}, float64 on the CPU; their number).
 
-    `batches` are [B, T] token ids on the model's device; each forward stops after the deepest hooked block.
+    `layer_of` maps each hookpoint to its `splicer` key (`check_saes`). `batches` are [B, T] token ids on
+    the model's device; each forward stops as soon as every hooked module has run.
     """
     sums: dict[str, Tensor] = {}
     n_tokens = 0
     with torch.no_grad():
         for ids in batches:
             keep = ~torch.isin(ids, exclude)
-            with splicer.recording(stop_after=max(layer_of.values())):
+            with splicer.recording(stop_early=True):
                 splicer.forward(ids)
-            for h, i in layer_of.items():
-                part = splicer.outputs[i][keep].double().sum(0).cpu()
+            for h, key in layer_of.items():
+                part = splicer.outputs[key][keep].double().sum(0).cpu()
                 sums[h] = sums[h] + part if h in sums else part
             n_tokens += int(keep.sum())
             bar.update()

@@ -52,7 +52,7 @@ from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
-    layer_index,
+    hookpoint_seed,
     module_device,
     resolve_dtype,
     select_hookpoints,
@@ -65,6 +65,15 @@ from .version import __version__
 # A step whose loss or gradients are not finite is skipped. One such step is a bad batch or a spike the run
 # survives; ten in a row mean the weights, the learning rate or the model's numerics are broken and more steps
 # will not recover (the counters would only hide it), so the run stops.
+
+
+def decayed_k(step: int, decay_steps: int, start: int, k: int) -> int:
+    """The k of optimizer step `step`: linear from `start` at step 0 to `k` at `decay_steps`, then `k` (as
+    sparsify's k decay, counted here in optimizer steps rather than batches)."""
+    if step >= decay_steps:
+        return k
+    progress = step / decay_steps
+    return round(start * (1 - progress) + k * progress)
 
 
 class TrainStep(NamedTuple):
@@ -198,7 +207,7 @@ class SaeTrainer:
         # it.
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
-            torch.manual_seed(cfg.seed + layer_index(hookpoint))
+            torch.manual_seed(cfg.seed + hookpoint_seed(hookpoint))
             self.saes[hookpoint] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
@@ -292,6 +301,14 @@ class SaeTrainer:
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
         for optimizer in self.optimizers.values():
             optimizer.set_lr(lr)
+        k = decayed_k(
+            self.step,
+            cfg.k_decay_steps,
+            cfg.k_decay_start or min(self.num_latents, 10 * self.d_in),
+            cfg.sae.k,
+        )
+        for sae in self.saes.values():
+            sae.k_override = k
         tokens, metrics, skipped = 0, {}, {}
         for batch_number, batch in enumerate(batches):
             with self.profiler.timed("sae_s"):
@@ -324,6 +341,10 @@ class SaeTrainer:
                         )
                         metrics.update(sae_metrics)
         metrics["lr"] = lr
+        if cfg.k_decay_steps:
+            metrics["k"] = k
+        for sae in self.saes.values():
+            sae.k_override = None  # outside a step (after fit, in a checkpoint) an SAE encodes with cfg.k
         step = self._merge_ranks(
             TrainStep(
                 tokens,
