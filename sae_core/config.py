@@ -86,7 +86,7 @@ class TrainConfig:
     """adam, signum (sign descent with momentum) or muon (orthogonalised updates); see sae_core/optim.py."""
 
     lr: float | None = None
-    """Peak learning rate; default per optimizer: adam 2e-4, signum 5e-3 (both times
+    """Peak learning rate; default per optimizer: adam 3.2e-3, signum 5e-3 (both times
     sqrt(2**14 / num_latents)), muon 2e-3."""
 
     lr_warmup_steps: int = 1000
@@ -101,7 +101,7 @@ class TrainConfig:
     """Weight of the AuxK loss that revives dead latents (0 turns it off)."""
 
     dead_feature_threshold: int = 10_000_000
-    """A latent is dead after this many tokens without firing."""
+    """A latent is dead (AuxK trains it) after this many tokens without firing (at most a tenth of a run)."""
 
     hookpoints: list[str] = field(default_factory=list)
     """Block outputs or module paths in the decoder stack, globs allowed: 'layers.*', 'layers.*.mlp'."""

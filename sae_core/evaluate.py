@@ -287,12 +287,13 @@ def training_dead_pct(run_dir: str | Path) -> dict[str, float]:
     """{hookpoint: % dead} from the newest trainer states of a run folder that every writing rank completed
     (--distribute_layers: each rank holds its own layers); {} if none.
 
-    Dead means what it meant in training: tokens_since_fired >= dead_feature_threshold.
+    Dead means what it meant in training: tokens_since_fired >= the run's dead threshold.
     """
     dead: dict[str, float] = {}
     try:
         for state in checkpoint.newest_complete_states(Path(run_dir)):
-            threshold = json.loads(state["config"])["dead_feature_threshold"]
+            # The threshold the run used (capped for short runs); states before the cap hold only the config.
+            threshold = state.get("dead_threshold") or json.loads(state["config"])["dead_feature_threshold"]
             for h, counters in state["tokens_since_fired"].items():
                 dead[h] = 100.0 * (counters >= threshold).double().mean().item()
     except (CheckpointError, KeyError, TypeError, ValueError) as e:

@@ -128,6 +128,7 @@ class Sae(nn.Module):
         dead_mask: Tensor | None = None,
         *,
         total_variance: Tensor | float | None = None,
+        residual_variance: Tensor | float | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> ForwardOutput:
         """Encode, decode and compute the losses.
@@ -135,9 +136,12 @@ class Sae(nn.Module):
         `compute_dtype` (e.g. bfloat16) runs the encoder's dense product in that dtype; without it, an
         enclosing `torch.autocast` for x's device sets it (the same result). Decode and losses stay in the
         SAE's dtype.
-        `total_variance` is the denominator of FVU and AuxK; by default the variance of x around its own mean.
-        The trainer passes 1.0 (sums of squares) and divides by the variance of the whole global batch at the
-        optimizer step, so that micro-batches, accumulation steps and ranks add up to exactly one big batch.
+        `total_variance` is the denominator of FVU; by default the variance of x around its own mean.
+        `residual_variance` is the denominator of AuxK, which predicts the residual e = x - x_hat: by default
+        the variance of e around its own mean, as in Gao et al.'s code.
+        The trainer passes 1.0 and the previous step's FVU (so both losses are sums of squares in units of the
+        input's variance) and divides by the variance of the whole global batch at the optimizer step, so that
+        micro-batches, accumulation steps and ranks add up to exactly one big batch.
         """
         x = x.reshape(-1, self.d_in).to(self.dtype)
         enc = self.encode(x, dead_mask, compute_dtype)
@@ -154,7 +158,10 @@ class Sae(nn.Module):
             n_dead = int(dead_mask.sum())
             aux_out = sparse_decode(enc.aux_acts, enc.aux_indices, self.W_dec)  # no b_dec
             scale = min(n_dead / self.k_aux, 1.0)
-            auxk_loss = scale * (aux_out.float() - e.detach()).pow(2).sum() / total_variance
+            residual = e.detach()
+            if residual_variance is None:
+                residual_variance = (residual - residual.mean(0)).pow(2).sum()
+            auxk_loss = scale * (aux_out.float() - residual).pow(2).sum() / residual_variance
         else:
             auxk_loss = fvu.new_zeros(())
         return ForwardOutput(sae_out, enc.acts, enc.indices, fvu, auxk_loss)

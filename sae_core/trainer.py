@@ -62,9 +62,16 @@ from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
 
-# A step whose loss or gradients are not finite is skipped. One such step is a bad batch or a spike the run
-# survives; ten in a row mean the weights, the learning rate or the model's numerics are broken and more steps
-# will not recover (the counters would only hide it), so the run stops.
+# A latent counts as dead (AuxK trains it) after dead_feature_threshold tokens without firing, but never after
+# more than this fraction of the run's tokens: at the 10M default, any run shorter than 10M tokens would
+# otherwise never revive a latent.
+MAX_DEAD_FRACTION = 0.1
+
+
+def dead_threshold(requested: int, run_tokens: int) -> int:
+    """Tokens without firing after which a latent is dead: `requested`, capped at MAX_DEAD_FRACTION of the
+    run (at least one token)."""
+    return max(1, min(requested, math.floor(MAX_DEAD_FRACTION * run_tokens)))
 
 
 def decayed_k(step: int, decay_steps: int, start: int, k: int) -> int:
@@ -133,6 +140,7 @@ class SaeTrainer:
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
         # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
         self.train_sequences = self.total_steps * cfg.grad_acc_steps * cfg.batch_size * self.ctx.world_size
+        self.dead_threshold = dead_threshold(cfg.dead_feature_threshold, self.train_sequences * self.seq_len)
         if self.cache is not None:
             # A shuffled cache feeds rows of any cached sequence: evaluation must start after all of them.
             self.train_sequences = self.cache.sequences
@@ -220,6 +228,8 @@ class SaeTrainer:
         self.tokens_since_fired = {
             hookpoint: torch.zeros(self.num_latents, dtype=torch.long) for hookpoint in self.local_hookpoints
         }
+        # FVU of each SAE's last update: the residual's variance in units of the input's, AuxK's denominator.
+        self.last_fvu = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
 
     def _step_budget(self) -> tuple[int, int]:
         """(tokens per sequence, optimizer steps of the run): one pass over the data, or max_tokens' worth."""
@@ -284,7 +294,7 @@ class SaeTrainer:
         sse = {hookpoint: 0.0 for hookpoint in local_hookpoints}
         auxk = {hookpoint: 0.0 for hookpoint in local_hookpoints}
         dead = {
-            hookpoint: (self.tokens_since_fired[hookpoint] >= cfg.dead_feature_threshold).to(self.ctx.device)
+            hookpoint: (self.tokens_since_fired[hookpoint] >= self.dead_threshold).to(self.ctx.device)
             for hookpoint in local_hookpoints
         }
         first_batch = self.step * cfg.grad_acc_steps
@@ -321,7 +331,11 @@ class SaeTrainer:
                     # An empty batch (every token excluded or non-finite) has nothing to backward.
                     for chunk in x.chunk(cfg.micro_acc_steps) if x.shape[0] else ():
                         out = self.saes[hookpoint](
-                            chunk, dead_mask, total_variance=1.0, compute_dtype=self.compute_dtype
+                            chunk,
+                            dead_mask,
+                            total_variance=1.0,
+                            residual_variance=self._auxk_denominator(hookpoint),
+                            compute_dtype=self.compute_dtype,
                         )
                         (out.fvu + cfg.auxk_alpha * out.auxk_loss).backward()
                         fired[hookpoint][out.latent_indices[out.latent_acts > 0].cpu()] = True
@@ -438,11 +452,17 @@ class SaeTrainer:
         counters = self.tokens_since_fired[hookpoint]
         counters += n_tokens
         counters[fired] = 0
+        self.last_fvu[hookpoint] = metrics[f"fvu/{hookpoint}"]
         metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
         return n_tokens, metrics, "stepped", int(nonfinite)
 
+    def _auxk_denominator(self, hookpoint: str) -> float:
+        """AuxK's error is normalised by the variance of the residual it predicts (Gao et al.), estimated by
+        the previous update's FVU: a constant of the step, so accumulation and ranks still add up exactly."""
+        return max(self.last_fvu[hookpoint], 1e-6)
+
     def _dead_pct(self, hookpoint: str) -> float:
-        dead = self.tokens_since_fired[hookpoint] >= self.cfg.dead_feature_threshold
+        dead = self.tokens_since_fired[hookpoint] >= self.dead_threshold
         return 100.0 * dead.float().mean().item()
 
     # ------------------------------------------------------------------ checkpoints
@@ -485,6 +505,8 @@ class SaeTrainer:
             "saes": {hookpoint: sae.state_dict() for hookpoint, sae in self.saes.items()},
             "optimizers": {hookpoint: opt.state_dict() for hookpoint, opt in self.optimizers.items()},
             "tokens_since_fired": dict(self.tokens_since_fired),
+            "dead_threshold": self.dead_threshold,
+            "last_fvu": dict(self.last_fvu),
             "b_dec_initialised": self.b_dec_initialised,
             **self.watch.state_dict(),
             "input_scales": dict(self.input_scales),
@@ -505,6 +527,7 @@ class SaeTrainer:
             "world_size": self.ctx.world_size,
             "distribute_layers": self.distributed_layers,
             "input_scales": input_scales,  # what activations were multiplied by in training (1: raw)
+            "dead_threshold": self.dead_threshold,  # tokens without firing that made a latent dead
             "learning_rate": {
                 "optimizer": cfg.optimizer,
                 "peak": self.lr,
@@ -567,6 +590,8 @@ class SaeTrainer:
             self.saes[hookpoint].load_state_dict(state["saes"][hookpoint])
             self.optimizers[hookpoint].load_state_dict(state["optimizers"][hookpoint])
             self.tokens_since_fired[hookpoint] = state["tokens_since_fired"][hookpoint].clone()
+            # absent in states written before AuxK used it: 1.0 is the input-normalised AuxK they trained with
+            self.last_fvu[hookpoint] = state.get("last_fvu", {}).get(hookpoint, 1.0)
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.wall_time = state.get("wall_time", 0.0)

@@ -102,8 +102,14 @@ def test_auxk_gradient_reaches_dead_latents_and_excludes_b_dec():
     vals, pos = pre[:, 32:].topk(min(sae.k_aux, 32), dim=1)
     aux_recon = dense_decode(vals, pos + 32, sae.W_dec)
     e = (x - out.sae_out).detach()
-    expected = min(32 / sae.k_aux, 1.0) * (aux_recon - e).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    # Normalised by the variance of the residual it predicts (Gao et al.'s code), not by the input's.
+    expected = min(32 / sae.k_aux, 1.0) * (aux_recon - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     assert out.auxk_loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    # The trainer's form: sums of squares over a given denominator.
+    given = sae(x, dead, total_variance=1.0, residual_variance=0.25).auxk_loss
+    assert given.item() == pytest.approx(
+        min(32 / sae.k_aux, 1.0) * (aux_recon - e).pow(2).sum().item() / 0.25, rel=1e-4
+    )
 
     sae.zero_grad()
     out.auxk_loss.backward()

@@ -32,9 +32,11 @@ def test_training_reduces_fvu_on_a_tiny_model(tmp_path):
 
 def test_grad_and_micro_accumulation_equal_one_big_batch(tmp_path):
     model = tiny_model()
-    big = make_trainer(tmp_path, model, run_name="big", batch_size=8)
-    acc = make_trainer(tmp_path, model, run_name="acc", batch_size=4, grad_acc_steps=2)
-    micro = make_trainer(tmp_path, model, run_name="micro", batch_size=8, micro_acc_steps=3)
+    # A fixed, moderate LR: Adam turns float rounding of the summed gradients into parameter differences
+    # proportional to the LR (the tiny model's default, 0.036, would need a looser tolerance).
+    big = make_trainer(tmp_path, model, run_name="big", batch_size=8, lr=1e-3)
+    acc = make_trainer(tmp_path, model, run_name="acc", batch_size=4, grad_acc_steps=2, lr=1e-3)
+    micro = make_trainer(tmp_path, model, run_name="micro", batch_size=8, micro_acc_steps=3, lr=1e-3)
     assert big.total_steps == acc.total_steps == micro.total_steps == 4
     for t in (big, acc, micro):
         t.fit()
@@ -215,6 +217,20 @@ def test_dead_latents_counted_in_tokens_and_auxk_turns_on(tmp_path):
     assert any(line["auxk/layers.0"] > 0 for line in lines)
     counters = t.tokens_since_fired["layers.0"]
     assert counters.max() <= t.tokens_seen and (counters == 0).any()
+
+
+def test_dead_threshold_is_capped_at_a_tenth_of_the_run_so_short_runs_revive_latents(tmp_path):
+    # 32 sequences x 16 tokens = 512 planned tokens: the 10M default becomes 51.
+    t = make_trainer(tmp_path, data=token_data(n_seq=32))
+    assert t.cfg.dead_feature_threshold == 10_000_000
+    assert t.dead_threshold == 51  # the plan counts whole sequences (BOS included)
+    t.fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(line["auxk/layers.0"] > 0 for line in lines), "AuxK never acted in a short run"
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["dead_threshold"] == 51
+    # A threshold below the cap is kept as asked.
+    assert make_trainer(tmp_path, run_name="low", dead_feature_threshold=7).dead_threshold == 7
 
 
 def test_training_sequences_are_visited_once_each_in_a_seeded_order(tmp_path, monkeypatch):
