@@ -342,18 +342,21 @@ def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: b
     """
     acts: dict[str, Tensor] = {}
     wanted = set(hookpoints)
+    ran: set[str] = set()  # hooked modules that ran in the current forward (acts keeps the previous ones)
     handles = []
 
     def make_hook(name: str):
         def hook(_module, _inputs, output):
             acts[name] = hidden_state(output)
-            if stop_early and wanted.issubset(acts):
+            ran.add(name)
+            if stop_early and wanted.issubset(ran):
                 raise StopForward
 
         return hook
 
     modules = {h: hookpoint_module(model, h) for h in hookpoints}
     try:
+        handles.append(model.register_forward_pre_hook(lambda _module, _inputs: ran.clear()))
         for h, module in modules.items():
             handles.append(module.register_forward_hook(make_hook(h)))
         yield acts

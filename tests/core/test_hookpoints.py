@@ -85,6 +85,21 @@ def test_capture_reads_the_module_output_and_stops_after_the_last_needed_module(
     assert torch.equal(acts["layers.1.mlp"], expected["mlp"]) and acts["layers.1.mlp"].shape == (2, 8, D)
 
 
+def test_one_capture_context_serves_several_forwards_with_fresh_outputs_of_every_module():
+    # The dict keeps the previous forward's outputs: the early stop must wait for this forward's deepest
+    # module, not stop at the first one because the deeper one is still in the dict from the last batch.
+    model = tiny_model("llama", n_layers=3, d=D)
+    first, second = token_data(2, 8, seed=1), token_data(2, 8, seed=2)
+    with torch.no_grad(), capture_residuals(model, ["layers.0", "layers.2"]) as acts:
+        run_until_captured(model, first)
+        run_until_captured(model, second)
+        reused = dict(acts)
+    with torch.no_grad(), capture_residuals(model, ["layers.0", "layers.2"]) as acts:
+        run_until_captured(model, second)
+    for h in ("layers.0", "layers.2"):
+        assert torch.equal(reused[h], acts[h]), h
+
+
 def test_seeds_of_blocks_are_unchanged_and_sub_modules_get_their_own():
     assert hookpoint_seed("layers.3") == hookpoint_seed("layer_3") == 3
     assert len({hookpoint_seed(h) for h in ("layers.3", "layers.3.mlp", "layers.3.self_attn")}) == 3
