@@ -7,6 +7,7 @@ library's default recipe unless extra flags after `--` change it: e.g. `-- --lr 
 `evaluate_run` scores every SAE on the 64 chunks of 256 tokens that follow the training tokens: FVU, dead %
 (never fired on those tokens), ΔCE and KL with the SAE spliced in. Writes a PNG of held-out FVU against
 training tokens (plus the training FVU curves) and appends one row per budget to benchmarks/RESULTS.md.
+`--fvu_only` scores FVU and dead % alone on the same chunks (no spliced forwards), for quick sweeps.
 
 The embedded corpus makes 1,777 chunks of 256 tokens (`len(prepare_dataset(None, tokenizer,
 ctx_len=256).sequences)`, 2026-11-30), so the largest budget that leaves 64 held-out chunks is 438,528 tokens:
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,6 +85,63 @@ def score(run_dir: Path) -> dict[str, dict[str, float]]:
     }
 
 
+def score_fvu_only(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Held-out FVU and dead % only, on the chunks `score` uses (heldout.py picks them for both), without the
+    spliced forwards: a sweep's quick pass. ΔCE and KL are left out (NaN)."""
+    from transformers import AutoTokenizer
+
+    from sae_core import Sae
+    from sae_core.data import sequence_rows
+    from sae_core.embedded import embedded_model_path
+    from sae_core.heldout import held_out_sequences, read_run_json
+    from sae_core.models import (
+        capture_residuals,
+        load_model,
+        max_context,
+        run_until_captured,
+        special_token_ids,
+    )
+
+    model = load_model(str(embedded_model_path()))
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    data, _ = held_out_sequences(
+        read_run_json(run_dir / "run.json"),
+        tokenizer,
+        None,
+        split=None,
+        offset=None,
+        ctx_len=CTX_LEN,
+        text_column=None,
+        max_tokens=HELD_OUT_CHUNKS * CTX_LEN,
+        model_max=max_context(model),
+        token=None,
+    )
+    ids = sequence_rows(data, 0, len(data))
+    excluded = torch.tensor(special_token_ids(tokenizer))
+    saes = Sae.load_many_from_disk(str(run_dir))
+    inputs: dict[str, list] = {h: [] for h in saes}
+    with torch.no_grad(), capture_residuals(model, sorted(saes)) as acts:
+        for start in range(0, len(ids), 8):
+            batch = ids[start : start + 8]
+            run_until_captured(model, batch)
+            keep = ~torch.isin(batch, excluded)
+            for h in saes:
+                inputs[h].append(acts[h][keep].float())
+    metrics = {}
+    for h, sae in saes.items():
+        x = torch.cat(inputs[h])
+        with torch.no_grad():
+            enc = sae.encode(x)
+            x_hat = sae.decode(enc.acts, enc.indices)
+        fired = torch.zeros(sae.num_latents, dtype=torch.bool)
+        fired[enc.indices[enc.acts > 0]] = True
+        fvu = (x - x_hat).double().pow(2).sum() / (x - x.mean(0)).double().pow(2).sum()
+        nan = float("nan")
+        metrics[h] = {"fvu": fvu.item(), "dead_pct": 100 * (1 - fired.double().mean().item())}
+        metrics[h].update(delta_ce=nan, kl=nan)
+    return metrics
+
+
 def training_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -140,6 +200,9 @@ def main() -> None:
         "--plot", type=Path, default=None, help="PNG path (default: benchmarks/quality_<label>.png)"
     )
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument(
+        "--fvu_only", action="store_true", help="score FVU and dead %% only (no spliced CE/KL): quick sweeps"
+    )
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: further training flags, as they are")
     args = ap.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
@@ -155,7 +218,8 @@ def main() -> None:
         for budget in sorted(args.budgets):
             run_dir, seconds = train(budget, args, Path(tmp))
             run = json.loads((run_dir / "run.json").read_text())
-            results[budget] = {"metrics": score(run_dir), "seconds": seconds, "tokens": run["tokens"]}
+            metrics = score_fvu_only(run_dir) if args.fvu_only else score(run_dir)
+            results[budget] = {"metrics": metrics, "seconds": seconds, "tokens": run["tokens"]}
             curves = training_curves(run_dir)
             for hookpoint, m in results[budget]["metrics"].items():
                 print(
@@ -178,7 +242,8 @@ def main() -> None:
                 "quality",
                 f"{args.label} ({recipe}): {r['tokens']:,} tokens -> {per_layer} "
                 f"[expansion {args.expansion}, k {args.k}, batch {args.batch_size}x{CTX_LEN}, seed "
-                f"{args.seed}, {HELD_OUT_CHUNKS} held-out chunks; {r['seconds']:.0f} s]",
+                f"{args.seed}, {HELD_OUT_CHUNKS} held-out chunks{', FVU only' if args.fvu_only else ''}; "
+                f"{r['seconds']:.0f} s]",
             )
 
 

@@ -32,9 +32,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "expansion_factor": 16,
     "max_tokens": 120_000,
     "lr_warmup_steps": 5,
-    # Gao et al.'s default LR suits runs of millions of tokens; for 60 steps a larger one reaches a far lower
-    # FVU (measured on layers.8: 0.56 at the default 2.7e-4, 0.19 at 2e-3).
-    "lr": 2e-3,
+    # The library's default LR (4.3e-3 at this width): final training FVU 0.173 / 0.203 / 0.329 / 0.404,
+    # against 0.178 / 0.223 / 0.357 / 0.423 with the 2e-3 the demo used before that default was measured.
     "save_every": 20,
     "run_name": "smollm2-135m-demo",
 }

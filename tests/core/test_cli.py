@@ -87,7 +87,7 @@ def test_optional_values_accept_none_and_demo_defaults_yield_to_flags():
     assert cfg.shuffle_seed is None and cfg.lr is None and cfg.exclude_tokens == [1, 2]
     assert parse_run_config(["m"]).shuffle_seed == 42
     demo = parse_run_config(["--batch_size", "3", "--k", "8"])
-    assert demo.batch_size == 3 and demo.sae.k == 8 and demo.ctx_len == 256 and demo.lr == 2e-3
+    assert demo.batch_size == 3 and demo.sae.k == 8 and demo.ctx_len == 256 and demo.lr_warmup_steps == 5
 
 
 def test_config_values_are_checked_at_parse_time_in_one_line(capsys):
