@@ -24,7 +24,7 @@ OPTIMIZERS = get_args(OptimizerName)
 # Peak learning rates at 2**14 latents (muon: at any width). Adam's was Gao et al.'s 2e-4, tuned for runs of
 # billions of tokens. On the embedded SmolLM2 (M = 4608, 2048 tokens per step; README "Recipe measurements")
 # that left held-out FVU at 0.65 / 0.67 (layers 6 / 18) after 60k tokens and 0.22 / 0.41 after 400k, against
-# 0.18 / 0.34 and 0.10 / 0.22 at 6e-3. Signum's is sparsify's.
+# 0.19 / 0.33 and 0.10 / 0.22 at 6e-3. Signum's is sparsify's.
 BASE_LR = {"adam": 3.2e-3, "signum": 5e-3, "muon": 2e-3}
 SIGNUM_MOMENTUM = 0.95
 # Warm-up is never longer than this fraction of the run: a 29-step run asked for 1000 warm-up steps would
