@@ -87,7 +87,7 @@ class TrainConfig:
 
     lr: float | None = None
     """Peak learning rate; default per optimizer: adam 3.2e-3, signum 5e-3 (both times
-    sqrt(2**14 / num_latents)), muon 2e-3."""
+    sqrt(2**14 / num_latents), at most 1e-2), muon 2e-3."""
 
     lr_warmup_steps: int = 1000
     """Optimizer steps of linear warm-up, at most a tenth of the run's steps; the LR then decays linearly

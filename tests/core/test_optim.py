@@ -29,6 +29,7 @@ def test_default_learning_rates_scale_with_width_except_muon():
     assert default_lr("adam", 2**14) == pytest.approx(3.2e-3)
     assert default_lr("adam", 2**16) == pytest.approx(1.6e-3)
     assert default_lr("adam", 4608) == pytest.approx(6.03e-3, rel=1e-3)  # the width it was measured at
+    assert default_lr("adam", 128) == default_lr("signum", 128) == 1e-2  # capped below the measured widths
     assert default_lr("signum", 2**14) == pytest.approx(5e-3)
     assert default_lr("muon", 2**14) == default_lr("muon", 2**18) == pytest.approx(2e-3)
 
