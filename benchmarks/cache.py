@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import append_row  # noqa: E402
+from benchmarks.common import append_row, load_embedded  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -48,17 +48,11 @@ def main() -> None:
     from sae_core import SaeConfig, SaeTrainer, TrainConfig
     from sae_core.activations import LiveActivations, excluded_token_ids
     from sae_core.cache import ActivationCache, write_cache
-    from sae_core.config import RunConfig
-    from sae_core.distributed import init_distributed
     from sae_core.loggers import Profiler
     from sae_core.models import hidden_size
 
     load_before = os.getloadavg()[0]
-    ctx = init_distributed(args.device)
-    from sae_core.run import load_source
-
-    source = RunConfig(model="smollm2-135m", dataset="embedded", ctx_len=args.ctx_len, device=args.device)
-    model, tokenizer, data, _ = load_source(source, ctx)
+    ctx, model, tokenizer, data = load_embedded(args.ctx_len, args.device)
     n_seq = -(-args.tokens // args.ctx_len)
     hookpoints = [f"layers.{i}" for i in args.layers]
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))

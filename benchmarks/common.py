@@ -52,3 +52,16 @@ def child_env(**overrides: str) -> dict[str, str]:
     keep = os.environ.get("PYTHONPATH")
     path = os.pathsep.join([str(ROOT)] + ([keep] if keep else []))
     return {**os.environ, "PYTHONPATH": path, **overrides}
+
+
+def load_embedded(ctx_len: int, device: str | None):
+    """(distributed context, model, tokenizer, token sequences) of the embedded SmolLM2 and corpus, loaded
+    as a training run loads them."""
+    from sae_core.config import RunConfig
+    from sae_core.distributed import init_distributed
+    from sae_core.run import load_source
+
+    ctx = init_distributed(device)
+    source = RunConfig(model="smollm2-135m", dataset="embedded", ctx_len=ctx_len, device=device)
+    model, tokenizer, data, _ = load_source(source, ctx)
+    return ctx, model, tokenizer, data

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import append_row  # noqa: E402
+from benchmarks.common import append_row, load_embedded  # noqa: E402
 
 
 def main() -> None:
@@ -35,15 +35,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from sae_core import SaeConfig, SaeTrainer, TrainConfig
-    from sae_core.config import RunConfig
-    from sae_core.distributed import init_distributed
-    from sae_core.run import load_source
     from sae_core.sweep import SweepTrainer, parse_sweep, variant_config
 
     load_before = os.getloadavg()[0]
-    ctx = init_distributed(args.device)
-    source = RunConfig(model="smollm2-135m", dataset="embedded", ctx_len=args.ctx_len, device=args.device)
-    model, tokenizer, data, _ = load_source(source, ctx)
+    ctx, model, tokenizer, data = load_embedded(args.ctx_len, args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     try:
         cfg = TrainConfig(
