@@ -297,7 +297,7 @@ def test_two_strides_of_one_model_trained_at_once_keep_to_their_own_folders(
     both_seen = False
     deadline = time.monotonic() + 150
     while any(child.poll() is None for child in children.values()) and time.monotonic() < deadline:
-        torchruns = [" ".join(p.cmdline()) for p in training_processes(str(root))]
+        torchruns = [_cmdline(p) for p in training_processes(str(root))]
         torchruns = [c for c in torchruns if "torch.distributed.run" in c]
         both_seen |= all(any(f"--layer_stride {s} " in c for c in torchruns) for s in layers)
         time.sleep(0.2)
@@ -597,3 +597,11 @@ def test_killing_the_run_worker_fails_the_run_stops_the_orphaned_step_and_the_re
     print(f"SIGKILL of the run worker -> {status}; no process left after {took:.1f} s")
 
     assert_resumes(served, stride=4, hookpoints=["layers.0"])
+
+
+def _cmdline(process) -> str:
+    """A process's command line, or "" if it exited between the listing and this read (a race seen in CI)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
