@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 from .errors import ConfigError
 
 OptimizerName = Literal["adam", "signum", "muon"]
+# Compute dtypes of the SAE encoder (`autocast`); None, the value of configs saved before "auto", is exact.
+AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 # Fields that are never serialised: not into run.json, trainer states, logs, cards or the pipeline's records.
 SECRET_FIELDS = frozenset({"hf_token"})
@@ -161,8 +163,9 @@ class TrainConfig:
     sae_dtype: str = "float32"
     """Parameter dtype of the SAEs: float32 or float64 (for half-precision compute use --autocast)."""
 
-    autocast: str | None = None
-    """Compute dtype for the SAE encoder matmul: 'bfloat16' or None (exact)."""
+    autocast: str | None = "auto"
+    """Compute dtype of the SAE encoder product: auto (bfloat16 on GPUs that have it, float32 elsewhere),
+    bfloat16, float16, or float32 (exact)."""
 
     profile: bool = False
     """Record where time and memory go in run.json (syncs the GPU every batch; for benchmarks)."""
@@ -213,8 +216,8 @@ class TrainConfig:
             )
         if self.sae_dtype not in ("float32", "float64"):
             raise ConfigError(f"sae_dtype must be float32 or float64, got {self.sae_dtype!r}")
-        if self.autocast not in (None, "bfloat16", "float16"):
-            raise ConfigError(f"autocast must be 'bfloat16', 'float16' or unset, got {self.autocast!r}")
+        if self.autocast not in (None, *AUTOCAST_CHOICES):
+            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {self.autocast!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, nested SaeConfig included, except the secrets (SECRET_FIELDS)."""

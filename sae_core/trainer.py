@@ -49,6 +49,7 @@ from .distributed import (
 )
 from .errors import CheckpointError, ConfigError
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
+from .kernels import encoder_compute_dtype
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
@@ -224,7 +225,7 @@ class SaeTrainer:
         self.optimizers = {
             hookpoint: SaeOptimizer(cfg.optimizer, sae, self.lr) for hookpoint, sae in self.saes.items()
         }
-        self.compute_dtype = resolve_dtype(cfg.autocast)
+        self.compute_dtype = encoder_compute_dtype(cfg.autocast, self.ctx.device)
         self.tokens_since_fired = {
             hookpoint: torch.zeros(self.num_latents, dtype=torch.long) for hookpoint in self.local_hookpoints
         }
@@ -528,6 +529,8 @@ class SaeTrainer:
             "distribute_layers": self.distributed_layers,
             "input_scales": input_scales,  # what activations were multiplied by in training (1: raw)
             "dead_threshold": self.dead_threshold,  # tokens without firing that made a latent dead
+            # The encoder product's dtype (the `autocast` setting resolved on this device).
+            "compute_dtype": str(self.compute_dtype or resolve_dtype(cfg.sae_dtype)).removeprefix("torch."),
             "learning_rate": {
                 "optimizer": cfg.optimizer,
                 "peak": self.lr,

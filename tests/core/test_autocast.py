@@ -5,8 +5,9 @@ import contextlib
 import pytest
 import torch
 
-from sae_core import Sae, SaeConfig
-from sae_core.kernels import topk_encode
+from sae_core import Sae, SaeConfig, TrainConfig
+from sae_core.errors import ConfigError
+from sae_core.kernels import encoder_compute_dtype, topk_encode
 
 BF16_AUTOCAST = ("cpu", torch.bfloat16)
 
@@ -93,3 +94,21 @@ def test_topk_encode_under_autocast_equals_compute_dtype():
     want = topk_encode(x, w, b, 5, dead, 6, compute_dtype=torch.bfloat16)
     for name, g, t in zip(got._fields, got, want):
         assert torch.equal(g, t), name
+
+
+def test_auto_compute_dtype_is_exact_on_cpu_and_explicit_settings_are_kept():
+    assert encoder_compute_dtype("auto", "cpu") is None
+    assert encoder_compute_dtype("float32", "cpu") is None
+    assert encoder_compute_dtype(None, "cpu") is None  # configs saved before "auto" existed
+    assert encoder_compute_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert encoder_compute_dtype("float16", "cuda") is torch.float16
+    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if torch.cuda.is_available():
+        assert encoder_compute_dtype("auto", "cuda:0") is expected
+
+
+def test_a_typo_in_autocast_is_a_one_line_error():
+    with pytest.raises(
+        ConfigError, match="autocast must be one of auto, bfloat16, float16, float32, got 'bf61'"
+    ):
+        TrainConfig(autocast="bf61")

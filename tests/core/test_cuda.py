@@ -117,8 +117,15 @@ def test_trainer_follows_the_model_device_and_matches_the_cpu_run(tmp_path):
     assert cpu.ctx.device.type == "cpu"  # a CPU model on a GPU machine stays on the CPU
     cpu.fit()
     gpu = make_trainer(
-        tmp_path, model=tiny_model().to(CUDA), data=data, run_name="gpu", lr=3e-3, log_every=1, profile=True
-    )  # run.json records the CUDA peak only when profiling
+        tmp_path,
+        model=tiny_model().to(CUDA),
+        data=data,
+        run_name="gpu",
+        lr=3e-3,
+        log_every=1,
+        profile=True,  # run.json records the CUDA peak only when profiling
+        autocast="float32",  # the exact path, compared with the CPU's ("auto" would be bf16 on the GPU)
+    )
     assert gpu.ctx.device.type == "cuda"
     gpu.fit()
     assert all(p.is_cuda for s in gpu.saes.values() for p in s.parameters())

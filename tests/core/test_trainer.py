@@ -229,6 +229,7 @@ def test_dead_threshold_is_capped_at_a_tenth_of_the_run_so_short_runs_revive_lat
     assert any(line["auxk/layers.0"] > 0 for line in lines), "AuxK never acted in a short run"
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["dead_threshold"] == 51
+    assert run["compute_dtype"] == "float32"  # autocast "auto" is exact on a CPU
     # A threshold below the cap is kept as asked.
     assert make_trainer(tmp_path, run_name="low", dead_feature_threshold=7).dead_threshold == 7
 
