@@ -312,3 +312,14 @@ class ShardedSae(Sae):
         whole = self.whole()
         if whole is not None:
             whole.save_to_disk(path, input_scale=input_scale)
+
+
+def all_shards_agree(flag: bool, layout: ShardLayout) -> bool:
+    """True when `flag` is true on every rank of the shard group (e.g. all gradients finite), so that the
+    shards of one SAE skip or take an update together."""
+    if not layout.sharded:
+        return flag
+    device = "cuda" if layout.mesh is not None and layout.mesh.device_type == "cuda" else "cpu"
+    failures = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(failures, group=layout.shard_group)
+    return int(failures.item()) == 0

@@ -2,18 +2,22 @@
 refused with one line."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from sae_core import SaeConfig
+from sae_core import SaeConfig, TrainConfig
 from sae_core.distributed import DistContext
 from sae_core.errors import ConfigError
 from sae_core.latent_shards import ShardedSae, ShardLayout, make_layout
 from tests.support.processes import free_port
-from tests.support.training import env
+from tests.support.training import COMMON, check, env, run, sae_params, torchrun
 
 WORKER = Path(__file__).parents[1] / "support" / "latent_shard_worker.py"
 
@@ -67,3 +71,63 @@ def test_shard_count_must_divide_the_ranks():
 def test_shard_count_must_divide_the_latents():
     with pytest.raises(ConfigError, match="does not divide the SAE's 36 latents"):
         ShardedSae.create(12, SaeConfig(num_latents=36, k=4), ShardLayout(shards=8))
+
+
+# ---------------------------------------------------------------------------------------- the trainer (CLI)
+def assert_close_params(a: dict, b: dict, exact: bool = False) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def train_args(tiny_model_dir, tiny_text_file):
+    return [str(tiny_model_dir), str(tiny_text_file), *COMMON, "--max_tokens", "2000", "--save_every", "3"]
+
+
+@pytest.mark.slow
+def test_cli_two_replicas_of_two_shards_train_like_one_process_and_resume_exactly(tmp_path, train_args):
+    single = tmp_path / "single"
+    check(
+        run([sys.executable, "-m", "sae_core", *train_args, "--batch_size", "4", "--save_dir", str(single)])
+    )
+    sharded = [*train_args, "--batch_size", "2", "--shard_latents", "2", "--run_name", "r"]
+    check(run(torchrun(4, *sharded, "--save_dir", str(tmp_path / "full"))))
+    full = tmp_path / "full" / "r"
+    # Whole SAEs in the usual layout (Sae.load reads them), equal to one process on the same global batches.
+    assert_close_params(sae_params(full), sae_params(next(single.iterdir())))
+    states = sorted(p.name.split("-")[0] for p in (full / "trainer_state").iterdir())
+    assert states == ["rank0", "rank1"]  # one state per shard, written by the first replica
+
+    part = tmp_path / "part" / "r"
+    proc = subprocess.Popen(
+        torchrun(4, *sharded, "--save_dir", str(tmp_path / "part")),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 180
+    while len(list((part / "trainer_state").glob("rank*-step*.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)  # ranks get SIGTERM from the kernel when torchrun dies (PDEATHSIG)
+    check(run(torchrun(4, *sharded, "--save_dir", str(tmp_path / "part"), "--resume")))
+    assert_close_params(sae_params(part), sae_params(full), exact=True)
+
+    # Another shard count is refused in one line that says what would work.
+    one_process = [*train_args, "--batch_size", "4", "--run_name", "r", "--save_dir", str(tmp_path / "part")]
+    p = run([sys.executable, "-m", "sae_core", *one_process, "--resume"])
+    assert p.returncode != 0
+    assert "the run was saved with --shard_latents 2; resume it with --shard_latents 2" in p.stderr, p.stderr
+
+
+def test_shard_latents_refuses_distribute_layers_and_muon():
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        TrainConfig(shard_latents=2, distribute_layers=True)
+    with pytest.raises(ConfigError, match="does not support --optimizer muon"):
+        TrainConfig(shard_latents=2, optimizer="muon")
