@@ -84,7 +84,7 @@ def worker(args) -> None:
         optimizer.zero_grad()
         sae.set_decoder_norm_to_unit_norm()
 
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the whole SAE built at init is not counted
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: count the steps' growth only
     rss_before = _rss_kib("VmRSS")
     step()  # warm-up; Adam allocates its moments here
     counter["bytes"] = 0

@@ -28,6 +28,7 @@ gradient. Exact ties between positive pre-activations at the k-th place are reso
 shard, as in the unsharded SAE, and torch.topk does not specify which of equal values it keeps.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,29 +175,62 @@ def _pad(t: Tensor, width: int, value: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------- the sharded SAE
+# Rows of the whole SAE's initial encoder drawn at a time while a shard is cut from it (16M floats).
+INIT_BLOCK_ELEMENTS = 1 << 24
+
+
 class ShardedSae(Sae):
     """This rank's shard of an SAE: parameters named as in `Sae` (encoder.weight [M/S, d], encoder.bias,
     W_dec [M/S, d], b_dec [d]), the same forward outputs (global latent indices), and `save_to_disk`, a
     collective of the shard group that writes the whole SAE from shard 0.
 
-    Built from the unsharded SAE's initialisation (the same seed gives the same SAE whatever S); that whole
-    SAE exists on the CPU only while the shards are cut from it.
+    `create` gives exactly the shard of the SAE that `Sae(d_in, cfg)` would build from the same seed, without
+    building it: the whole SAE may not fit in one process. `from_whole` cuts a shard from an existing SAE.
     """
 
-    def __init__(self, whole: Sae, layout: ShardLayout, device: str | torch.device = "cpu"):
-        nn.Module.__init__(self)  # Sae.__init__ would allocate the whole SAE again
-        check_divisible(whole.num_latents, layout.shards)
-        self.cfg, self.d_in, self.hookpoint, self.k_override = whole.cfg, whole.d_in, whole.hookpoint, None
+    def __init__(
+        self,
+        d_in: int,
+        cfg: SaeConfig,
+        layout: ShardLayout,
+        encoder_weight: Tensor,
+        encoder_bias: Tensor,
+        decoder: Tensor,
+        b_dec: Tensor,
+        *,
+        hookpoint: str | None = None,
+    ):
+        nn.Module.__init__(self)  # Sae.__init__ would allocate the whole SAE
+        self.cfg, self.d_in, self.hookpoint, self.k_override = cfg, d_in, hookpoint, None
         self.layout = layout
-        self.total_latents = whole.num_latents
-        per_shard = whole.num_latents // layout.shards
+        self.total_latents = cfg.latents_for(d_in)
+        check_divisible(self.total_latents, layout.shards)
+        per_shard = self.total_latents // layout.shards
+        if encoder_weight.shape != (per_shard, d_in):
+            raise ValueError(f"a shard's encoder is [{per_shard}, {d_in}], got {list(encoder_weight.shape)}")
         self.first_latent = layout.shard_rank * per_shard
-        rows = slice(self.first_latent, self.first_latent + per_shard)
-        self.encoder = nn.Linear(whole.d_in, per_shard, device="meta")
-        self.encoder.weight = nn.Parameter(whole.encoder.weight.data[rows].clone().to(device))
-        self.encoder.bias = nn.Parameter(whole.encoder.bias.data[rows].clone().to(device))
-        self.W_dec = nn.Parameter(whole.W_dec.data[rows].clone().to(device))
-        self.b_dec = nn.Parameter(whole.b_dec.data.clone().to(device))
+        self.encoder = nn.Linear(d_in, per_shard, device="meta")
+        self.encoder.weight = nn.Parameter(encoder_weight)
+        self.encoder.bias = nn.Parameter(encoder_bias)
+        self.W_dec = nn.Parameter(decoder)
+        self.b_dec = nn.Parameter(b_dec)
+
+    @classmethod
+    def from_whole(cls, whole: Sae, layout: ShardLayout, device: str | torch.device = "cpu") -> "ShardedSae":
+        """This rank's rows of `whole` (copied to `device`)."""
+        check_divisible(whole.num_latents, layout.shards)
+        per_shard = whole.num_latents // layout.shards
+        rows = slice(layout.shard_rank * per_shard, (layout.shard_rank + 1) * per_shard)
+        return cls(
+            whole.d_in,
+            whole.cfg,
+            layout,
+            whole.encoder.weight.data[rows].clone().to(device),
+            whole.encoder.bias.data[rows].clone().to(device),
+            whole.W_dec.data[rows].clone().to(device),
+            whole.b_dec.data.clone().to(device),
+            hookpoint=whole.hookpoint,
+        )
 
     @classmethod
     def create(
@@ -209,8 +243,29 @@ class ShardedSae(Sae):
         *,
         hookpoint: str | None = None,
     ) -> "ShardedSae":
-        check_divisible(cfg.latents_for(d_in), layout.shards)
-        return cls(Sae(d_in, cfg, "cpu", dtype, hookpoint=hookpoint), layout, device)
+        """The shard `from_whole(Sae(d_in, cfg, device, dtype))` would give, and the global generator left
+        where `Sae(...)` leaves it. Sae's encoder is nn.Linear's: weight and then bias drawn uniform in
+        +-1/sqrt(d_in) on the CPU in float32 (the bias is then zeroed). The weight is drawn a block of rows at
+        a time (the same numbers as drawn whole: tested) and only this shard's rows are kept."""
+        m = cfg.latents_for(d_in)
+        check_divisible(m, layout.shards)
+        per_shard = m // layout.shards
+        first, stop = layout.shard_rank * per_shard, (layout.shard_rank + 1) * per_shard
+        bound = 1 / math.sqrt(d_in)
+        block_rows = max(1, INIT_BLOCK_ELEMENTS // d_in)
+        kept = []
+        for start in range(0, m, block_rows):
+            block = torch.empty(min(block_rows, m - start), d_in).uniform_(-bound, bound)
+            lo, hi = max(start, first), min(start + block.shape[0], stop)
+            if lo < hi:
+                kept.append(block[lo - start : hi - start].clone())
+        torch.empty(m).uniform_(-bound, bound)  # nn.Linear's bias draw: the generator ends where Sae's does
+        weight = torch.cat(kept).to(device=device, dtype=dtype)
+        decoder = weight.clone()
+        if cfg.normalize_decoder:  # as Sae.set_decoder_norm_to_unit_norm
+            decoder /= torch.norm(decoder, dim=1, keepdim=True) + torch.finfo(decoder.dtype).eps
+        zeros = weight.new_zeros
+        return cls(d_in, cfg, layout, weight, zeros(per_shard), decoder, zeros(d_in), hookpoint=hookpoint)
 
     @property
     def num_latents(self) -> int:

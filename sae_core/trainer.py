@@ -222,9 +222,13 @@ class SaeTrainer:
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
             torch.manual_seed(cfg.seed + hookpoint_seed(hookpoint))
-            device = "cpu" if self.shards else self.ctx.device  # shards are cut from the whole on the CPU
-            sae = Sae(self.d_in, cfg.sae, device, sae_dtype, hookpoint=hookpoint)
-            self.saes[hookpoint] = ShardedSae(sae, self.shards, self.ctx.device) if self.shards else sae
+            if self.shards:
+                sae = ShardedSae.create(
+                    self.d_in, cfg.sae, self.shards, self.ctx.device, sae_dtype, hookpoint=hookpoint
+                )
+            else:
+                sae = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
+            self.saes[hookpoint] = sae
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
         # One optimizer per SAE: each SAE is updated (and its gradients freed) as soon as its last backward of

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_core import SaeConfig, TrainConfig
+from sae_core import Sae, SaeConfig, TrainConfig
 from sae_core.distributed import DistContext
 from sae_core.errors import ConfigError
 from sae_core.latent_shards import ShardedSae, ShardLayout, make_layout
@@ -131,3 +131,19 @@ def test_shard_latents_refuses_distribute_layers_and_muon():
         TrainConfig(shard_latents=2, distribute_layers=True)
     with pytest.raises(ConfigError, match="does not support --optimizer muon"):
         TrainConfig(shard_latents=2, optimizer="muon")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_create_builds_exactly_the_shards_of_the_seeded_sae_without_building_it(monkeypatch, dtype):
+    monkeypatch.setattr("sae_core.latent_shards.INIT_BLOCK_ELEMENTS", 7 * 12)  # blocks cut across shards
+    cfg = SaeConfig(num_latents=36, k=4)
+    torch.manual_seed(5)
+    whole = Sae(12, cfg, dtype=dtype)
+    after_whole = torch.rand(3)
+    for shard in range(3):
+        torch.manual_seed(5)
+        sharded = ShardedSae.create(12, cfg, ShardLayout(shards=3, shard_rank=shard), dtype=dtype)
+        assert torch.equal(torch.rand(3), after_whole)  # the generator ends where Sae's does
+        expected = ShardedSae.from_whole(whole, ShardLayout(shards=3, shard_rank=shard))
+        for (name, p), (_, q) in zip(sharded.named_parameters(), expected.named_parameters()):
+            assert p.dtype == q.dtype and torch.equal(p, q), name

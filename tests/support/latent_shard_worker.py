@@ -87,7 +87,7 @@ def scenario_steps(layout, replica_batches=False):
     cfg = SaeConfig(num_latents=32, k=4)
     torch.manual_seed(0)
     whole = Sae(D_IN, cfg)
-    sharded = ShardedSae(whole, layout)
+    sharded = ShardedSae.from_whole(whole, layout)
     opt_whole, opt_sharded = SaeOptimizer("adam", whole, 1e-2), SaeOptimizer("adam", sharded, 1e-2)
     g = torch.Generator().manual_seed(1)
     dead_sets = [list(range(0, 32, 3)), list(range(16, 32)), [1, 20], []]
@@ -143,7 +143,7 @@ def scenario_ties(layout):
     half = cfg.k // 2
     x = x[(pre[:, half - 1] > pre[:, half]) | (pre[:, half - 1] <= 0)]
     assert x.shape[0] >= 16, "too few rows without a tie at the boundary"
-    sharded = ShardedSae(whole, layout)
+    sharded = ShardedSae.from_whole(whole, layout)
     ref, _ = compare_forward_backward("ties", whole, sharded, x, None)
     twins = (ref.latent_indices % 8).sort(dim=1).values
     # The scenario has ties: chosen latents come in twin pairs across the shards.
@@ -162,7 +162,7 @@ def scenario_wide_k(layout):
     with torch.no_grad():
         whole.encoder.bias[8:] = -50.0
         whole.encoder.bias[:8] = torch.linspace(-1, 1, 8)
-    sharded = ShardedSae(whole, layout)
+    sharded = ShardedSae.from_whole(whole, layout)
     x = torch.randn(20, D_IN)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[2, 5, 9, 14]] = True
