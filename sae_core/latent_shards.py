@@ -29,16 +29,19 @@ shard, as in the unsharded SAE, and torch.topk does not specify which of equal v
 """
 
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .checkpoint import STATE_DIR
 from .config import SaeConfig
 from .distributed import DistContext
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .kernels import sparse_decode, topk_encode
 from .sae import ForwardOutput, Sae
 
@@ -339,19 +342,29 @@ class ShardedSae(Sae):
     # ---------------------------------------------------------------- the whole SAE, for saving
     @torch.no_grad()
     def whole(self) -> Sae | None:
-        """The unsharded SAE on shard 0 of the group (on the CPU), None on the others; a collective."""
-        tensors = {
+        """The unsharded SAE on shard 0 of the group (on the CPU), None on the others; a collective.
+
+        Shard 0 receives one shard at a time into a CPU copy: its device never holds more than one shard
+        more than in training (a gather would put the whole matrix on it)."""
+        group, per_shard = self.layout.shard_group, self.encoder.out_features
+        gathered = {}
+        sharded = {
             "encoder.weight": self.encoder.weight,
             "encoder.bias": self.encoder.bias,
             "W_dec": self.W_dec,
         }
-        gathered = {}
-        for name, t in tensors.items():
+        for name, t in sharded.items():
             t = t.detach().contiguous()
-            parts = [torch.empty_like(t) for _ in range(self.layout.shards)] if self.is_gatherer else None
-            dist.gather(t, parts, group_dst=0, group=self.layout.shard_group)
-            if parts is not None:
-                gathered[name] = torch.cat(parts).cpu()
+            if not self.is_gatherer:
+                dist.send(t, group=group, group_dst=0)
+                continue
+            whole = torch.empty((self.total_latents, *t.shape[1:]), dtype=t.dtype)
+            whole[:per_shard] = t.cpu()
+            received = torch.empty_like(t)
+            for shard in range(1, self.layout.shards):
+                dist.recv(received, group=group, group_src=shard)
+                whole[shard * per_shard : (shard + 1) * per_shard] = received.cpu()
+            gathered[name] = whole
         if not self.is_gatherer:
             return None
         sae = Sae(self.d_in, self.cfg, "meta", self.dtype, hookpoint=self.hookpoint)
@@ -378,3 +391,19 @@ def all_shards_agree(flag: bool, layout: ShardLayout) -> bool:
     failures = torch.tensor([0 if flag else 1], device=device)
     dist.all_reduce(failures, group=layout.shard_group)
     return int(failures.item()) == 0
+
+
+def refuse_incomplete_shard_states(run_dir: Path, shards: int) -> None:
+    """Raise a CheckpointError naming the shard states missing at the newest saved step (resume found no step
+    with the states of all `shards` shards)."""
+    steps: dict[int, set[int]] = {}
+    for p in (run_dir / STATE_DIR).glob("rank*-step*.pt"):
+        if m := re.fullmatch(r"rank(\d+)-step(\d+)\.pt", p.name):
+            steps.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    newest = max(steps)
+    missing = [f"rank{r}-step{newest:09d}.pt" for r in range(shards) if r not in steps[newest]]
+    raise CheckpointError(
+        f"{run_dir / STATE_DIR}: no step has the trainer states of all {shards} latent shards (the newest, "
+        f"step {newest}, lacks {', '.join(missing)}); restore the missing shard states, or resume with the "
+        "--shard_latents the run was saved with"
+    )

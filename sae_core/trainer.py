@@ -49,7 +49,7 @@ from .distributed import (
 )
 from .errors import CheckpointError, ConfigError
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
-from .latent_shards import ShardedSae, all_shards_agree, make_layout
+from .latent_shards import ShardedSae, all_shards_agree, make_layout, refuse_incomplete_shard_states
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
@@ -590,6 +590,8 @@ class SaeTrainer:
             writers = self.shards.shards
         step = ckpt.latest_complete_step(self.run_dir, writers)
         if step is None:
+            if ckpt.has_state(self.run_dir) and self.shards is not None:
+                refuse_incomplete_shard_states(self.run_dir, self.shards.shards)
             if ckpt.has_state(self.run_dir):
                 raise ConfigError(
                     f"{self.run_dir}: the trainer states there were written by a different number of "

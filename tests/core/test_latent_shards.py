@@ -14,8 +14,8 @@ import torch
 
 from sae_core import Sae, SaeConfig, TrainConfig
 from sae_core.distributed import DistContext
-from sae_core.errors import ConfigError
-from sae_core.latent_shards import ShardedSae, ShardLayout, make_layout
+from sae_core.errors import CheckpointError, ConfigError
+from sae_core.latent_shards import ShardedSae, ShardLayout, make_layout, refuse_incomplete_shard_states
 from tests.support.processes import free_port
 from tests.support.training import COMMON, check, env, run, sae_params, torchrun
 
@@ -147,3 +147,13 @@ def test_create_builds_exactly_the_shards_of_the_seeded_sae_without_building_it(
         expected = ShardedSae.from_whole(whole, ShardLayout(shards=3, shard_rank=shard))
         for (name, p), (_, q) in zip(sharded.named_parameters(), expected.named_parameters()):
             assert p.dtype == q.dtype and torch.equal(p, q), name
+
+
+def test_a_missing_shard_state_is_named(tmp_path):
+    states = tmp_path / "trainer_state"
+    states.mkdir()
+    for name in ("rank0-step000000003.pt", "rank0-step000000006.pt", "rank1-step000000006.pt"):
+        (states / name).write_bytes(b"")
+    (states / "rank1-step000000006.pt").unlink()  # shard 1's newest state lost; its step 3 was pruned
+    with pytest.raises(CheckpointError, match=r"step 6, lacks rank1-step000000006.pt\); restore"):
+        refuse_incomplete_shard_states(tmp_path, 2)
