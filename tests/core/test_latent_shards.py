@@ -1,6 +1,7 @@
 """--shard_latents: a sharded SAE equals the unsharded one (real torchrun gloo ranks), and bad layouts are
 refused with one line."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -113,9 +115,18 @@ def test_cli_two_replicas_of_two_shards_train_like_one_process_and_resume_exactl
     deadline = time.time() + 180
     while len(list((part / "trainer_state").glob("rank*-step*.pt"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)  # ranks get SIGTERM from the kernel when torchrun dies (PDEATHSIG)
+    # One rank (shard 1 of replica 1) dies mid-run: the others must not wait for it forever.
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("RANK") == "3"]
+    assert len(ranks) == 1
+    killed_at = time.monotonic()
+    ranks[0].kill()
+    try:
+        proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left, had the wait timed out
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed_at < 60
     check(run(torchrun(4, *sharded, "--save_dir", str(tmp_path / "part"), "--resume")))
     assert_close_params(sae_params(part), sae_params(full), exact=True)
 
