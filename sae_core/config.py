@@ -117,6 +117,10 @@ class TrainConfig:
     distribute_layers: bool = False
     """Under torchrun, place each layer's SAE on one rank instead of all."""
 
+    shard_latents: int = 1
+    """Under torchrun, split each SAE's latents over this many ranks (tensor parallel, for SAEs too wide for
+    one device); the world size must be a multiple of it, each group of that many ranks sharing batches."""
+
     exclude_tokens: list[int] | None = None
     """Token ids never fed to the SAEs; default: the tokenizer's BOS id, and pad's when it is not EOS."""
 
@@ -218,6 +222,18 @@ class TrainConfig:
             raise ConfigError(f"sae_dtype must be float32 or float64, got {self.sae_dtype!r}")
         if self.autocast not in (None, *AUTOCAST_CHOICES):
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {self.autocast!r}")
+        if self.shard_latents < 1:
+            raise ConfigError(f"shard_latents must be a positive integer, got {self.shard_latents}")
+        if self.shard_latents > 1 and self.distribute_layers:
+            raise ConfigError(
+                "--shard_latents and --distribute_layers cannot be combined; choose one "
+                "(--shard_latents for SAEs too wide for one device, --distribute_layers for many layers)"
+            )
+        if self.shard_latents > 1 and self.optimizer == "muon":
+            raise ConfigError(
+                "--shard_latents does not support --optimizer muon (it orthogonalises whole matrices); "
+                "use adam or signum"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, nested SaeConfig included, except the secrets (SECRET_FIELDS)."""
@@ -297,3 +313,8 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.ctx_len < 2:
             raise ConfigError(f"ctx_len must be at least 2, got {self.ctx_len}")
+        if self.shard_latents > 1 and (self.activations or self.sweep or self.init_seeds):
+            raise ConfigError(
+                "--shard_latents is not supported with --activations, --sweep or --init_seeds yet; "
+                "train from the LM, one configuration per run"
+            )

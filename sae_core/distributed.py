@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,14 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # --shard_latents: the data-parallel replicas' group (rank, world_size count replicas) and this rank's
+    # rank in the whole run, which decides the main rank. None: the whole run.
+    group: Any = None
+    global_rank: int | None = None
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return (self.rank if self.global_rank is None else self.global_rank) == 0
 
     @property
     def enabled(self) -> bool:
@@ -103,15 +108,16 @@ def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:
     if ctx.enabled:
         if ctx.device.type == "cuda" and not t.is_cuda:
             on_gpu = t.to(ctx.device)
-            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=ctx.group)
             t.copy_(on_gpu.cpu())
         else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ctx.group)
     return t
 
 
 def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
+    """Every rank of the run (also with --shard_latents, whose ctx counts replicas) waits for all."""
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -130,7 +136,7 @@ def gather_objects(obj, ctx: DistContext) -> list:
     if not ctx.enabled:
         return [obj]
     out: list = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=ctx.group)
     return out
 
 

@@ -50,6 +50,7 @@ from .distributed import (
 from .errors import CheckpointError, ConfigError
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .kernels import encoder_compute_dtype
+from .latent_shards import ShardedSae, all_shards_agree, make_layout, refuse_incomplete_shard_states
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
@@ -124,6 +125,11 @@ class SaeTrainer:
         self.cache = dataset if isinstance(dataset, ActivationCache) else None
         # Without an explicit context, follow the model: a CPU model on a GPU machine trains on the CPU.
         self.ctx = dist_ctx or init_distributed(str(module_device(model)) if model is not None else None)
+        # --shard_latents: each SAE is split over a group of ranks that read the same batches; the trainer's
+        # data parallelism (and its collectives) then runs over replicas of that group (latent_shards.py).
+        self.shards = make_layout(self.ctx, cfg.shard_latents) if cfg.shard_latents > 1 else None
+        if self.shards is not None:
+            self.ctx = self.shards.data_ctx(self.ctx)
         self.run_info = run_info or {}
         self.progress = progress
         self.extra_loggers = list(loggers)
@@ -217,7 +223,13 @@ class SaeTrainer:
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
             torch.manual_seed(cfg.seed + hookpoint_seed(hookpoint))
-            self.saes[hookpoint] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
+            if self.shards:
+                sae = ShardedSae.create(
+                    self.d_in, cfg.sae, self.shards, self.ctx.device, sae_dtype, hookpoint=hookpoint
+                )
+            else:
+                sae = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
+            self.saes[hookpoint] = sae
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
         # One optimizer per SAE: each SAE is updated (and its gradients freed) as soon as its last backward of
@@ -440,6 +452,8 @@ class SaeTrainer:
         # A NaN/Inf on any rank survives the sums above, so every rank decides on the same numbers and
         # skips together without a collective of its own (with --distribute_layers the owner decides alone).
         finite = math.isfinite(sse) and math.isfinite(auxk) and bool(all_finite(grads))
+        if self.shards is not None:  # each shard checked its own rows: skip together
+            finite = all_shards_agree(finite, self.shards)
         if n_tokens == 0 or not finite:
             sae.zero_grad(set_to_none=True)
             metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
@@ -470,7 +484,8 @@ class SaeTrainer:
     def save(self) -> None:
         """Write the SAE folders, this rank's trainer state and run.json; every rank reaches the same
         barriers."""
-        writes_state = self.distributed_layers or self.ctx.is_main
+        # Sharded: every shard of the first replica writes its state and joins the gather of its SAEs.
+        writes_state = self.distributed_layers or self.ctx.is_main or (self.shards and self.ctx.rank == 0)
         refuse_nonfinite_weights(self.saes, self.ctx, self.distributed_layers, self.step, self.run_dir)
         if writes_state:
             try:
@@ -483,7 +498,7 @@ class SaeTrainer:
                 ) from None
         barrier(self.ctx)
         if writes_state:
-            ckpt.prune_states(self.run_dir, self.ctx.rank, self.step)
+            ckpt.prune_states(self.run_dir, self._state_rank, self.step)
         profile = self.profiler.run_info(self.ctx)  # with cfg.profile a collective: every rank joins
         scales = (
             gather_objects(self.input_scales, self.ctx) if self.distributed_layers else [self.input_scales]
@@ -512,7 +527,12 @@ class SaeTrainer:
             **self.watch.state_dict(),
             "input_scales": dict(self.input_scales),
         }
-        ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
+        ckpt.save_state(self.run_dir, self._state_rank, self.step, state)
+
+    @property
+    def _state_rank(self) -> int:
+        """Which trainer-state file this rank writes and reads: its shard with --shard_latents."""
+        return self.shards.shard_rank if self.shards is not None else self.ctx.rank
 
     def _write_run_info(self, profile: dict[str, Any], input_scales: dict[str, float]) -> None:
         cfg = self.cfg
@@ -569,17 +589,29 @@ class SaeTrainer:
                 )
             return
         writers = ckpt.state_writers(self.ctx.world_size, self.distributed_layers)
+        if self.shards is not None:
+            writers = self.shards.shards
         step = ckpt.latest_complete_step(self.run_dir, writers)
         if step is None:
+            if ckpt.has_state(self.run_dir) and self.shards is not None:
+                refuse_incomplete_shard_states(self.run_dir, self.shards.shards)
             if ckpt.has_state(self.run_dir):
                 raise ConfigError(
                     f"{self.run_dir}: the trainer states there were written by a different number of "
-                    "ranks or mode; resume with the same world size and --distribute_layers setting "
-                    "as the original run"
+                    "ranks or mode; resume with the same world size, --distribute_layers and "
+                    "--shard_latents settings as the original run"
                 )
             raise ConfigError(f"nothing to resume: {self.run_dir / ckpt.STATE_DIR} holds no trainer state")
-        path = ckpt.state_path(self.run_dir, self.ctx.rank if self.distributed_layers else 0, step)
+        reader = self._state_rank if self.distributed_layers or self.shards else 0
+        path = ckpt.state_path(self.run_dir, reader, step)
         state = ckpt.load_state(path)
+        saved_shards = json.loads(state["config"]).get("shard_latents", 1)
+        if saved_shards != self.cfg.shard_latents:
+            raise ConfigError(
+                f"{path}: the run was saved with --shard_latents {saved_shards}; resume it with "
+                f"--shard_latents {saved_shards} on a multiple of {saved_shards} ranks "
+                f"(now {self.cfg.shard_latents}; resharding a checkpoint is not supported)"
+            )
         ckpt.check_resumable(
             path,
             state,
