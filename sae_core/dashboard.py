@@ -147,7 +147,9 @@ def _count_choice(name: str, n: int, num_latents: int, hookpoint: str) -> None:
 
 
 class _Buffer:
-    """Per latent, the `size` entries with the largest keys seen so far (key -inf: an empty slot)."""
+    """Per latent, the `size` entries with the largest keys seen so far, in no particular order (key -inf: an
+    empty slot). A merge gathers the context windows of the entries that get in only: after the first
+    batches few candidates beat the entries already kept."""
 
     def __init__(self, n_latents: int, size: int, window: int, device: torch.device):
         self.key = torch.full((n_latents, size), -math.inf, device=device)
@@ -157,20 +159,26 @@ class _Buffer:
         self.acts = torch.zeros(n_latents, size, window, device=device)  # NaN: no activation there
         self.tokens = torch.full((n_latents, size, window), -1, dtype=torch.long, device=device)  # -1: none
 
-    def merge(
-        self, c0: int, c1: int, key: Tensor, value: Tensor, seq: Tensor, pos: Tensor, acts, tokens
-    ) -> None:
-        """Merge candidates for latents c0..c1-1 ([C, n] each; acts and tokens [C, n, window])."""
+    def merge(self, c0: int, c1: int, key: Tensor, value: Tensor, seq: Tensor, pos: Tensor, windows) -> None:
+        """Candidates [C, n] for latents c0..c1-1; `windows(rows, cands)` gives the (acts, tokens) [P, window]
+        of the candidates (rows[p], cands[p]) that get in."""
         size = self.key.shape[1]
-        keys = torch.cat([self.key[c0:c1], key], 1)
-        best = keys.topk(size, dim=1).indices
-        for name, new in (("key", key), ("value", value), ("seq", seq), ("pos", pos)):
-            old = getattr(self, name)
-            old[c0:c1] = torch.cat([old[c0:c1], new], 1).gather(1, best)
-        for name, new in (("acts", acts), ("tokens", tokens)):
-            old = getattr(self, name)
-            both = torch.cat([old[c0:c1], new], 1)
-            old[c0:c1] = both.gather(1, best[..., None].expand(-1, -1, both.shape[2]))
+        best = torch.cat([self.key[c0:c1], key], 1).topk(size, dim=1).indices
+        chosen = torch.zeros(key.shape[0], size + key.shape[1], dtype=torch.bool, device=key.device)
+        chosen.scatter_(1, best, True)
+        incoming = chosen[:, size:] & (key > -math.inf)
+        if not incoming.any():
+            return
+        # The r-th incoming candidate of a row takes the row's r-th slot that was not chosen: there are at
+        # least as many of those, and every non-empty entry pushed out is among the slots filled.
+        rows, cands = incoming.nonzero(as_tuple=True)
+        rank = (incoming.cumsum(1) - 1)[rows, cands]
+        free_first = torch.argsort(chosen[:, :size].to(torch.int8), dim=1, stable=True)
+        slots = free_first[rows, rank]
+        at = (rows + c0, slots)
+        self.key[at], self.value[at] = key[rows, cands], value[rows, cands]
+        self.seq[at], self.pos[at] = seq[rows, cands], pos[rows, cands]
+        self.acts[at], self.tokens[at] = windows(rows, cands)
 
 
 class LatentStats:
@@ -218,28 +226,30 @@ class LatentStats:
             self._add_top(dense.view(batch, length, -1), seq_start, ids, keep, c0, c1)
             self._add_sample(dense.view(batch, length, -1), seq_start, ids, keep, c0, c1)
 
-    def _windows(
-        self, dense: Tensor, ids: Tensor, keep: Tensor, b: Tensor, t: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Activations and token ids [C, n, window] around positions (b, t) [C, n] of each latent column."""
+    def _windows(self, dense: Tensor, ids: Tensor, keep: Tensor, b: Tensor, t: Tensor, c: Tensor):
+        """Activations and token ids [P, window] around positions (b, t) [P] of latent columns c [P]."""
         length = dense.shape[1]
-        tpos = t[..., None] + self.offsets  # [C, n, W]
+        tpos = t[:, None] + self.offsets  # [P, W]
         inside = (tpos >= 0) & (tpos < length)
         tpos = tpos.clamp(0, length - 1)
-        bb = b[..., None].expand_as(tpos)
-        cc = torch.arange(dense.shape[2], device=self.device)[:, None, None].expand_as(tpos)
-        acts = dense[bb, tpos, cc]
-        acts = torch.where(inside & keep[bb, tpos], acts, math.nan)  # excluded tokens have no activation
-        tokens = torch.where(inside, ids[bb, tpos], -1)
-        return acts, tokens
+        bb, cc = b[:, None].expand_as(tpos), c[:, None].expand_as(tpos)
+        acts = torch.where(inside & keep[bb, tpos], dense[bb, tpos, cc], math.nan)  # excluded: no activation
+        return acts, torch.where(inside, ids[bb, tpos], -1)
 
     def _add_top(self, dense: Tensor, seq_start: int, ids: Tensor, keep: Tensor, c0: int, c1: int) -> None:
         peak, t = dense.max(1)  # [B, C]: each sequence's peak of each latent
         peak, t = peak.T, t.T
         b = torch.arange(dense.shape[0], device=self.device).expand_as(t)
         key = torch.where(peak > 0, peak, -math.inf)
-        acts, tokens = self._windows(dense, ids, keep, b, t)
-        self.top.merge(c0, c1, key, peak, b + seq_start, t, acts, tokens)
+        self.top.merge(
+            c0,
+            c1,
+            key,
+            peak,
+            b + seq_start,
+            t,
+            lambda r, n: self._windows(dense, ids, keep, b[r, n], t[r, n], r),
+        )
 
     def _add_sample(self, dense: Tensor, seq_start: int, ids: Tensor, keep: Tensor, c0: int, c1: int) -> None:
         batch, length, n = dense.shape
@@ -248,8 +258,15 @@ class LatentStats:
         keys = torch.where(flat > 0, keys, -math.inf)
         key, where = keys.topk(min(self.cfg.samples, flat.shape[1]), dim=1)
         b, t = where // length, where % length
-        acts, tokens = self._windows(dense, ids, keep, b, t)
-        self.sample.merge(c0, c1, key, flat.gather(1, where), b + seq_start, t, acts, tokens)
+        self.sample.merge(
+            c0,
+            c1,
+            key,
+            flat.gather(1, where),
+            b + seq_start,
+            t,
+            lambda r, m: self._windows(dense, ids, keep, b[r, m], t[r, m], r),
+        )
 
     def _histogram(self, cols: Tensor, vals: Tensor) -> None:
         if cols.numel() == 0:
@@ -470,11 +487,9 @@ def latent_records(
     for col, latent in enumerate(stats.latents.tolist()):
         fired = int(stats.fired[latent])
         width = float(stats.hist_width[col])
-        top = [
-            _context(stats.top, col, s, text, cfg, offset)
-            for s in range(cfg.n_top)
-            if stats.top.key[col, s] > -math.inf
-        ]
+        filled = (stats.top.key[col] > -math.inf).nonzero().squeeze(1)
+        ranked = filled[stats.top.value[col, filled].argsort(descending=True, stable=True)]
+        top = [_context(stats.top, col, int(slot), text, cfg, offset) for slot in ranked]
         valid = (stats.sample.key[col] > -math.inf).nonzero().squeeze(1)
         order = valid[stats.sample.value[col, valid].argsort()]
         quantiles = []
