@@ -157,7 +157,7 @@ class _Buffer:
         self.seq = torch.full((n_latents, size), -1, dtype=torch.long, device=device)
         self.pos = torch.full((n_latents, size), -1, dtype=torch.long, device=device)
         self.acts = torch.zeros(n_latents, size, window, device=device)  # NaN: no activation there
-        self.tokens = torch.full((n_latents, size, window), -1, dtype=torch.long, device=device)  # -1: none
+        self.tokens = torch.full((n_latents, size, window), -1, dtype=torch.int32, device=device)  # -1: none
 
     def merge(self, c0: int, c1: int, key: Tensor, value: Tensor, seq: Tensor, pos: Tensor, windows) -> None:
         """Candidates [C, n] for latents c0..c1-1; `windows(rows, cands)` gives the (acts, tokens) [P, window]
@@ -234,7 +234,7 @@ class LatentStats:
         tpos = tpos.clamp(0, length - 1)
         bb, cc = b[:, None].expand_as(tpos), c[:, None].expand_as(tpos)
         acts = torch.where(inside & keep[bb, tpos], dense[bb, tpos, cc], math.nan)  # excluded: no activation
-        return acts, torch.where(inside, ids[bb, tpos], -1)
+        return acts, torch.where(inside, ids[bb, tpos], -1).int()
 
     def _add_top(self, dense: Tensor, seq_start: int, ids: Tensor, keep: Tensor, c0: int, c1: int) -> None:
         peak, t = dense.max(1)  # [B, C]: each sequence's peak of each latent

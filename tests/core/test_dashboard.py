@@ -2,6 +2,7 @@
 real headless Chromium (Debian's, as the UI test drives it)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,63 @@ def test_cli_top_firing_writes_json_and_a_site_that_works_in_chromium(
         assert browser.evaluate("typeof window.pwned") == "undefined"
     finally:
         assert browser.close() == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Publishing: the dashboards go into the repo under dashboard/, and the card links them
+
+TOKEN = "hf_AliceWriteToken0123456789abcdef"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.support.hub_server import HubServer
+
+    # As in test_hub.py: the client talks to the server on 127.0.0.1 only, with its cache in tmp_path.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    server = HubServer(tmp_path / "hub-storage", tokens={TOKEN: "alice"}).start()
+    yield server
+    server.stop()
+
+
+def test_publish_includes_the_dashboards_and_the_card_links_them(trained_run, tiny_model_dir, hub, tmp_path):
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from sae_core.errors import HubError
+    from sae_core.hub import publish
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("trainer_state"))
+    build_dashboards(str(tiny_model_dir), str(run), latents="0:3", max_tokens=128, out_dir=run / "dashboard")
+    repo = "alice/dashboards"
+    publish(run, repo, token=TOKEN, endpoint=hub.url)
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    files = set(api.list_repo_files(repo))
+    expected = {"dashboard/index.html", "dashboard/dashboard.json"}
+    expected |= {
+        f"dashboard/{h}/{i}.{ext}"
+        for h in ("layers.0", "layers.2")
+        for i in range(3)
+        for ext in ("html", "json")
+    }
+    assert expected <= files
+    text = Path(api.hf_hub_download(repo, "README.md", cache_dir=tmp_path / "dl")).read_text()
+    assert "## Latent dashboards" in text and "[dashboard/index.html](dashboard/index.html)" in text
+    assert "| `layers.0` | 3 |" in text and "(dashboard/layers.2/" in text
+
+    # Published again without dashboards: the old ones leave the repo in the same commit.
+    shutil.rmtree(run / "dashboard")
+    publish(run, repo, token=TOKEN, endpoint=hub.url)
+    assert not any(f.startswith("dashboard/") for f in api.list_repo_files(repo))
+    with pytest.raises(HubError, match="not a latent dashboard folder") as e:
+        publish(run, repo, token=TOKEN, endpoint=hub.url, dashboard_dir=run)
+    assert "\n" not in str(e.value)
