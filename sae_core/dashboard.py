@@ -21,6 +21,7 @@ unembedding. dashboard_html.py renders the records; the same records are written
 """
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -180,6 +181,13 @@ class _Buffer:
         self.seq[at], self.pos[at] = seq[rows, cands], pos[rows, cands]
         self.acts[at], self.tokens[at] = windows(rows, cands)
 
+    def select(self, cols: Tensor) -> "_Buffer":
+        """The entries of the latent columns `cols` only."""
+        out = copy.copy(self)
+        for name in ("key", "value", "seq", "pos", "acts", "tokens"):
+            setattr(out, name, getattr(self, name)[cols])
+        return out
+
 
 class LatentStats:
     """The streaming statistics of one SAE's selected latents (`latents`, sorted ids), batch by batch."""
@@ -287,8 +295,7 @@ class LatentStats:
     def keep_only(self, latents: Tensor) -> "LatentStats":
         """These statistics restricted to `latents` (a subset of the collected ones: the most frequent)."""
         cols = self.column[latents.to(self.device)]
-        out = LatentStats.__new__(LatentStats)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.latents = latents.to(self.device)
         out.column = torch.full_like(self.column, -1)
         out.column[out.latents] = torch.arange(latents.numel(), device=self.device)
@@ -297,10 +304,7 @@ class LatentStats:
             self.hist_counts[cols],
             self.hist_width[cols],
         )
-        for name in ("top", "sample"):
-            old, new = getattr(self, name), _Buffer.__new__(_Buffer)
-            new.__dict__.update({k: t[cols] for k, t in old.__dict__.items()})
-            setattr(out, name, new)
+        out.top, out.sample = self.top.select(cols), self.sample.select(cols)
         return out
 
 
@@ -351,7 +355,13 @@ def collect_latent_stats(
     stats = {}
     for h, sae in saes.items():
         chosen = latents.get(h)
-        chosen = torch.arange(sae.num_latents) if chosen is None else chosen
+        chosen = torch.arange(sae.num_latents) if chosen is None else torch.as_tensor(chosen).long().unique()
+        if chosen.numel() and not 0 <= int(chosen.min()) <= int(chosen.max()) < sae.num_latents:
+            bad = int(chosen.max()) if int(chosen.max()) >= sae.num_latents else int(chosen.min())
+            raise ConfigError(
+                f"latent {bad} is out of range: {h}'s SAE has {sae.num_latents} latents "
+                f"(0 .. {sae.num_latents - 1})"
+            )
         stats[h] = LatentStats(sae.num_latents, chosen, cfg, module_device(sae, device))
     n_batches = math.ceil(n_seq / batch_size)
     with torch.no_grad():

@@ -141,6 +141,34 @@ def test_the_sample_is_uniform_over_firing_tokens(model):
     assert hits[kept].min() > expected / 3 and hits[kept].max() < expected * 2
 
 
+@pytest.mark.parametrize(
+    "hookpoint, latents, ids, message",
+    [
+        (
+            "layers.1",
+            [3, 48],
+            token_ids(),
+            "latent 48 is out of range: layers.1's SAE has 48 latents (0 .. 47)",
+        ),
+        ("layers.9", None, token_ids(), "hookpoint 'layers.9' is not in the model"),
+        (
+            "layers.1",
+            None,
+            token_ids(seq_len=24),
+            "the sequences have 24 tokens, fewer than a context window of 25",
+        ),
+        ("layers.1", None, torch.zeros(0, 30, dtype=torch.long), "no tokens: the input has no sequences"),
+    ],
+)
+def test_api_bad_input_is_a_one_line_error(model, hookpoint, latents, ids, message):
+    from sae_core.errors import SaeCoreError
+
+    chosen = None if latents is None else torch.tensor(latents)
+    with pytest.raises(SaeCoreError) as e:
+        collect_latent_stats(model, {hookpoint: sae()}, ids, {hookpoint: chosen}, exclude_tokens=[BOS])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_logit_lens_applies_the_final_norm_and_unembedding(model):
     s, latents = sae(), torch.tensor([1, 5])
     values, note = logit_lens(model, s, "layers.2", latents, k=4)
