@@ -7,9 +7,10 @@
 The pass reads the evaluation's held-out tokens (`evaluate.load_run_inputs`), runs the LM up to the deepest
 hookpoint (`activations.LiveActivations`) and encodes every kept token with each SAE. Per selected latent it
 keeps, in buffers whose size is fixed before the pass:
-- its top contexts: the `n_top` sequences where its peak activation is highest (one window per sequence, so
-  that neighbouring tokens of one passage do not fill the list), with the activation on every token of the
-  window (`window_before` tokens before the peak, `window_after` after);
+- its top contexts: each sequence is cut into blocks as long as a context window, a block's candidate is its
+  peak token, and the `n_top` highest candidates are kept (so that the neighbours of one strong token do not
+  fill the list), with the activation on every token of the window (`window_before` tokens before the peak,
+  `window_after` after);
 - a uniform random sample of the tokens it fired on (`samples` of them: those with the largest random keys, a
   reservoir that merges batch by batch like the top contexts), sorted at the end into `n_quantiles` groups of
   equal count, `per_quantile` contexts shown from each;
@@ -74,7 +75,7 @@ class DashboardConfig:
     """What each latent's dashboard holds; every buffer's size is fixed by these numbers."""
 
     n_top: int = 20
-    """top-activating contexts per latent (one per sequence)"""
+    """top-activating contexts per latent (at most one per block of a window's length)"""
     window_before: int = 16
     """tokens shown before the peak token of a context"""
     window_after: int = 8
@@ -245,9 +246,14 @@ class LatentStats:
         return acts, torch.where(inside, ids[bb, tpos], -1).int()
 
     def _add_top(self, dense: Tensor, seq_start: int, ids: Tensor, keep: Tensor, c0: int, c1: int) -> None:
-        peak, t = dense.max(1)  # [B, C]: each sequence's peak of each latent
-        peak, t = peak.T, t.T
-        b = torch.arange(dense.shape[0], device=self.device).expand_as(t)
+        batch, length, n = dense.shape
+        span = self.cfg.window
+        blocks = -(-length // span)
+        padded = torch.cat([dense, dense.new_zeros(batch, blocks * span - length, n)], 1)
+        peak, t = padded.view(batch, blocks, span, n).max(2)  # [B, blocks, C]: each block's peak
+        t = t + torch.arange(0, blocks * span, span, device=self.device)[:, None]
+        peak, t = peak.reshape(batch * blocks, n).T, t.reshape(batch * blocks, n).T  # [C, B*blocks]
+        b = torch.arange(batch, device=self.device).repeat_interleave(blocks).expand_as(t)
         key = torch.where(peak > 0, peak, -math.inf)
         self.top.merge(
             c0,

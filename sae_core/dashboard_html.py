@@ -21,7 +21,7 @@ td, th { padding: 2px 8px; text-align: left; border-bottom: 1px solid #eee; }
 .tok { border-radius: 2px; }
 .tok.peak { outline: 2px solid #c0392b; }
 .tok.none { color: #999; }
-.muted { color: #777; } h2 { margin-top: 1.5em; }
+.muted { color: #777; } .where { white-space: nowrap; } h2 { margin-top: 1.5em; }
 """
 
 SEARCH_SCRIPT = """
@@ -91,7 +91,7 @@ def context_html(context: Mapping[str, Any], scale: float | None) -> str:
     for i, (token, act) in enumerate(zip(context["tokens"], context["activations"], strict=True)):
         classes = ["tok"] + (["peak"] if i == context["peak"] else []) + (["none"] if act is None else [])
         alpha = 0.0 if act is None or not scale else max(0.0, min(1.0, act / scale))
-        style = f' style="background-color: rgba(255, 140, 0, {alpha:.3f})"' if alpha > 0 else ""
+        style = f' style="background:#ff8c00{round(alpha * 255):02x}"' if alpha > 0 else ""  # orange, alpha
         tip = "excluded token (no activation)" if act is None else f"{act:.4g}"
         spans.append(
             f'<span class="{" ".join(classes)}"{style} title="{_e(tip)}">{_e(_visible(token))}</span>'
@@ -152,7 +152,7 @@ def latent_page(record: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     if record["top_contexts"]:
         rows = "".join(
             f'<tr><td class="num">{c["activation"]:.4g}</td><td class="ctx">{context_html(c, scale)}</td>'
-            f'<td class="muted">seq {c["sequence"]}, pos {c["position"]}</td></tr>'
+            f'<td class="muted where">seq {c["sequence"]}, pos {c["position"]}</td></tr>'
             for c in record["top_contexts"]
         )
         parts.append(f'<table id="top">{rows}</table>')

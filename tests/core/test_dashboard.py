@@ -93,13 +93,20 @@ def test_statistics_match_a_brute_force_computation(model):
         expect = torch.bincount(torch.floor(fired.double() / w).long(), minlength=cfg.hist_bins)
         assert r["histogram"]["counts"] == expect.tolist()
         assert cfg.hist_bins * w / 2 <= fired.max().item() < cfg.hist_bins * w
-        # Top contexts: the n_top sequences with the highest peak, each with its window of activations.
-        peaks, where = a.max(1)
-        order = [i for i in peaks.argsort(descending=True).tolist() if peaks[i] > 0][: cfg.n_top]
-        assert [c["sequence"] for c in r["top_contexts"]] == order
-        for c in r["top_contexts"]:
+        # Top contexts: the n_top highest peaks of blocks of a window's length, each with its window.
+        span = cfg.window
+        peaks = []
+        for seq in range(ids.shape[0]):
+            for start in range(0, ids.shape[1], span):
+                value, offset = a[seq, start : start + span].max(0)
+                if value > 0:
+                    peaks.append((value.item(), seq, start + offset.item()))
+        peaks.sort(reverse=True)
+        got = [(c["sequence"], c["position"]) for c in r["top_contexts"]]
+        assert got == [(seq, pos) for _, seq, pos in peaks[: cfg.n_top]]
+        for c, (value, _, _) in zip(r["top_contexts"], peaks, strict=False):
             seq, pos = c["sequence"], c["position"]
-            assert pos == where[seq] and c["activation"] == pytest.approx(peaks[seq].item())
+            assert c["activation"] == pytest.approx(value)
             lo, hi = max(0, pos - cfg.window_before), min(ids.shape[1], pos + cfg.window_after + 1)
             assert c["token_ids"] == ids[seq, lo:hi].tolist() and c["peak"] == pos - lo
             want = [None if t == BOS else v for t, v in zip(ids[seq, lo:hi].tolist(), a[seq, lo:hi].tolist())]
