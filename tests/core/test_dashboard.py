@@ -196,6 +196,21 @@ def test_logit_lens_applies_the_final_norm_and_unembedding(model):
     assert values is None and "not written into the residual stream" in note
 
 
+def test_logit_lens_of_a_layernorm_model_leaves_out_the_norms_bias():
+    gpt2 = tiny_model("gpt2", n_layers=2, d=D)
+    with torch.no_grad():
+        gpt2.transformer.ln_f.bias.normal_()  # a bias that would dominate every latent's logits if kept
+    s, latents = sae(), torch.tensor([0, 9])
+    values, note = logit_lens(gpt2, s, "layers.1", latents, k=5)
+    ln, rows = gpt2.transformer.ln_f, s.W_dec.detach()[latents]
+    centred = rows - rows.mean(-1, keepdim=True)
+    normed = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps) * ln.weight
+    logits = normed @ gpt2.lm_head.weight.detach().T
+    assert torch.equal(values["promoted_ids"], logits.topk(5, dim=1).indices)
+    assert torch.allclose(values["suppressed"], logits.topk(5, dim=1, largest=False).values, atol=1e-5)
+    assert "transformer.ln_f" in note
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A trained run: the command line, bad input, the site in a browser
 
