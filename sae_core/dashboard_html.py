@@ -86,16 +86,16 @@ def _visible(token: str) -> str:
 
 def context_html(context: Mapping[str, Any], scale: float | None) -> str:
     """One context on one line: each token's background as strong as its activation relative to `scale`
-    (the latent's largest activation), the peak token outlined, the activation in each token's tooltip."""
+    (the latent's largest activation), the peak token outlined, a non-zero activation in its tooltip."""
     spans = []
     for i, (token, act) in enumerate(zip(context["tokens"], context["activations"], strict=True)):
         classes = ["tok"] + (["peak"] if i == context["peak"] else []) + (["none"] if act is None else [])
         alpha = 0.0 if act is None or not scale else max(0.0, min(1.0, act / scale))
         style = f' style="background:#ff8c00{round(alpha * 255):02x}"' if alpha > 0 else ""  # orange, alpha
-        tip = "excluded token (no activation)" if act is None else f"{act:.4g}"
-        spans.append(
-            f'<span class="{" ".join(classes)}"{style} title="{_e(tip)}">{_e(_visible(token))}</span>'
-        )
+        # A tooltip where there is something to say: most tokens of a window do not fire (0).
+        tip = "excluded token (no activation)" if act is None else f"{act:.4g}" if act else None
+        title = f' title="{_e(tip)}"' if tip else ""
+        spans.append(f'<span class="{" ".join(classes)}"{style}{title}>{_e(_visible(token))}</span>')
     return "".join(spans)
 
 
