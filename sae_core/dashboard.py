@@ -58,10 +58,12 @@ __all__ = [
     "LatentStats",
     "build_dashboards",
     "collect_latent_stats",
+    "latent_records",
     "logit_lens",
     "main",
     "parse_latents",
     "residual_role",
+    "write_dashboards",
 ]
 
 # Modules of a block whose output the block adds to the residual stream (Llama, GPT-NeoX, GPT-2 spellings).
