@@ -90,6 +90,7 @@ def render_model_card(
     plots: Sequence[str] = (),
     license: str = "mit",
     secrets: Sequence[str] = (),
+    dashboard: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
     """Render README.md for a set of SAEs.
 
@@ -97,6 +98,7 @@ def render_model_card(
     hookpoints: hookpoint name -> its cfg.json. run: run.json, if the run wrote one.
     report: eval report.json; report_md: report.md, used only when there is no report.json.
     plots: repo-relative paths of plot images (e.g. "eval/fvu.png"). secrets: strings that must never appear.
+    dashboard: the summary rows of published latent dashboards (dashboard/dashboard.json), per hookpoint.
     """
     run = run or {}
     names = sorted(hookpoints, key=natural_key)
@@ -125,6 +127,8 @@ def render_model_card(
         parts.append(_evaluation(report, report_md, plots, names))
     elif plots:
         parts.append("## Plots\n\n" + "".join(f"![{_stem(p)}]({p})\n" for p in plots))
+    if dashboard:
+        parts.append(_dashboards(dashboard))
     if run.get("config"):
         parts.append(_config_table(run["config"], secrets))
     text = "\n".join(parts)
@@ -234,6 +238,23 @@ def _evaluation(report, report_md, plots, names) -> str:
     for plot in plots:
         lines.append(f"![{_stem(plot)}]({plot})\n")
     return "\n".join(lines)
+
+
+def _dashboards(dashboard: Mapping[str, Sequence[Mapping[str, Any]]], shown: int = 5) -> str:
+    """Links to the latent dashboards: the index, and each hookpoint's most frequent latents."""
+    rows = []
+    for h in sorted(dashboard, key=natural_key):
+        top = sorted(dashboard[h], key=lambda r: (-r["density"], r["latent"]))[:shown]
+        links = ", ".join(f"[{r['latent']}](dashboard/{r['page']})" for r in top)
+        rows.append([f"`{h}`", len(dashboard[h]), links])
+    return (
+        "## Latent dashboards\n\n"
+        "Top-activating contexts, quantile samples, density, activation histogram and logit lens of "
+        f"{sum(len(r) for r in dashboard.values())} latents: [dashboard/index.html](dashboard/index.html) "
+        "(a static site: download the `dashboard/` folder and open it in a browser; the Hub shows HTML as "
+        "source). The same data as JSON: `dashboard/<hookpoint>/<latent>.json`.\n\n"
+        + _table(["hookpoint", "latents", "most frequent"], rows)
+    )
 
 
 def _config_table(config: Mapping[str, Any], secrets: Sequence[str]) -> str:

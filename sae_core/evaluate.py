@@ -16,7 +16,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from .models import load_model, max_context, module_device, special_token_ids
 from .report import METRIC_KEYS, PLOT_FILES, EvalReport
 from .sae import Sae
 from .splice import FINAL_NORMS, Splicer, block_means, check_saes
-from .utils import exit_on_bad_input
+from .utils import exit_on_bad_input, natural_key
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -47,6 +47,7 @@ __all__ = [
     "density_histogram",
     "evaluate",
     "evaluate_run",
+    "load_run_inputs",
     "main",
     "training_dead_pct",
 ]
@@ -302,7 +303,19 @@ def training_dead_pct(run_dir: str | Path) -> dict[str, float]:
     return dead
 
 
-def evaluate_run(
+class RunInputs(NamedTuple):
+    """What an evaluation of a run reads: the LM, its tokenizer, the SAEs and the held-out tokens."""
+
+    model: nn.Module
+    tokenizer: Any
+    saes: dict[str, Sae]
+    data: Any  # the held-out sequences (a tokenized Dataset slice)
+    settings: dict[str, Any]  # model name and which tokens were held out (heldout.py)
+    exclude_tokens: list[int]  # special tokens left out ([] with include_special_tokens)
+    run_dir: Path | None  # the local run folder, None for a Hub repo
+
+
+def load_run_inputs(
     model_name_or_path: str | None,
     sae_path_or_repo: str,
     dataset: str | None = None,
@@ -311,20 +324,16 @@ def evaluate_run(
     ctx_len: int | None = None,
     split: str | None = None,
     offset: int | None = None,
-    out_dir: str | Path | None = None,
     include_special_tokens: bool = False,
-    batch_size: int = 8,
-    hookpoints: str | None = None,
+    hookpoints: str | Sequence[str] | None = None,
     device: str | None = None,
     dtype: str = "float32",
-    splice: str = "auto",
     text_column: str | None = None,
     token: str | None = None,
-    progress: bool = False,
-) -> EvalReport:
+) -> RunInputs:
     """Load a model (None: the run's, else the embedded one), its SAEs (a run folder, a folder of hookpoint
-    folders, or a Hub repo; `hookpoints` is a glob) and held-out data; evaluate; write report.json,
-    report.md and the plots into `out_dir` when it is given.
+    folders, or a Hub repo; `hookpoints` is a glob or a list of them) and held-out data, as `evaluate_run`
+    evaluates them (the latent dashboards read the same tokens).
 
     Held-out tokens: by default the sequences after those the run trained on (heldout.py says how);
     `offset` (the first sequence) or another `split` overrides that. settings["held_out"] records the choice.
@@ -338,7 +347,12 @@ def evaluate_run(
     if ctx_len is not None and ctx_len < 2:
         raise EvalError(f"ctx_len must be at least 2, got {ctx_len}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    saes = Sae.load_many_from_hub(sae_path_or_repo, hookpoints, device=device, token=token)
+    patterns = [hookpoints] if hookpoints is None or isinstance(hookpoints, str) else list(hookpoints)
+    saes: dict[str, Sae] = {}
+    for pattern in patterns:
+        saes.update(Sae.load_many_from_hub(sae_path_or_repo, pattern, device=device, token=token))
+    if len(patterns) > 1:  # several globs: natural order, as one glob loads them
+        saes = dict(sorted(saes.items(), key=lambda item: natural_key(item[0])))
     local = Path(sae_path_or_repo).expanduser()
     run = read_run_json(local / "run.json") if local.is_dir() else {}
 
@@ -361,20 +375,68 @@ def evaluate_run(
         token=token,
     )
     exclude = [] if include_special_tokens else special_token_ids(tokenizer)
-    dead_train = training_dead_pct(local) if local.is_dir() else {}
-    report = evaluate(
+    return RunInputs(
         model,
+        tokenizer,
         saes,
         data,
-        exclude_tokens=exclude,
+        {"model": model_name, **settings},
+        exclude,
+        local if local.is_dir() else None,
+    )
+
+
+def evaluate_run(
+    model_name_or_path: str | None,
+    sae_path_or_repo: str,
+    dataset: str | None = None,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    ctx_len: int | None = None,
+    split: str | None = None,
+    offset: int | None = None,
+    out_dir: str | Path | None = None,
+    include_special_tokens: bool = False,
+    batch_size: int = 8,
+    hookpoints: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    splice: str = "auto",
+    text_column: str | None = None,
+    token: str | None = None,
+    progress: bool = False,
+) -> EvalReport:
+    """Load a model, its SAEs and held-out data (`load_run_inputs`); evaluate; write report.json,
+    report.md and the plots into `out_dir` when it is given. settings["held_out"] records which tokens.
+    """
+    inputs = load_run_inputs(
+        model_name_or_path,
+        sae_path_or_repo,
+        dataset,
+        max_tokens=max_tokens,
+        ctx_len=ctx_len,
+        split=split,
+        offset=offset,
+        include_special_tokens=include_special_tokens,
+        hookpoints=hookpoints,
+        device=device,
+        dtype=dtype,
+        text_column=text_column,
+        token=token,
+    )
+    dead_train = training_dead_pct(inputs.run_dir) if inputs.run_dir is not None else {}
+    report = evaluate(
+        inputs.model,
+        inputs.saes,
+        inputs.data,
+        exclude_tokens=inputs.exclude_tokens,
         batch_size=batch_size,
         splice=splice,
         dead_pct_train=dead_train,
         progress=progress,
     )
     report.settings = {
-        "model": model_name,
-        **settings,
+        **inputs.settings,
         **report.settings,
         "include_special_tokens": include_special_tokens,
         "sae_path": str(sae_path_or_repo),

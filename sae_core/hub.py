@@ -1,7 +1,8 @@
 """Publish a run's SAEs to the Hugging Face Hub (or to a local folder).
 
     publish(run_dir, "me/my-saes")        one Hub commit: every <hookpoint>/{cfg.json, sae.safetensors},
-                                          a README.md model card, and eval/ (report + plots) when present
+                                          a README.md model card, eval/ (report + plots) and dashboard/
+                                          (latent dashboards, sae_core.dashboard) when present
     publish(run_dir, local_dir="out/")    the same tree, written atomically to a folder
     python -m sae_core.hub RUN_DIR [REPO_ID] [--local_dir DIR] ...
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 EVAL_FILES = ("report.json", "report.md")
 CARD = "README.md"
 EVAL_PREFIX = "eval/"
+DASHBOARD_PREFIX = "dashboard/"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class _Bundle:
     report: dict[str, Any] | None = None
     report_md: str | None = None
     plots: list[str] = field(default_factory=list)
+    dashboard: dict[str, list[dict[str, Any]]] | None = None  # dashboard.json's summary rows per hookpoint
 
     def card(self, repo_id: str | None, license: str, secrets: list[str]) -> bytes:
         return render_model_card(
@@ -86,6 +89,7 @@ class _Bundle:
             report=self.report,
             report_md=self.report_md,
             plots=self.plots,
+            dashboard=self.dashboard,
             license=license,
             secrets=secrets,
         ).encode()
@@ -101,7 +105,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _gather(run_dir: Path, eval_dir: Path | None) -> _Bundle:
+def _gather(run_dir: Path, eval_dir: Path | None, dashboard_dir: Path | None = None) -> _Bundle:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
     names = list_hookpoints(run_dir)
@@ -134,6 +138,19 @@ def _gather(run_dir: Path, eval_dir: Path | None) -> _Bundle:
         for png in sorted(eval_dir.glob("*.png")):
             bundle.files[EVAL_PREFIX + png.name] = png
             bundle.plots.append(EVAL_PREFIX + png.name)
+
+    # Latent dashboards (python -m sae_core.dashboard): a given folder must be one; the default is optional.
+    folder = run_dir / "dashboard" if dashboard_dir is None else dashboard_dir
+    if dashboard_dir is not None and not (folder / "dashboard.json").is_file():
+        raise HubError(
+            f"{folder} is not a latent dashboard folder (no dashboard.json): python -m sae_core.dashboard"
+        )
+    if (folder / "dashboard.json").is_file():
+        bundle.dashboard = _read_json(folder / "dashboard.json").get("hookpoints") or {}
+        for path in sorted(folder.rglob("*")):
+            relative = path.relative_to(folder).as_posix()
+            if path.is_file() and not any(part.startswith(".") for part in relative.split("/")):
+                bundle.files[DASHBOARD_PREFIX + relative] = path
     return bundle
 
 
@@ -165,13 +182,15 @@ def publish(
     eval_dir: str | os.PathLike[str] | None = None,
     local_dir: str | os.PathLike[str] | None = None,
     license: str = "mit",
+    dashboard_dir: str | os.PathLike[str] | None = None,
 ) -> PublishResult:
     """Publish the SAEs of `run_dir` with a model card, to the Hub repo `repo_id` or, if None, to `local_dir`.
 
     Hub: creates the repo if missing and makes ONE commit holding every hookpoint folder, README.md and eval/
-    (report.json, report.md, *.png from `eval_dir`, default run_dir/eval). Files of an earlier publish that
-    this run no longer has (a hookpoint, a plot) are deleted in the same commit; files it does not manage are
-    kept. Identical content makes no commit (`created_commit` is False). The commit names its parent, so a
+    (report.json, report.md, *.png from `eval_dir`, default run_dir/eval), and dashboard/ (the latent
+    dashboards of `dashboard_dir`, default run_dir/dashboard when it holds one). Files of an earlier publish
+    that this run no longer has (a hookpoint, a plot) are deleted in the same commit; files it does not manage
+    are kept. Identical content makes no commit (`created_commit` is False). The commit names its parent, so a
     concurrent push makes it fail cleanly instead of mixing two runs; a failed publish leaves the previous
     revision intact.
 
@@ -181,7 +200,11 @@ def publish(
     endpoint: defaults to HF_ENDPOINT / huggingface.co.
     """
     run_dir = Path(run_dir)
-    bundle = _gather(run_dir, Path(eval_dir) if eval_dir is not None else None)
+    bundle = _gather(
+        run_dir,
+        Path(eval_dir) if eval_dir is not None else None,
+        Path(dashboard_dir) if dashboard_dir is not None else None,
+    )
     if repo_id is None:
         if local_dir is None:
             raise HubError("nowhere to publish: pass a Hub repo_id, or local_dir to write a folder")
@@ -249,7 +272,8 @@ def _stale_files(remote_files: list[str], keep: set[str]) -> list[str]:
     managed = [
         path
         for path in remote_files
-        if path.startswith(EVAL_PREFIX) or ("/" in path and path.split("/")[0] in hookpoint_dirs)
+        if path.startswith((EVAL_PREFIX, DASHBOARD_PREFIX))
+        or ("/" in path and path.split("/")[0] in hookpoint_dirs)
     ]
     return sorted(path for path in managed if path not in keep)
 
@@ -349,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--local_dir", help="write the publishable folder here instead (when no REPO_ID)")
     parser.add_argument("--eval_dir", help="evaluation folder (default: RUN_DIR/eval)")
+    parser.add_argument(
+        "--dashboard_dir", help="latent dashboards to include (default: RUN_DIR/dashboard when present)"
+    )
     parser.add_argument("--commit_message", default="Upload SAEs")
     parser.add_argument("--license", default="mit", help="license in the model card (default: mit)")
     args = parser.parse_args(argv)
@@ -364,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             commit_message=args.commit_message,
             eval_dir=args.eval_dir,
             local_dir=args.local_dir,
+            dashboard_dir=args.dashboard_dir,
             license=args.license,
         )
     print(result.describe())

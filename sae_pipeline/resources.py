@@ -60,6 +60,9 @@ class ArtefactStore(dg.ConfigurableResource):
     def publish_dir(self, model: str, stride: int) -> Path:
         return self._under_root("published", check_model_key(model), f"stride-{int(stride)}")
 
+    def dashboard_dir(self, model: str, stride: int) -> Path:
+        return self._under_root("dashboards", check_model_key(model), f"stride-{int(stride)}")
+
     @contextlib.contextmanager
     def exclusive(self, folder: Path) -> Iterator[None]:
         """Hold an exclusive lock on `folder` (a sibling lock file) for the block, or fail at once.
