@@ -12,6 +12,12 @@ from .errors import ConfigError
 
 OptimizerName = Literal["adam", "signum", "muon"]
 
+# An activation cache holds each module's output only, not the input a transcoder encodes.
+TRANSCODE_FROM_CACHE = (
+    "--transcode cannot train from --activations: the cache holds module outputs, not the module inputs a "
+    "transcoder encodes; train it live (without --activations)"
+)
+
 # Fields that are never serialised: not into run.json, trainer states, logs, cards or the pipeline's records.
 SECRET_FIELDS = frozenset({"hf_token"})
 
@@ -35,6 +41,12 @@ class SaeConfig:
 
     k: int = 32
     """Number of latents kept active per token (the TopK)."""
+
+    transcode: bool = False
+    """Train transcoders: encode each hooked module's input and predict its output (e.g. layers.*.mlp)."""
+
+    skip_connection: bool = False
+    """Add a learned linear skip connection from input to output (W_skip, zero at the start)."""
 
     def __post_init__(self) -> None:
         if self.num_latents < 0:
@@ -202,6 +214,9 @@ class TrainConfig:
             raise ConfigError(
                 f"k_decay_start={self.k_decay_start} is below k={self.sae.k}: k decays from a larger start"
             )
+        if self.sae.transcode and self.normalize_inputs:
+            # The input and output scales would both have to be folded into the saved transcoder.
+            raise ConfigError("--normalize_inputs is not supported with --transcode; drop one of them")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
         if self.sae_dtype in ("bfloat16", "float16"):
@@ -294,3 +309,5 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.ctx_len < 2:
             raise ConfigError(f"ctx_len must be at least 2, got {self.ctx_len}")
+        if self.activations is not None and self.sae.transcode:
+            raise ConfigError(TRANSCODE_FROM_CACHE)

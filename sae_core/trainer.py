@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .activations import LiveActivations, excluded_token_ids
 from .cache import ActivationCache, CachedActivations
-from .config import TrainConfig
+from .config import TRANSCODE_FROM_CACHE, TrainConfig
 from .data import sequence_shape
 from .distributed import (
     DistContext,
@@ -56,6 +56,7 @@ from .models import (
     module_device,
     resolve_dtype,
     select_hookpoints,
+    transcoder_widths,
 )
 from .optim import SaeOptimizer, default_lr, lr_at, warmup_steps
 from .sae import Sae
@@ -186,16 +187,26 @@ class SaeTrainer:
             gather=self.distributed_layers,
             profiler=self.profiler,
             order=order,
+            transcode=self.cfg.sae.transcode,
+            d_out=self.d_out,
         )
 
     def _place_hookpoints(self) -> None:
         """The SAEs this rank trains: all (alone, or data parallel) or its share (--distribute_layers)."""
         cfg = self.cfg
         selection = {"layers": cfg.layers, "layer_stride": cfg.layer_stride, "hookpoints": cfg.hookpoints}
+        transcode = cfg.sae.transcode
         if self.cache is not None:
+            if transcode:
+                raise ConfigError(TRANSCODE_FROM_CACHE)
             self.hookpoints, self.d_in = self.cache.select_hookpoints(**selection), self.cache.d_in
         else:
-            self.hookpoints, self.d_in = select_hookpoints(self.model, **selection), hidden_size(self.model)
+            self.hookpoints = select_hookpoints(self.model, **selection, transcode=transcode)
+            self.d_in = hidden_size(self.model)
+        # Transcoders: the width of the modules' inputs and outputs; an SAE's output is its input.
+        self.d_in, self.d_out = (
+            transcoder_widths(self.model, self.hookpoints) if transcode else (self.d_in,) * 2
+        )
         self.distributed_layers = cfg.distribute_layers and self.ctx.enabled
         self.ddp = self.ctx.enabled and not self.distributed_layers
         if self.distributed_layers:
@@ -216,7 +227,9 @@ class SaeTrainer:
         self.saes: dict[str, Sae] = {}
         for hookpoint in self.local_hookpoints:
             torch.manual_seed(cfg.seed + hookpoint_seed(hookpoint))
-            self.saes[hookpoint] = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
+            self.saes[hookpoint] = Sae(
+                self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint, d_out=self.d_out
+            )
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
         # One optimizer per SAE: each SAE is updated (and its gradients freed) as soon as its last backward of
@@ -305,7 +318,14 @@ class SaeTrainer:
             batches = list(batches)
             for hookpoint in local_hookpoints:
                 self._init_from_first_step(
-                    hookpoint, torch.cat([batch.inputs[hookpoint] for batch in batches])
+                    hookpoint,
+                    torch.cat([batch.inputs[hookpoint] for batch in batches]),
+                    torch.cat(
+                        [
+                            (batch.inputs if batch.targets is None else batch.targets)[hookpoint]
+                            for batch in batches
+                        ]
+                    ),
                 )
             self.b_dec_initialised = True
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
@@ -326,13 +346,17 @@ class SaeTrainer:
                     nonfinite[hookpoint] += batch.nonfinite[hookpoint]
                     if self.input_scales[hookpoint] != 1.0:
                         x = x * self.input_scales[hookpoint]
-                    variance[hookpoint].add(x)
+                    # What the SAE reconstructs: x, or a transcoder's module output.
+                    y = batch.targets[hookpoint] if batch.targets is not None else x
+                    variance[hookpoint].add(y)
                     dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
                     # An empty batch (every token excluded or non-finite) has nothing to backward.
-                    for chunk in x.chunk(cfg.micro_acc_steps) if x.shape[0] else ():
+                    chunks = zip(x.chunk(cfg.micro_acc_steps), y.chunk(cfg.micro_acc_steps))
+                    for chunk, target in chunks if x.shape[0] else ():
                         out = self.saes[hookpoint](
                             chunk,
                             dead_mask,
+                            target=target,
                             total_variance=1.0,
                             residual_variance=self._auxk_denominator(hookpoint),
                             compute_dtype=self.compute_dtype,
@@ -374,18 +398,24 @@ class SaeTrainer:
         return TrainStep(step.tokens, {**step.metrics, **totals})
 
     @torch.no_grad()
-    def _init_from_first_step(self, hookpoint: str, x: Tensor) -> None:
+    def _init_from_first_step(self, hookpoint: str, x: Tensor, y: Tensor) -> None:
         """From the first step's tokens (over all ranks): the input scale (normalize_inputs: mean squared norm
-        d_in), and b_dec at their (scaled) mean, so the encoder sees centred inputs."""
-        xd = x.double()
-        head = torch.cat([torch.tensor([float(x.shape[0]), xd.pow(2).sum()]), xd.sum(0).cpu()])
+        d_in), and b_dec at their (scaled) mean, so the encoder sees centred inputs. A transcoder (y: the
+        module outputs) starts b_dec at the outputs' mean and the encoder bias at -W_enc mean(x), as
+        sparsify."""
+        xd, yd = x.double(), y.double()
+        sums = [yd.sum(0).cpu()] + ([xd.sum(0).cpu()] if self.cfg.sae.transcode else [])
+        head = torch.cat([torch.tensor([float(x.shape[0]), xd.pow(2).sum()]), *sums])
         if self.ddp:
             all_reduce_sum(head, self.ctx)
-        count, sum_sq, total = head[0].clamp_min(1), head[1], head[2:]
+        count, sum_sq, total = head[0].clamp_min(1), head[1], head[2 : 2 + self.d_out]
         if self.cfg.normalize_inputs and sum_sq > 0:
             self.input_scales[hookpoint] = math.sqrt(self.d_in * float(count) / float(sum_sq))
-        b_dec = self.saes[hookpoint].b_dec
-        b_dec.data.copy_((total / count * self.input_scales[hookpoint]).to(b_dec.dtype))
+        sae = self.saes[hookpoint]
+        sae.b_dec.data.copy_((total / count * self.input_scales[hookpoint]).to(sae.b_dec.dtype))
+        if self.cfg.sae.transcode:
+            mean_x = (head[2 + self.d_out :] / count).to(sae.encoder.weight)
+            sae.encoder.bias.data.copy_(-(sae.encoder.weight.data @ mean_x))
 
     def _merge_ranks(self, step: TrainStep) -> TrainStep:
         """With --distribute_layers each rank has its own layers' metrics: merge them (everyone gets all)."""
@@ -414,7 +444,6 @@ class SaeTrainer:
         "stepped", or "nonfinite" / "empty" when the update was skipped (weights, Adam state and dead
         counters untouched).
         """
-        cfg = self.cfg
         sae = self.saes[hookpoint]
         n_tokens, total_variance = variance.pooled(self.ctx, reduce=self.ddp)
         for p in sae.parameters():
@@ -443,11 +472,11 @@ class SaeTrainer:
             sae.zero_grad(set_to_none=True)
             metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
             return n_tokens, metrics, "empty" if finite else "nonfinite", int(nonfinite)
-        if cfg.sae.normalize_decoder:
+        if sae.unit_norm_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizers[hookpoint].step()
         self.optimizers[hookpoint].zero_grad()
-        if cfg.sae.normalize_decoder:
+        if sae.unit_norm_decoder:
             sae.set_decoder_norm_to_unit_norm()
         counters = self.tokens_since_fired[hookpoint]
         counters += n_tokens
