@@ -146,11 +146,19 @@ class TrainConfig:
     k_decay_start: int | None = None
     """The k of step 0 under k_decay_steps; default min(latents, 10 x d_in), as in sparsify."""
 
+    finetune: str | None = None
+    """Start from these SAEs instead of fresh ones: a run folder, a folder of hookpoint folders or a Hub repo
+    with an SAE of the same shape for every hookpoint trained."""
+
     max_tokens: int | None = None
     """Stop after this many tokens (default: one pass over the dataset)."""
 
     save_every: int = 1000
     """Save a checkpoint every this many optimizer steps (and at the end)."""
+
+    save_best: bool = False
+    """At each checkpoint also keep every SAE whose running FVU (mean since the last checkpoint) is its best
+    so far, in run_dir/best/<hookpoint>/."""
 
     save_dir: str = "checkpoints"
     """Folder under which the run folder is created."""
@@ -217,6 +225,9 @@ class TrainConfig:
         if self.sae.transcode and self.normalize_inputs:
             # The input and output scales would both have to be folded into the saved transcoder.
             raise ConfigError("--normalize_inputs is not supported with --transcode; drop one of them")
+        if self.finetune and self.normalize_inputs:
+            # The SAEs to start from take raw activations (their scale was folded into their biases).
+            raise ConfigError("--normalize_inputs is not supported with --finetune; drop one of them")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
         if self.sae_dtype in ("bfloat16", "float16"):

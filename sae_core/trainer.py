@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .activations import LiveActivations, excluded_token_ids
+from .best import BestSaes
 from .cache import ActivationCache, CachedActivations
 from .config import TRANSCODE_FROM_CACHE, TrainConfig
 from .data import sequence_shape
@@ -48,6 +49,7 @@ from .distributed import (
     split_layers,
 )
 from .errors import CheckpointError, ConfigError
+from .finetune import start_from
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
@@ -137,6 +139,8 @@ class SaeTrainer:
         else:
             self.excluded_token_ids = excluded_token_ids(cfg.exclude_tokens, tokenizer, warn=self.ctx.is_main)
         self._build_saes()
+        if cfg.finetune:
+            start_from(self.saes, cfg.finetune)
         self.seq_len, self.total_steps = self._step_budget()
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
         # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
@@ -161,12 +165,13 @@ class SaeTrainer:
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
-        self.b_dec_initialised = False
+        self.b_dec_initialised = bool(cfg.finetune)  # a fine-tuned SAE keeps its b_dec
         # Run totals of dropped rows and skipped steps (a metrics record is written every log_every steps).
         self.watch = DivergenceWatch(self.hookpoints)
         # Activations are multiplied by these before the SAEs (1 unless normalize_inputs), set at the first
         # step.
         self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
+        self.best = BestSaes(self.local_hookpoints) if cfg.save_best else None
         self._resume_or_refuse(resume)
 
     def _live_activations(self) -> LiveActivations:
@@ -395,6 +400,8 @@ class SaeTrainer:
         totals = self.watch.after_step(
             self.step + 1, step.nonfinite_tokens, step.nonfinite_skips, step.empty_skips
         )
+        if self.best is not None:
+            self.best.observe(step.metrics)
         return TrainStep(step.tokens, {**step.metrics, **totals})
 
     @torch.no_grad()
@@ -523,6 +530,8 @@ class SaeTrainer:
     def _write_checkpoint(self) -> None:
         for hookpoint, sae in self.saes.items():
             sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
+        if self.best is not None:
+            self.best.save(self.saes, self.run_dir, self.step, self.input_scales)
         state = {
             "step": self.step,
             "tokens": self.tokens_seen,
@@ -539,6 +548,7 @@ class SaeTrainer:
             "b_dec_initialised": self.b_dec_initialised,
             **self.watch.state_dict(),
             "input_scales": dict(self.input_scales),
+            **(self.best.state_dict() if self.best is not None else {}),
         }
         ckpt.save_state(self.run_dir, self.ctx.rank, self.step, state)
 
@@ -627,3 +637,5 @@ class SaeTrainer:
         self.b_dec_initialised = state["b_dec_initialised"]
         self.watch.load_state_dict(state)
         self.input_scales.update(state.get("input_scales", {}))  # absent in states written before the option
+        if self.best is not None:
+            self.best.load_state_dict(state)
