@@ -479,6 +479,11 @@ class SaeTrainer:
             sae.zero_grad(set_to_none=True)
             metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
             return n_tokens, metrics, "empty" if finite else "nonfinite", int(nonfinite)
+        if self.step == 0 and sae.cfg.transcode and not self.cfg.finetune:
+            # b_dec was just set to this step's mean output, where a transcoder (W_dec = 0) has a gradient of
+            # 0 up to rounding; Adam would turn that rounding into a full step whose sign depends on the
+            # order of the sums (rank count, accumulation).
+            sae.b_dec.grad.zero_()
         if sae.unit_norm_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizers[hookpoint].step()

@@ -36,12 +36,11 @@ def llama(n_layers: int = 2):
 def transcoder_trainer(tmp_path, model, hookpoints, run_name="run", skip=False, **kw):
     cfg = TrainConfig(
         SaeConfig(expansion_factor=4, k=8, transcode=True, skip_connection=skip),
-        batch_size=4,
         lr_warmup_steps=2,
         save_dir=str(tmp_path),
         run_name=run_name,
         hookpoints=hookpoints,
-        **{"max_tokens": 64 * 16, **kw},
+        **{"batch_size": 4, "max_tokens": 64 * 16, **kw},
     )
     return SaeTrainer(cfg, token_data(64, 16), model, tokenizer=Tok(), progress=False)
 
@@ -102,6 +101,30 @@ def test_a_skip_connection_learns_a_linear_module_of_other_widths_and_saves(tmp_
     loaded = Sae.load_from_disk(tmp_path / "skip" / hookpoint)
     x, y = module_io(model, hookpoint, token_data(4, 16, seed=3))
     torch.testing.assert_close(loaded(x, target=y).sae_out, with_skip.saes[hookpoint](x, target=y).sae_out)
+
+
+def test_accumulated_batches_give_the_update_of_one_big_batch(tmp_path):
+    # The first step sets b_dec to the step's mean output, where its gradient is only rounding: were it
+    # stepped, Adam would make that rounding (which depends on how the sums are split) a full-size update.
+    model = llama()
+    one = transcoder_trainer(tmp_path, model, ["layers.1.mlp"], "one", skip=True, lr=1e-3, max_tokens=3 * 64)
+    two = transcoder_trainer(  # the same global batches of 4 sequences, each in two halves
+        tmp_path,
+        model,
+        ["layers.1.mlp"],
+        "two",
+        True,
+        lr=1e-3,
+        max_tokens=3 * 64,
+        batch_size=2,
+        grad_acc_steps=2,
+    )
+    for _ in range(3):
+        fvu = [t._train_step().metrics["fvu/layers.1.mlp"] for t in (one, two)]
+        one.step, two.step = one.step + 1, two.step + 1
+        assert fvu[0] == pytest.approx(fvu[1], rel=1e-5)
+    for name, tensor in one.saes["layers.1.mlp"].state_dict().items():
+        torch.testing.assert_close(two.saes["layers.1.mlp"].state_dict()[name], tensor, atol=1e-6, rtol=1e-5)
 
 
 def test_save_and_load_round_trip_keeps_every_tensor_and_widths_are_checked(tmp_path):
