@@ -3,7 +3,8 @@
 `LiveActivations.batch(i)` runs this rank's share of global batch `i` through the LM (eval mode, stopping
 after the deepest hooked block), sends each hookpoint's activations to the rank that trains its SAE under
 --distribute_layers, and returns the rows the SAEs may see: excluded tokens (BOS, pad) and non-finite rows
-left out, the latter counted.
+left out, the latter counted. For transcoders (`transcode`) the same forward also captures each module's
+input: `inputs` are then what the transcoders encode and `targets` the module outputs they predict.
 """
 
 import warnings
@@ -26,6 +27,7 @@ class Batch(NamedTuple):
 
     inputs: dict[str, Tensor]  # {hookpoint: [tokens, d]}: finite rows of the tokens not excluded
     nonfinite: dict[str, int]  # {hookpoint: rows dropped because an activation was NaN/Inf}
+    targets: dict[str, Tensor] | None = None  # transcoders: {hookpoint: [tokens, d_out]}, the same rows
 
 
 def excluded_token_ids(exclude_tokens: Sequence[int] | None, tokenizer: Any, warn: bool) -> Tensor:
@@ -61,6 +63,8 @@ class LiveActivations:
         profiler: Profiler,
         order: Tensor | None = None,
         keep_nonfinite: bool = False,
+        transcode: bool = False,
+        d_out: int | None = None,
     ):
         self.model, self.dataset, self.hookpoints, self.owners = model, dataset, hookpoints, owners
         self.ctx, self.batch_size, self.d_in, self.excluded = ctx, batch_size, d_in, excluded
@@ -70,6 +74,7 @@ class LiveActivations:
         # The activation cache keeps NaN/Inf rows (every hookpoint then has one row per kept token); its
         # reader drops and counts them as this class does.
         self.keep_nonfinite = keep_nonfinite
+        self.transcode, self.d_out = transcode, d_out or d_in
         self.local_hookpoints = [h for h in hookpoints if owners[h] == ctx.rank]
 
     def batch(self, index: int) -> Batch:
@@ -77,39 +82,47 @@ class LiveActivations:
         per_batch = self.batch_size * self.ctx.world_size
         global_ids = sequence_rows(self.dataset, index * per_batch, (index + 1) * per_batch, self.order)
         rank_ids = global_ids[self.ctx.rank * self.batch_size : (self.ctx.rank + 1) * self.batch_size]
+        module_inputs: dict[str, Tensor] | None = {} if self.transcode else None
         with self.profiler.timed("lm_forward_s", sync=True):
             with (
                 torch.no_grad(),
                 eval_mode(self.model),
-                capture_residuals(self.model, self.hookpoints) as acts,
+                capture_residuals(self.model, self.hookpoints, inputs=module_inputs) as acts,
             ):
                 run_until_captured(self.model, rank_ids.to(self.ctx.device))
         for hookpoint, act in acts.items():
-            if act.shape[-1] != self.d_in:
+            if act.shape[-1] != self.d_out:
                 raise ConfigError(
-                    f"{hookpoint} has width {act.shape[-1]}, expected the model's hidden size {self.d_in}"
+                    f"{hookpoint} has width {act.shape[-1]}, expected {self.d_out} (as when the run started)"
                 )
         ids = rank_ids
         if self.gather:  # --distribute_layers: each owner gets its hookpoint's whole global batch
             ids = global_ids
-            gathered = {}
-            for hookpoint in self.hookpoints:
-                full = gather_to(acts[hookpoint].float(), self.owners[hookpoint], self.ctx)
-                if full is not None:
-                    gathered[hookpoint] = full
-            acts = gathered
+            acts = self._gather(acts)
+            module_inputs = self._gather(module_inputs) if module_inputs is not None else None
         keep = ~torch.isin(ids, self.excluded)
-        inputs, nonfinite = {}, {}
+        inputs, targets, nonfinite = {}, {}, {}
         for hookpoint in self.local_hookpoints:
-            x = acts[hookpoint][keep.to(acts[hookpoint].device)].float()
+            y = acts[hookpoint][keep.to(acts[hookpoint].device)].float()
+            x = module_inputs[hookpoint][keep.to(y.device)].float() if module_inputs is not None else y
             if self.keep_nonfinite:
                 inputs[hookpoint], nonfinite[hookpoint] = x, 0
                 continue
             # One NaN/Inf row would turn every SAE parameter into NaN at the next update: drop it, count it.
-            finite = x.isfinite().all(-1)
+            finite = x.isfinite().all(-1) & y.isfinite().all(-1)
             nonfinite[hookpoint] = int(x.shape[0] - finite.sum())
             inputs[hookpoint] = x[finite] if nonfinite[hookpoint] else x
-        return Batch(inputs, nonfinite)
+            targets[hookpoint] = y[finite] if nonfinite[hookpoint] else y
+        return Batch(inputs, nonfinite, targets if self.transcode else None)
+
+    def _gather(self, acts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """--distribute_layers: each hookpoint's whole global batch, on the rank that owns its SAE."""
+        gathered = {}
+        for hookpoint in self.hookpoints:
+            full = gather_to(acts[hookpoint].float(), self.owners[hookpoint], self.ctx)
+            if full is not None:
+                gathered[hookpoint] = full
+        return gathered
 
 
 @contextmanager

@@ -166,6 +166,9 @@ def check_resumable(
         )
     # A field added after the checkpoint was written counts as its default (e.g. `optimizer`: adam).
     saved_cfg = {**(defaults or {}), **json.loads(state["config"])}
+    for key, value in (defaults or {}).items():  # and a field added to a nested config (sae.transcode)
+        if isinstance(value, dict) and isinstance(saved_cfg.get(key), dict):
+            saved_cfg[key] = {**value, **saved_cfg[key]}
     diff = sorted(k for k in set(saved_cfg) | set(config) if saved_cfg.get(k) != config.get(k))
     if diff:
         detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {config.get(k)!r}" for k in diff[:5])

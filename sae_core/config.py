@@ -14,6 +14,12 @@ OptimizerName = Literal["adam", "signum", "muon"]
 # Compute dtypes of the SAE encoder (`autocast`); None, the value of configs saved before "auto", is exact.
 AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
+# An activation cache holds each module's output only, not the input a transcoder encodes.
+TRANSCODE_FROM_CACHE = (
+    "--transcode cannot train from --activations: the cache holds module outputs, not the module inputs a "
+    "transcoder encodes; train it live (without --activations)"
+)
+
 # Fields that are never serialised: not into run.json, trainer states, logs, cards or the pipeline's records.
 SECRET_FIELDS = frozenset({"hf_token"})
 
@@ -37,6 +43,12 @@ class SaeConfig:
 
     k: int = 32
     """Number of latents kept active per token (the TopK)."""
+
+    transcode: bool = False
+    """Train transcoders: encode each hooked module's input and predict its output (e.g. layers.*.mlp)."""
+
+    skip_connection: bool = False
+    """Add a learned linear skip connection from input to output (W_skip, zero at the start)."""
 
     def __post_init__(self) -> None:
         if self.num_latents < 0:
@@ -140,11 +152,19 @@ class TrainConfig:
     k_decay_start: int | None = None
     """The k of step 0 under k_decay_steps; default min(latents, 10 x d_in), as in sparsify."""
 
+    finetune: str | None = None
+    """Start from these SAEs instead of fresh ones: a run folder, a folder of hookpoint folders or a Hub repo
+    with an SAE of the same shape for every hookpoint trained."""
+
     max_tokens: int | None = None
     """Stop after this many tokens (default: one pass over the dataset)."""
 
     save_every: int = 1000
     """Save a checkpoint every this many optimizer steps (and at the end)."""
+
+    save_best: bool = False
+    """At each checkpoint also keep every SAE whose running FVU (mean since the last checkpoint) is its best
+    so far, in run_dir/best/<hookpoint>/."""
 
     save_dir: str = "checkpoints"
     """Folder under which the run folder is created."""
@@ -209,6 +229,12 @@ class TrainConfig:
             raise ConfigError(
                 f"k_decay_start={self.k_decay_start} is below k={self.sae.k}: k decays from a larger start"
             )
+        if self.sae.transcode and self.normalize_inputs:
+            # The input and output scales would both have to be folded into the saved transcoder.
+            raise ConfigError("--normalize_inputs is not supported with --transcode; drop one of them")
+        if self.finetune and self.normalize_inputs:
+            # The SAEs to start from take raw activations (their scale was folded into their biases).
+            raise ConfigError("--normalize_inputs is not supported with --finetune; drop one of them")
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative layer indices, got {self.layers}")
         if self.sae_dtype in ("bfloat16", "float16"):
@@ -228,6 +254,11 @@ class TrainConfig:
             raise ConfigError(
                 "--shard_latents and --distribute_layers cannot be combined; choose one "
                 "(--shard_latents for SAEs too wide for one device, --distribute_layers for many layers)"
+            )
+        if self.shard_latents > 1 and (self.sae.transcode or self.sae.skip_connection or self.finetune):
+            raise ConfigError(
+                "--shard_latents is not supported with --transcode, --skip_connection or --finetune yet; "
+                "train those SAEs whole (data parallel or --distribute_layers)"
             )
         if self.shard_latents > 1 and self.optimizer == "muon":
             raise ConfigError(
@@ -318,3 +349,5 @@ class RunConfig(TrainConfig):
                 "--shard_latents is not supported with --activations, --sweep or --init_seeds yet; "
                 "train from the LM, one configuration per run"
             )
+        if self.activations is not None and self.sae.transcode:
+            raise ConfigError(TRANSCODE_FROM_CACHE)

@@ -31,7 +31,7 @@ from .heldout import FALLBACK_CTX_LEN, held_out_sequences, read_run_json
 from .models import load_model, max_context, module_device, special_token_ids
 from .report import METRIC_KEYS, PLOT_FILES, EvalReport
 from .sae import Sae
-from .splice import FINAL_NORMS, Splicer, block_means, check_saes
+from .splice import FINAL_NORMS, Splicer, block_means, check_saes, transcodes
 from .utils import exit_on_bad_input, natural_key
 
 __all__ = [
@@ -172,7 +172,9 @@ def evaluate(
     or [] keeps every token. splice: "auto" (suffix forwards when verified, else full ones), "suffix"
     (an error where unsupported) or "full". dead_pct_train: {hookpoint: %} from the training counters,
     copied into the report. An SAE is anything with `d_in`, `num_latents`, `encode(x) -> (acts, indices,
-    ...)` and `decode(acts, indices)`, such as `sae_core.Sae`.
+    ...)` and `decode(acts, indices)`, such as `sae_core.Sae`. A transcoder (`cfg.transcode`, also with
+    `d_out` and `skip(x)`) reads the module's input and its prediction replaces the module's output: every
+    metric, FVU included, is then of that output.
     """
     if splice not in ("auto", "suffix", "full"):
         raise EvalError(f"splice must be 'auto', 'suffix' or 'full', got {splice!r}")
@@ -185,7 +187,8 @@ def evaluate(
 
     device = module_device(model)
     exclude = torch.tensor(sorted(set(exclude_tokens or [])), dtype=torch.long, device=device)
-    splicer = Splicer(model, list(layer_of.values()), splice)
+    transcoders = [h for h, sae in saes.items() if transcodes(sae)]
+    splicer = Splicer(model, list(layer_of.values()), splice, [layer_of[h] for h in transcoders])
     batches = [(start, min(start + batch_size, n_seq)) for start in range(0, n_seq, batch_size)]
     bar = tqdm(total=2 * len(batches), desc="Evaluating", unit="batch", disable=not progress)
 
@@ -231,9 +234,15 @@ def evaluate(
                 i = layer_of[h]
                 out = splicer.outputs[i]
                 x = out[keep]
-                enc = sae.encode(x.to(module_device(sae, x.device)))
+                # A transcoder predicts the module's output x from the module's input.
+                source = splicer.module_inputs[i][keep] if h in transcoders else x
+                source = source.to(module_device(sae, x.device))
+                enc = sae.encode(source)
                 acts, indices = enc[0], enc[1]
-                x_hat = sae.decode(acts, indices).to(x.device)
+                x_hat = sae.decode(acts, indices)
+                if hasattr(sae, "skip"):  # the skip connection's term (0 without one)
+                    x_hat = x_hat + sae.skip(source)
+                x_hat = x_hat.to(x.device)
                 recon[h].add(x, x_hat, acts, indices)
                 for v, value in (("sae", x_hat.to(out.dtype)), ("zero", 0.0), ("mean", means[h].to(out))):
                     if not (v == "mean" and mean_scored):
@@ -251,6 +260,7 @@ def evaluate(
             "exclude_tokens": exclude.tolist(),
             "include_special_tokens": exclude.numel() == 0,
             "splice": splicer.mode,
+            **({"transcoders": transcoders} if transcoders else {}),
         }
     )
     npos = n_positions or float("nan")  # no countable position: CE and KL are undefined (null)

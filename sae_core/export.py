@@ -66,6 +66,11 @@ def saelens_files(sae: Sae, hook_name: str, run: dict[str, Any]) -> tuple[dict[s
     """(tensors, cfg.json) of one SAE in SAELens's format."""
     if sae.W_dec is None:
         raise ConfigError("an SAE loaded without its decoder cannot be exported; load it with decoder=True")
+    if sae.cfg.transcode or sae.W_skip is not None:
+        raise ConfigError(
+            f"{sae.hookpoint or 'this SAE'}: transcoders and skip connections are not exported to SAELens's "
+            "TopK format; use the EleutherAI layout (sparsify loads it)"
+        )
     tensors = {
         "W_enc": sae.encoder.weight.data.T,
         "b_enc": sae.encoder.bias.data,

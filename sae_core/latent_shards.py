@@ -205,6 +205,7 @@ class ShardedSae(Sae):
     ):
         nn.Module.__init__(self)  # Sae.__init__ would allocate the whole SAE
         self.cfg, self.d_in, self.hookpoint, self.k_override = cfg, d_in, hookpoint, None
+        self.d_out, self.W_skip = d_in, None  # an autoencoder (the config refuses sharded transcoders)
         self.layout = layout
         self.total_latents = cfg.latents_for(d_in)
         check_divisible(self.total_latents, layout.shards)

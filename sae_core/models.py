@@ -210,12 +210,18 @@ def _hookpoint_examples(model: nn.Module) -> str:
 
 
 def select_hookpoints(
-    model: nn.Module, *, layers: Sequence[int] = (), layer_stride: int = 1, hookpoints: Sequence[str] = ()
+    model: nn.Module,
+    *,
+    layers: Sequence[int] = (),
+    layer_stride: int = 1,
+    hookpoints: Sequence[str] = (),
+    transcode: bool = False,
 ) -> list[str]:
     """Resolve the training selection: explicit layers, glob patterns, or every `layer_stride`-th layer.
 
     Patterns are module paths with globs (see `match_module_path`); a module other than a block is checked
-    with one short forward (`check_hookpoint_outputs`).
+    with one short forward (`check_hookpoint_outputs`), except for transcoders, whose widths the caller
+    measures (`transcoder_widths`).
     """
     names = all_hookpoints(model)
     n = len(names)
@@ -228,7 +234,7 @@ def select_hookpoints(
                 raise ConfigError(f"hookpoint {pat!r} matches nothing; {_hookpoint_examples(model)}")
             chosen += [m for m in matches if m not in chosen]
         chosen.sort(key=modules.index)
-        if any(hookpoint_layer(h) is None for h in chosen):
+        if not transcode and any(hookpoint_layer(h) is None for h in chosen):
             check_hookpoint_outputs(model, chosen)
         return chosen
     if layers:
@@ -265,6 +271,39 @@ def check_hookpoint_outputs(model: nn.Module, hookpoints: Sequence[str]) -> None
                 f"here reads [batch, tokens, {width}] (the model's hidden size); pick a module of that "
                 "width, e.g. layers.*.mlp or layers.*.self_attn"
             )
+
+
+def module_io_widths(model: nn.Module, hookpoints: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """{hookpoint: (input width, output width)} of the modules, for transcoders: their input (first
+    positional argument, or `hidden_states`) and output (first tensor of a tuple), from one forward of two
+    tokens. Refuses a module whose input or output is not a [batch, tokens, width] tensor."""
+    probe = torch.zeros(1, 2, dtype=torch.long, device=module_device(model))
+    inputs: dict[str, Any] = {}
+    with torch.no_grad(), capture_residuals(model, hookpoints, inputs=inputs) as outputs:
+        run_until_captured(model, probe)
+    widths: dict[str, tuple[int, int]] = {}
+    for h in hookpoints:
+        if h not in outputs:
+            raise ConfigError(f"hookpoint {h!r}: its module did not run in the model's forward pass")
+        for what, value in (("input", inputs.get(h)), ("output", outputs[h])):
+            if not isinstance(value, Tensor) or value.ndim != 3:
+                shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ConfigError(
+                    f"--transcode: the {what} of hookpoint {h!r} is {shape}, not a [batch, tokens, width] "
+                    "tensor; a transcoder needs a module that takes and returns hidden states, e.g. "
+                    "layers.*.mlp"
+                )
+        widths[h] = (inputs[h].shape[-1], outputs[h].shape[-1])
+    return widths
+
+
+def transcoder_widths(model: nn.Module, hookpoints: Sequence[str]) -> tuple[int, int]:
+    """(d_in, d_out) of one run's transcoders on these modules (`module_io_widths`), which must agree."""
+    widths = module_io_widths(model, hookpoints)
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"{h}: {i} -> {o}" for h, (i, o) in widths.items())
+        raise ConfigError(f"--transcode: one run's modules must share their widths, got {shown}")
+    return widths[hookpoints[0]]
 
 
 def hookpoint_layer(name: str) -> int | None:
@@ -333,10 +372,23 @@ def hidden_state(block_output: Any) -> Tensor:
     return block_output[0] if isinstance(block_output, tuple) else block_output
 
 
+def module_input(args: tuple, kwargs: dict) -> Any:
+    """What a module was called with that a transcoder encodes: its first positional argument, else its
+    `hidden_states` keyword (None if neither)."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 @contextlib.contextmanager
-def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: bool = True) -> Iterator[dict]:
+def capture_residuals(
+    model: nn.Module,
+    hookpoints: Sequence[str],
+    stop_early: bool = True,
+    *,
+    inputs: dict[str, Any] | None = None,
+) -> Iterator[dict]:
     """Within the context, a forward pass fills the yielded dict {hookpoint: output}, a [B, T, d] tensor for a
-    block or any module checked by `check_hookpoint_outputs`.
+    block or any module checked by `check_hookpoint_outputs`; and `inputs`, when given, with each hooked
+    module's input (`module_input`), for transcoders, in the same forward.
 
     With `stop_early`, the forward stops as soon as every hooked module has run (use `run_until_captured`).
     """
@@ -346,7 +398,9 @@ def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: b
     handles = []
 
     def make_hook(name: str):
-        def hook(_module, _inputs, output):
+        def hook(_module, args, kwargs, output):
+            if inputs is not None:
+                inputs[name] = module_input(args, kwargs)
             acts[name] = hidden_state(output)
             ran.add(name)
             if stop_early and wanted.issubset(ran):
@@ -358,7 +412,7 @@ def capture_residuals(model: nn.Module, hookpoints: Sequence[str], stop_early: b
     try:
         handles.append(model.register_forward_pre_hook(lambda _module, _inputs: ran.clear()))
         for h, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(h)))
+            handles.append(module.register_forward_hook(make_hook(h), with_kwargs=True))
         yield acts
     finally:
         for handle in handles:

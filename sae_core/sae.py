@@ -7,6 +7,13 @@
 Losses (definitions in docs/metrics.md): FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, and AuxK,
 which reconstructs the detached residual from the top k_aux pre-activations of dead latents (no b_dec)
 so that dead latents receive gradient again.
+
+A transcoder (cfg.transcode, as in EleutherAI sparsify) encodes a module's input and predicts its output:
+
+    pre     = ReLU(W_enc x + b_enc)                    # no b_dec: it lives in the output space
+    y_hat   = sum_j z_j W_dec[idx_j] + b_dec (+ x W_skip^T with cfg.skip_connection)
+
+with W_dec [M, d_out] starting at zero and free (not kept at unit norm), and FVU against the output y.
 """
 
 import fnmatch
@@ -34,7 +41,7 @@ from .models import (
 from .utils import atomic_write_bytes, atomic_write_json, first_line
 from .version import __version__
 
-TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip")
 
 
 class ForwardOutput(NamedTuple):
@@ -55,12 +62,16 @@ class Sae(nn.Module):
         *,
         decoder: bool = True,
         hookpoint: str | None = None,
+        d_out: int | None = None,
     ):
         super().__init__()
         if not isinstance(d_in, int) or d_in <= 0:
             raise ConfigError(f"d_in must be a positive integer (the model's hidden size), got {d_in!r}")
         self.cfg = cfg = cfg if cfg is not None else SaeConfig()
-        self.d_in = d_in
+        d_out = d_in if d_out is None else d_out
+        if not isinstance(d_out, int) or d_out <= 0 or (d_out != d_in and not cfg.transcode):
+            raise ConfigError(f"d_out={d_out!r}: an autoencoder's output width is its d_in={d_in}")
+        self.d_in, self.d_out = d_in, d_out
         self.hookpoint = hookpoint
         # The trainer's k while --k_decay_steps decays it (None: cfg.k); cfg.k, the one saved, stays final.
         self.k_override: int | None = None
@@ -69,11 +80,23 @@ class Sae(nn.Module):
         # Initialised on the CPU in float32, then moved: the same seed gives the same SAE on every device.
         self.encoder = nn.Linear(d_in, num_latents).to(device=device, dtype=dtype)
         self.encoder.bias.data.zero_()
-        # Decoder starts as the (row-normalised) transpose of the encoder, as in Gao et al.
-        self.W_dec = nn.Parameter(self.encoder.weight.data.clone()) if decoder else None
-        if decoder and cfg.normalize_decoder:
-            self.set_decoder_norm_to_unit_norm()
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=self.encoder.weight.dtype, device=device))
+        # An SAE's decoder starts as the (row-normalised) transpose of the encoder, as in Gao et al.; a
+        # transcoder's at zero, as in sparsify (its output space is not its input's).
+        dtype = self.encoder.weight.dtype
+        self.W_dec = None
+        if decoder and cfg.transcode:
+            self.W_dec = nn.Parameter(torch.zeros(num_latents, d_out, dtype=dtype, device=device))
+        elif decoder:
+            self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
+            if cfg.normalize_decoder:
+                self.set_decoder_norm_to_unit_norm()
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
+        # sparsify's layout: y_hat += x @ W_skip.T, so W_skip is [d_out, d_in].
+        self.W_skip = (
+            nn.Parameter(torch.zeros(d_out, d_in, dtype=dtype, device=device))
+            if cfg.skip_connection
+            else None
+        )
 
     # ---------------------------------------------------------------- properties
     @property
@@ -87,8 +110,14 @@ class Sae(nn.Module):
 
     @property
     def k_aux(self) -> int:
-        """Number of dead latents used by AuxK per token (Gao et al.: d_in / 2)."""
-        return max(self.d_in // 2, 1)
+        """Number of dead latents used by AuxK per token (Gao et al.: d_in / 2; the output width's half for
+        a transcoder, as sparsify)."""
+        return max(self.d_out // 2, 1)
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether training keeps the decoder rows at unit norm (never for a transcoder, as in sparsify)."""
+        return self.cfg.normalize_decoder and not self.cfg.transcode
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +136,7 @@ class Sae(nn.Module):
         x = x.reshape(-1, self.d_in).to(self.dtype)
         dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
         return topk_encode(
-            x - self.b_dec,
+            x if self.cfg.transcode else x - self.b_dec,
             self.encoder.weight,
             self.encoder.bias,
             self.k,
@@ -122,16 +151,21 @@ class Sae(nn.Module):
             raise RuntimeError("this SAE was loaded with decoder=False; reload it with the decoder to decode")
         return sparse_decode(acts, indices, self.W_dec, self.b_dec)
 
+    def skip(self, x: Tensor) -> Tensor | float:
+        """The skip connection's term of the output, x W_skip^T (0 without one): decode + skip = forward."""
+        return x.reshape(-1, self.d_in).to(self.dtype) @ self.W_skip.T if self.W_skip is not None else 0.0
+
     def forward(
         self,
         x: Tensor,
         dead_mask: Tensor | None = None,
         *,
+        target: Tensor | None = None,
         total_variance: Tensor | float | None = None,
         residual_variance: Tensor | float | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> ForwardOutput:
-        """Encode, decode and compute the losses.
+        """Encode, decode and compute the losses against `target` (default x; a transcoder's module output).
 
         `compute_dtype` (e.g. bfloat16) runs the encoder's dense product in that dtype; without it, an
         enclosing `torch.autocast` for x's device sets it (the same result). Decode and losses stay in the
@@ -144,13 +178,18 @@ class Sae(nn.Module):
         micro-batches, accumulation steps and ranks add up to exactly one big batch.
         """
         x = x.reshape(-1, self.d_in).to(self.dtype)
+        if target is None and self.d_out != self.d_in:
+            raise ConfigError(
+                f"this transcoder maps width {self.d_in} to {self.d_out}: pass target= (the module's output)"
+            )
+        y = x if target is None else target.reshape(-1, self.d_out).to(self.dtype)
         enc = self.encode(x, dead_mask, compute_dtype)
-        sae_out = self.decode(enc.acts, enc.indices)
+        sae_out = self.decode(enc.acts, enc.indices) + self.skip(x)
 
-        e = (x - sae_out).float()
+        e = (y - sae_out).float()
         if total_variance is None:
-            xf = x.float()
-            total_variance = (xf - xf.mean(0)).pow(2).sum()
+            yf = y.float()
+            total_variance = (yf - yf.mean(0)).pow(2).sum()
         fvu = e.pow(2).sum() / total_variance
 
         n_aux = enc.aux_indices.shape[1]
@@ -187,10 +226,14 @@ class Sae(nn.Module):
     # ---------------------------------------------------------------- saving and loading
     def cfg_dict(self) -> dict[str, Any]:
         d = {**self.cfg.to_dict(), "d_in": self.d_in}
+        if self.cfg.transcode:
+            d["d_out"] = self.d_out  # ours only: sparsify's transcoders have d_out = d_in
         if self.hookpoint is not None:
             d["hookpoint"] = self.hookpoint
             d["stream"] = (
-                "residual stream after the block (output of the decoder layer)"
+                f"transcoder: input of the module {self.hookpoint} -> its output (first tensor of a tuple)"
+                if self.cfg.transcode
+                else "residual stream after the block (output of the decoder layer)"
                 if hookpoint_layer(self.hookpoint) is not None
                 else f"output of the module {self.hookpoint} (first tensor of a tuple)"
             )
@@ -214,6 +257,8 @@ class Sae(nn.Module):
         }
         if self.W_dec is not None:
             tensors["W_dec"] = self.W_dec.data
+        if self.W_skip is not None:  # unchanged by input_scale: both of its sides scale alike
+            tensors["W_skip"] = self.W_skip.data
         blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
         atomic_write_bytes(path / SAE_FILE, blob)
         cfg = self.cfg_dict()
@@ -246,6 +291,16 @@ class Sae(nn.Module):
         d_in = cfg_dict.get("d_in")
         if not isinstance(d_in, int) or d_in <= 0:
             raise SaeLoadError(f"{cfg_path}: 'd_in' must be a positive integer, got {d_in!r}")
+        d_out = cfg_dict.get("d_out", d_in)  # sparsify writes none: its transcoders keep the width
+        if not isinstance(d_out, int) or d_out <= 0 or (d_out != d_in and not cfg.transcode):
+            raise SaeLoadError(
+                f"{cfg_path}: 'd_out' must be d_in={d_in} or, for a transcoder, a positive "
+                f"integer, got {d_out!r}"
+            )
+        if cfg_dict.get("activation", "topk") != "topk":  # sparsify's groupmax
+            raise SaeLoadError(
+                f"{cfg_path}: activation {cfg_dict['activation']!r} is not supported (only TopK SAEs load)"
+            )
         if not sae_path.is_file():
             raise SaeLoadError(f"{sae_path}: file missing (an SAE folder holds {CFG_FILE} and {SAE_FILE})")
         try:
@@ -256,20 +311,28 @@ class Sae(nn.Module):
             ) from None
 
         m = cfg.latents_for(d_in)
-        expected = {"encoder.weight": (m, d_in), "encoder.bias": (m,), "b_dec": (d_in,)}
+        expected = {"encoder.weight": (m, d_in), "encoder.bias": (m,), "b_dec": (d_out,)}
         if decoder:
-            expected["W_dec"] = (m, d_in)
+            expected["W_dec"] = (m, d_out)
+        if cfg.skip_connection:
+            expected["W_skip"] = (d_out, d_in)
         for name, shape in expected.items():
             if name not in tensors:
                 raise SaeLoadError(f"{sae_path}: tensor '{name}' missing (found {sorted(tensors)})")
             if tuple(tensors[name].shape) != shape:
                 raise SaeLoadError(
                     f"{sae_path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
-                    f"but {cfg_path.name} (d_in={d_in}, {m} latents) implies {shape}"
+                    f"but {cfg_path.name} (d_in={d_in}, d_out={d_out}, {m} latents) implies {shape}"
                 )
         stored = tensors["encoder.weight"].dtype
         sae = cls(
-            d_in, cfg, device="meta", dtype=stored, decoder=decoder, hookpoint=cfg_dict.get("hookpoint")
+            d_in,
+            cfg,
+            device="meta",
+            dtype=stored,
+            decoder=decoder,
+            hookpoint=cfg_dict.get("hookpoint"),
+            d_out=d_out,
         )
         sae.load_state_dict({k: v for k, v in tensors.items() if k in expected}, assign=True)
         sae = sae.to(device=device, dtype=dtype or stored)

@@ -41,6 +41,8 @@ from .models import (
     hidden_state,
     hookpoint_layer,
     hookpoint_module,
+    module_input,
+    module_io_widths,
     submodule,
 )
 
@@ -64,6 +66,9 @@ def check_saes(model: nn.Module, saes: Mapping[str, Any]) -> dict[str, str]:
     for h, sae in saes.items():
         try:
             hookpoint_module(model, h)
+            if transcodes(sae):
+                check_transcoder(model, h, sae)
+                continue
         except ConfigError as e:
             raise EvalError(str(e)) from None
         if sae.d_in != width:
@@ -72,6 +77,21 @@ def check_saes(model: nn.Module, saes: Mapping[str, Any]) -> dict[str, str]:
                 f"{width}: it was trained on another model"
             )
     return {h: h for h in saes}
+
+
+def transcodes(sae: Any) -> bool:
+    """Whether an SAE is a transcoder (it predicts its module's output from the module's input)."""
+    return bool(getattr(getattr(sae, "cfg", None), "transcode", False))
+
+
+def check_transcoder(model: nn.Module, hookpoint: str, sae: Any) -> None:
+    """The transcoder's widths are those of the module's input and output."""
+    d_in, d_out = module_io_widths(model, [hookpoint])[hookpoint]
+    if (sae.d_in, sae.d_out) != (d_in, d_out):
+        raise EvalError(
+            f"the transcoder for {hookpoint} maps width {sae.d_in} -> {sae.d_out}, but the module there maps "
+            f"{d_in} -> {d_out}: it was trained on another model or module"
+        )
 
 
 class Splicer:
@@ -85,8 +105,12 @@ class Splicer:
     either mode: a whole forward with a hook that replaces the module's output.
     """
 
-    def __init__(self, model: nn.Module, hookpoints: Sequence[str], mode: str):
+    def __init__(
+        self, model: nn.Module, hookpoints: Sequence[str], mode: str, transcoded: Sequence[str] = ()
+    ):
         self.model = model
+        # Hookpoints of transcoders: their modules' inputs are recorded too (`module_inputs`).
+        self.transcoded = set(transcoded)
         path, self.blocks = find_blocks(model)
         self.modules = {h: hookpoint_module(model, h) for h in dict.fromkeys(hookpoints)}
         # The hookpoints a suffix can replay, by the first block it runs: i+1 after the output of block i,
@@ -110,6 +134,7 @@ class Splicer:
         # Blocks re-run for a module inside them: their recorded inputs keep the hidden state too.
         self.rerun = {i for h, i in self.first_block.items() if hookpoint_layer(h) is None}
         self.outputs: dict[str, Tensor] = {}
+        self.module_inputs: dict[str, Tensor] = {}
         self.inputs: dict[int, tuple[tuple, dict]] = {}
 
     def replays(self, hookpoint: str) -> bool:
@@ -118,17 +143,21 @@ class Splicer:
 
     @contextlib.contextmanager
     def recording(self, stop_early: bool = False) -> Iterator[None]:
-        """Within the context a forward fills `outputs` (hooked modules) and, in suffix mode, `inputs`.
+        """Within the context a forward fills `outputs` (hooked modules), `module_inputs` (those of
+        transcoders) and, in suffix mode, `inputs` (of the blocks).
 
         With `stop_early`, the forward stops as soon as every hooked module has run (`forward` then returns
         None).
         """
         self.outputs.clear()
+        self.module_inputs.clear()
         self.inputs.clear()
         handles = []
 
         def keep_output(h: str):
-            def hook(_module, _args, output):
+            def hook(_module, args, kwargs, output):
+                if h in self.transcoded:
+                    self.module_inputs[h] = module_input(args, kwargs)
                 self.outputs[h] = hidden_state(output)
                 if stop_early and len(self.outputs) == len(self.modules):
                     raise StopForward
@@ -150,7 +179,7 @@ class Splicer:
 
         try:
             for h, module in self.modules.items():
-                handles.append(module.register_forward_hook(keep_output(h)))
+                handles.append(module.register_forward_hook(keep_output(h), with_kwargs=True))
             if self.mode == "suffix" and not stop_early:
                 for j in range(min(self.first_block.values()), len(self.blocks)):
                     handles.append(self.blocks[j].register_forward_pre_hook(keep_inputs(j), with_kwargs=True))

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .activations import LiveActivations, excluded_token_ids
+from .best import BestSaes
 from .cache import ActivationCache, CachedActivations
-from .config import TrainConfig
+from .config import TRANSCODE_FROM_CACHE, TrainConfig
 from .data import sequence_shape
 from .distributed import (
     DistContext,
@@ -48,6 +49,7 @@ from .distributed import (
     split_layers,
 )
 from .errors import CheckpointError, ConfigError
+from .finetune import start_from
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .kernels import encoder_compute_dtype
 from .latent_shards import ShardedSae, all_shards_agree, make_layout, refuse_incomplete_shard_states
@@ -58,6 +60,7 @@ from .models import (
     module_device,
     resolve_dtype,
     select_hookpoints,
+    transcoder_widths,
 )
 from .optim import SaeOptimizer, default_lr, lr_at, warmup_steps
 from .sae import Sae
@@ -143,6 +146,8 @@ class SaeTrainer:
         else:
             self.excluded_token_ids = excluded_token_ids(cfg.exclude_tokens, tokenizer, warn=self.ctx.is_main)
         self._build_saes()
+        if cfg.finetune:
+            start_from(self.saes, cfg.finetune)
         self.seq_len, self.total_steps = self._step_budget()
         self.warmup_steps = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
         # Sequences [0, train_sequences) of the dataset feed the whole run: evaluation holds out the rest.
@@ -167,12 +172,13 @@ class SaeTrainer:
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
-        self.b_dec_initialised = False
+        self.b_dec_initialised = bool(cfg.finetune)  # a fine-tuned SAE keeps its b_dec
         # Run totals of dropped rows and skipped steps (a metrics record is written every log_every steps).
         self.watch = DivergenceWatch(self.hookpoints)
         # Activations are multiplied by these before the SAEs (1 unless normalize_inputs), set at the first
         # step.
         self.input_scales = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
+        self.best = BestSaes(self.local_hookpoints) if cfg.save_best else None
         self._resume_or_refuse(resume)
 
     def _live_activations(self) -> LiveActivations:
@@ -193,16 +199,26 @@ class SaeTrainer:
             gather=self.distributed_layers,
             profiler=self.profiler,
             order=order,
+            transcode=self.cfg.sae.transcode,
+            d_out=self.d_out,
         )
 
     def _place_hookpoints(self) -> None:
         """The SAEs this rank trains: all (alone, or data parallel) or its share (--distribute_layers)."""
         cfg = self.cfg
         selection = {"layers": cfg.layers, "layer_stride": cfg.layer_stride, "hookpoints": cfg.hookpoints}
+        transcode = cfg.sae.transcode
         if self.cache is not None:
+            if transcode:
+                raise ConfigError(TRANSCODE_FROM_CACHE)
             self.hookpoints, self.d_in = self.cache.select_hookpoints(**selection), self.cache.d_in
         else:
-            self.hookpoints, self.d_in = select_hookpoints(self.model, **selection), hidden_size(self.model)
+            self.hookpoints = select_hookpoints(self.model, **selection, transcode=transcode)
+            self.d_in = hidden_size(self.model)
+        # Transcoders: the width of the modules' inputs and outputs; an SAE's output is its input.
+        self.d_in, self.d_out = (
+            transcoder_widths(self.model, self.hookpoints) if transcode else (self.d_in,) * 2
+        )
         self.distributed_layers = cfg.distribute_layers and self.ctx.enabled
         self.ddp = self.ctx.enabled and not self.distributed_layers
         if self.distributed_layers:
@@ -228,7 +244,9 @@ class SaeTrainer:
                     self.d_in, cfg.sae, self.shards, self.ctx.device, sae_dtype, hookpoint=hookpoint
                 )
             else:
-                sae = Sae(self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint)
+                sae = Sae(
+                    self.d_in, cfg.sae, self.ctx.device, sae_dtype, hookpoint=hookpoint, d_out=self.d_out
+                )
             self.saes[hookpoint] = sae
         self.num_latents = cfg.sae.latents_for(self.d_in)
         self.lr = cfg.lr or default_lr(cfg.optimizer, self.num_latents)
@@ -318,7 +336,14 @@ class SaeTrainer:
             batches = list(batches)
             for hookpoint in local_hookpoints:
                 self._init_from_first_step(
-                    hookpoint, torch.cat([batch.inputs[hookpoint] for batch in batches])
+                    hookpoint,
+                    torch.cat([batch.inputs[hookpoint] for batch in batches]),
+                    torch.cat(
+                        [
+                            (batch.inputs if batch.targets is None else batch.targets)[hookpoint]
+                            for batch in batches
+                        ]
+                    ),
                 )
             self.b_dec_initialised = True
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
@@ -339,13 +364,17 @@ class SaeTrainer:
                     nonfinite[hookpoint] += batch.nonfinite[hookpoint]
                     if self.input_scales[hookpoint] != 1.0:
                         x = x * self.input_scales[hookpoint]
-                    variance[hookpoint].add(x)
+                    # What the SAE reconstructs: x, or a transcoder's module output.
+                    y = batch.targets[hookpoint] if batch.targets is not None else x
+                    variance[hookpoint].add(y)
                     dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
                     # An empty batch (every token excluded or non-finite) has nothing to backward.
-                    for chunk in x.chunk(cfg.micro_acc_steps) if x.shape[0] else ():
+                    chunks = zip(x.chunk(cfg.micro_acc_steps), y.chunk(cfg.micro_acc_steps))
+                    for chunk, target in chunks if x.shape[0] else ():
                         out = self.saes[hookpoint](
                             chunk,
                             dead_mask,
+                            target=target,
                             total_variance=1.0,
                             residual_variance=self._auxk_denominator(hookpoint),
                             compute_dtype=self.compute_dtype,
@@ -384,21 +413,29 @@ class SaeTrainer:
         totals = self.watch.after_step(
             self.step + 1, step.nonfinite_tokens, step.nonfinite_skips, step.empty_skips
         )
+        if self.best is not None:
+            self.best.observe(step.metrics)
         return TrainStep(step.tokens, {**step.metrics, **totals})
 
     @torch.no_grad()
-    def _init_from_first_step(self, hookpoint: str, x: Tensor) -> None:
+    def _init_from_first_step(self, hookpoint: str, x: Tensor, y: Tensor) -> None:
         """From the first step's tokens (over all ranks): the input scale (normalize_inputs: mean squared norm
-        d_in), and b_dec at their (scaled) mean, so the encoder sees centred inputs."""
-        xd = x.double()
-        head = torch.cat([torch.tensor([float(x.shape[0]), xd.pow(2).sum()]), xd.sum(0).cpu()])
+        d_in), and b_dec at their (scaled) mean, so the encoder sees centred inputs. A transcoder (y: the
+        module outputs) starts b_dec at the outputs' mean and the encoder bias at -W_enc mean(x), as
+        sparsify."""
+        xd, yd = x.double(), y.double()
+        sums = [yd.sum(0).cpu()] + ([xd.sum(0).cpu()] if self.cfg.sae.transcode else [])
+        head = torch.cat([torch.tensor([float(x.shape[0]), xd.pow(2).sum()]), *sums])
         if self.ddp:
             all_reduce_sum(head, self.ctx)
-        count, sum_sq, total = head[0].clamp_min(1), head[1], head[2:]
+        count, sum_sq, total = head[0].clamp_min(1), head[1], head[2 : 2 + self.d_out]
         if self.cfg.normalize_inputs and sum_sq > 0:
             self.input_scales[hookpoint] = math.sqrt(self.d_in * float(count) / float(sum_sq))
-        b_dec = self.saes[hookpoint].b_dec
-        b_dec.data.copy_((total / count * self.input_scales[hookpoint]).to(b_dec.dtype))
+        sae = self.saes[hookpoint]
+        sae.b_dec.data.copy_((total / count * self.input_scales[hookpoint]).to(sae.b_dec.dtype))
+        if self.cfg.sae.transcode:
+            mean_x = (head[2 + self.d_out :] / count).to(sae.encoder.weight)
+            sae.encoder.bias.data.copy_(-(sae.encoder.weight.data @ mean_x))
 
     def _merge_ranks(self, step: TrainStep) -> TrainStep:
         """With --distribute_layers each rank has its own layers' metrics: merge them (everyone gets all)."""
@@ -427,7 +464,6 @@ class SaeTrainer:
         "stepped", or "nonfinite" / "empty" when the update was skipped (weights, Adam state and dead
         counters untouched).
         """
-        cfg = self.cfg
         sae = self.saes[hookpoint]
         n_tokens, total_variance = variance.pooled(self.ctx, reduce=self.ddp)
         for p in sae.parameters():
@@ -458,11 +494,16 @@ class SaeTrainer:
             sae.zero_grad(set_to_none=True)
             metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
             return n_tokens, metrics, "empty" if finite else "nonfinite", int(nonfinite)
-        if cfg.sae.normalize_decoder:
+        if self.step == 0 and sae.cfg.transcode and not self.cfg.finetune:
+            # b_dec was just set to this step's mean output, where a transcoder (W_dec = 0) has a gradient of
+            # 0 up to rounding; Adam would turn that rounding into a full step whose sign depends on the
+            # order of the sums (rank count, accumulation).
+            sae.b_dec.grad.zero_()
+        if sae.unit_norm_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizers[hookpoint].step()
         self.optimizers[hookpoint].zero_grad()
-        if cfg.sae.normalize_decoder:
+        if sae.unit_norm_decoder:
             sae.set_decoder_norm_to_unit_norm()
         counters = self.tokens_since_fired[hookpoint]
         counters += n_tokens
@@ -510,6 +551,8 @@ class SaeTrainer:
     def _write_checkpoint(self) -> None:
         for hookpoint, sae in self.saes.items():
             sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
+        if self.best is not None:
+            self.best.save(self.saes, self.run_dir, self.step, self.input_scales)
         state = {
             "step": self.step,
             "tokens": self.tokens_seen,
@@ -526,6 +569,7 @@ class SaeTrainer:
             "b_dec_initialised": self.b_dec_initialised,
             **self.watch.state_dict(),
             "input_scales": dict(self.input_scales),
+            **(self.best.state_dict() if self.best is not None else {}),
         }
         ckpt.save_state(self.run_dir, self._state_rank, self.step, state)
 
@@ -633,3 +677,5 @@ class SaeTrainer:
         self.b_dec_initialised = state["b_dec_initialised"]
         self.watch.load_state_dict(state)
         self.input_scales.update(state.get("input_scales", {}))  # absent in states written before the option
+        if self.best is not None:
+            self.best.load_state_dict(state)

@@ -142,6 +142,8 @@ def test_shard_latents_refuses_distribute_layers_and_muon():
         TrainConfig(shard_latents=2, distribute_layers=True)
     with pytest.raises(ConfigError, match="does not support --optimizer muon"):
         TrainConfig(shard_latents=2, optimizer="muon")
+    with pytest.raises(ConfigError, match="not supported with --transcode, --skip_connection or --finetune"):
+        TrainConfig(SaeConfig(transcode=True), shard_latents=2)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float64])
