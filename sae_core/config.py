@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
-OptimizerName = Literal["adam", "signum", "muon"]
+OptimizerName = Literal["adam", "schedule_free_adam", "signum", "muon"]
 # Compute dtypes of the SAE encoder (`autocast`); None, the value of configs saved before "auto", is exact.
 AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
@@ -97,7 +97,8 @@ class TrainConfig:
     """Chunks each batch's tokens are split into before the SAE, to save memory."""
 
     optimizer: OptimizerName = "adam"
-    """adam, signum (sign descent with momentum) or muon (orthogonalised updates); see sae_core/optim.py."""
+    """adam, schedule_free_adam (iterates averaged, no decay), signum (sign descent with momentum) or muon
+    (orthogonalised updates); see sae_core/optim.py."""
 
     lr: float | None = None
     """Peak learning rate; default per optimizer: adam 3.2e-3, signum 5e-3 (both times

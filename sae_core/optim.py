@@ -3,16 +3,22 @@
     adam    torch's Adam (fused where the device supports it); lr 3.2e-3 / sqrt(M / 2**14) (6e-3 at M = 4608).
     signum  sign of a momentum average of the gradient (Bernstein et al. 2018, "signSGD"), momentum 0.95.
             lr 5e-3 / sqrt(M / 2**14), the scale EleutherAI's sparsify uses for its sign-descent optimizer.
+    schedule_free_adam
+            Adam without momentum whose iterates are averaged instead of annealed (Defazio et al. 2024, "The
+            Road Less Scheduled"): warm-up, then a constant lr, no decay; the saved SAEs are the average.
+            lr 2.65e-3 / sqrt(M / 2**14) (5e-3 at M = 4608).
     muon    torch's Muon on the two weight matrices (orthogonalised momentum, update RMS matched to AdamW's:
             0.2 * sqrt(max(rows, cols))), Adam on the two biases; lr 2e-3 for both, whatever the width (the
             orthogonalised update already has a fixed size per matrix).
 
 Every optimizer follows the same schedule, counted in optimizer steps: linear warm-up over
-`warmup_steps(lr_warmup_steps, total_steps)` steps, then linear decay to exactly 0 after the last step.
+`warmup_steps(lr_warmup_steps, total_steps)` steps, then linear decay to exactly 0 after the last step
+(schedule-free Adam: constant after the warm-up; its averaging does what the decay does).
 """
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, get_args
 
 import torch
@@ -25,7 +31,7 @@ OPTIMIZERS = get_args(OptimizerName)
 # billions of tokens. On the embedded SmolLM2 (M = 4608, 2048 tokens per step; README "Recipe measurements")
 # that left held-out FVU at 0.65 / 0.67 (layers 6 / 18) after 60k tokens and 0.22 / 0.41 after 400k, against
 # 0.19 / 0.33 and 0.10 / 0.22 at 6e-3. Signum's is sparsify's.
-BASE_LR = {"adam": 3.2e-3, "signum": 5e-3, "muon": 2e-3}
+BASE_LR = {"adam": 3.2e-3, "schedule_free_adam": 2.65e-3, "signum": 5e-3, "muon": 2e-3}
 SIGNUM_MOMENTUM = 0.95
 # Warm-up is never longer than this fraction of the run: a 29-step run asked for 1000 warm-up steps would
 # otherwise never reach its learning rate and never decay.
@@ -52,13 +58,20 @@ def warmup_steps(requested: int, total_steps: int) -> int:
     return min(requested, max(1, math.floor(MAX_WARMUP_FRACTION * total_steps)))
 
 
-def lr_at(step: int, total_steps: int, warmup: int, peak: float) -> float:
+def lr_at(step: int, total_steps: int, warmup: int, peak: float, decay: bool = True) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up that reaches `peak` at step
     `warmup - 1`, then linear decay from `peak` at step `warmup` to 0 after the last step (a run without
-    warm-up starts at the peak)."""
+    warm-up starts at the peak); without `decay`, `peak` after the warm-up."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if not decay:
+        return peak
     return peak * max(total_steps - step, 0) / max(total_steps - warmup, 1)
+
+
+def decays(optimizer: str) -> bool:
+    """Whether `optimizer`'s learning rate decays after the warm-up (not for schedule-free averaging)."""
+    return optimizer != "schedule_free_adam"
 
 
 class Signum(optim.Optimizer):
@@ -84,6 +97,57 @@ class Signum(optim.Optimizer):
                 p.add_(buf.sign(), alpha=-group["lr"])
 
 
+class ScheduleFreeAdam(optim.Optimizer):
+    """Schedule-free Adam (Defazio et al. 2024). Three sequences per parameter: z takes Adam-normalised steps
+    without momentum, x is the average of the z's weighted by (largest lr so far)^2, and the gradient is taken
+    at y = beta1 x + (1 - beta1) z. The parameter holds y while training; `average(p)` is x, the weights to
+    save and evaluate. Only z and the second moment are stored (x follows from y and z), so the state is as
+    large as Adam's.
+
+    Written in y: with u = g / (sqrt(v / (1 - beta2^t)) + eps) and c_t = w_t / sum(w),
+        y <- (1 - c) y + c z + lr (beta1 (1 - c) - 1) u,    z <- z - lr u
+    which is x <- (1 - c) x + c z_new, y = beta1 x + (1 - beta1) z_new. A change made to y between steps (the
+    trainer renormalises the decoder rows) moves x with it.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999)):
+        defaults = {"lr": lr, "betas": betas, "eps": 1e-8, "steps": 0, "lr_max": 0.0, "weight_sum": 0.0}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            group["steps"] += 1
+            group["lr_max"] = max(group["lr_max"], lr)
+            weight = group["lr_max"] ** 2
+            group["weight_sum"] += weight
+            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+            bias2 = 1 - beta2 ** group["steps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["z"] = p.detach().clone()
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                z, v = state["z"], state["exp_avg_sq"]
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                u = p.grad / (v / bias2).sqrt_().add_(group["eps"])
+                p.lerp_(z, c).add_(u, alpha=lr * (beta1 * (1 - c) - 1))
+                z.add_(u, alpha=-lr)
+
+    @torch.no_grad()
+    def average(self, p: Tensor) -> Tensor:
+        """x for parameter p (p itself before its first step)."""
+        state = self.state.get(p)
+        if not state:
+            return p.detach().clone()
+        beta1 = self.param_groups[0]["betas"][0]
+        return (p - (1 - beta1) * state["z"]) / beta1
+
+
 def make_adam(params: list[Tensor], lr: float) -> optim.Adam:
     """Fused Adam where this torch supports it for the device (5x faster than foreach on CPU), else the
     default."""
@@ -101,6 +165,8 @@ class SaeOptimizer:
         params = list(sae.parameters())
         if name == "adam":
             self.parts: dict[str, optim.Optimizer] = {"adam": make_adam(params, lr)}
+        elif name == "schedule_free_adam":
+            self.parts = {"schedule_free_adam": ScheduleFreeAdam(params, lr)}
         elif name == "signum":
             self.parts = {"signum": Signum(params, lr)}
         elif name == "muon":
@@ -110,6 +176,36 @@ class SaeOptimizer:
             self.parts = {"muon": muon, "adam": make_adam(vectors, lr)}
         else:
             raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Within: the SAE's parameters hold the weights to save and evaluate (schedule-free: the average;
+        otherwise the parameters themselves); the training weights are restored exactly after."""
+        part = self.parts.get("schedule_free_adam")
+        if not isinstance(part, ScheduleFreeAdam):
+            yield
+            return
+        params = [p for group in part.param_groups for p in group["params"]]
+        training = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.copy_(part.average(p))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, y in zip(params, training):
+                    p.copy_(y)
+
+    @torch.no_grad()
+    def keep_averaged_weights(self) -> None:
+        """At the end of training: the parameters take the weights to save and evaluate for good."""
+        part = self.parts.get("schedule_free_adam")
+        if isinstance(part, ScheduleFreeAdam):
+            for group in part.param_groups:
+                for p in group["params"]:
+                    p.copy_(part.average(p))
+                    part.state.pop(p, None)  # z no longer matches: nothing trains on from here
 
     def set_lr(self, lr: float) -> None:
         for part in self.parts.values():

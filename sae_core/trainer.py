@@ -23,6 +23,7 @@ The file reads in that order: building the trainer, `fit`, one training step, on
 checkpoints (save and resume), then the helpers they use.
 """
 
+import contextlib
 import json
 import math
 import time
@@ -62,7 +63,7 @@ from .models import (
     select_hookpoints,
     transcoder_widths,
 )
-from .optim import SaeOptimizer, default_lr, lr_at, warmup_steps
+from .optim import SaeOptimizer, decays, default_lr, lr_at, warmup_steps
 from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
@@ -303,6 +304,10 @@ class SaeTrainer:
             if self.step % self.cfg.save_every == 0 or self.step == stop_at:
                 self.save()
         progress.close()
+        if self.step == self.total_steps:
+            # Done: self.saes now hold what was saved (schedule-free Adam trains on other weights).
+            for optimizer in self.optimizers.values():
+                optimizer.keep_averaged_weights()
         return metrics
 
     def _progress(self) -> Progress:
@@ -346,7 +351,7 @@ class SaeTrainer:
                     ),
                 )
             self.b_dec_initialised = True
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, decays(self.cfg.optimizer))
         for optimizer in self.optimizers.values():
             optimizer.set_lr(lr)
         k = decayed_k(
@@ -549,10 +554,15 @@ class SaeTrainer:
         barrier(self.ctx)
 
     def _write_checkpoint(self) -> None:
-        for hookpoint, sae in self.saes.items():
-            sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
-        if self.best is not None:
-            self.best.save(self.saes, self.run_dir, self.step, self.input_scales)
+        # The SAE folders get the weights to use (schedule-free: the average), the trainer state the ones
+        # training continues from.
+        with contextlib.ExitStack() as averaged:
+            for optimizer in self.optimizers.values():
+                averaged.enter_context(optimizer.averaged_weights())
+            for hookpoint, sae in self.saes.items():
+                sae.save_to_disk(self.run_dir / hookpoint, input_scale=self.input_scales[hookpoint])
+            if self.best is not None:
+                self.best.save(self.saes, self.run_dir, self.step, self.input_scales)
         state = {
             "step": self.step,
             "tokens": self.tokens_seen,
@@ -607,6 +617,7 @@ class SaeTrainer:
                         self.total_steps,
                         self.warmup_steps,
                         self.lr,
+                        decays(cfg.optimizer),
                     )
                     if self.step
                     else 0.0
