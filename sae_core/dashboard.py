@@ -347,6 +347,11 @@ def collect_latent_stats(
     device = module_device(model)
     excluded = torch.tensor(sorted(set(exclude_tokens or [])), dtype=torch.long)
     hookpoints = list(saes)
+    # A transcoder encodes its module's input: the source then yields inputs (all SAEs of a run are alike).
+    transcode = {bool(sae.cfg.transcode) for sae in saes.values()}
+    if len(transcode) > 1:
+        raise ConfigError("mixing transcoders and autoencoders in one dashboard pass is not supported")
+    first = next(iter(saes.values()))
     source = LiveActivations(
         model,
         input_ids,
@@ -354,10 +359,12 @@ def collect_latent_stats(
         owners=dict.fromkeys(hookpoints, 0),
         ctx=DistContext(device=device),
         batch_size=batch_size,
-        d_in=hidden_size(model),
+        d_in=first.d_in if transcode == {True} else hidden_size(model),
         excluded=excluded,
         gather=False,
         profiler=Profiler(device, enabled=False),
+        transcode=transcode == {True},
+        d_out=first.d_out if transcode == {True} else None,
         keep_nonfinite=True,  # rows stay aligned with the kept positions; dropped below, where they are known
     )
     stats = {}

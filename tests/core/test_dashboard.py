@@ -131,6 +131,27 @@ def test_statistics_match_a_brute_force_computation(model, h):
     assert checked >= 3  # the test exercised latents that fire
 
 
+def test_a_transcoders_latents_are_read_from_its_modules_input(model):
+    ids, h = token_ids(), "layers.1.mlp"
+    torch.manual_seed(2)
+    tc = Sae(D, SaeConfig(num_latents=48, k=6, transcode=True))
+    with torch.no_grad():
+        tc.encoder.bias.add_(0.05)
+    stats = collect_latent_stats(model, {h: tc}, ids, {h: torch.arange(48)}, exclude_tokens=[BOS])[h]
+    seen = {}
+    handle = hookpoint_module(model, h).register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    x = seen["x"].reshape(-1, D)[(ids != BOS).reshape(-1)]
+    with torch.no_grad():
+        acts, indices, *_ = tc.encode(x)
+    expected = torch.zeros(tc.num_latents, dtype=torch.long).index_add_(
+        0, indices[acts > 0], torch.ones(int((acts > 0).sum()), dtype=torch.long)
+    )
+    assert torch.equal(stats.fired, expected)  # the MLP's input, not its output, feeds the transcoder
+
+
 def test_the_sample_is_uniform_over_firing_tokens(model):
     # A latent that fires on every kept token: each token should be sampled about equally often over seeds.
     ids, h = token_ids(n_seq=4, seq_len=12), "layers.0"
