@@ -31,6 +31,11 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
+def step_messages(trained, step: str) -> list[str]:
+    logs = trained.instance.all_logs(trained.train.run_id)
+    return [r.user_message for r in logs if r.user_message and r.step_key == step]
+
+
 def test_tokenized_dataset_is_saved_with_its_metadata(trained):
     meta = metadata_of(trained.tokenize, "tokenized_dataset")
     folder = trained.root / "tokenized" / MODEL
@@ -48,8 +53,8 @@ def test_sae_checkpoints_trained_on_two_ranks_report_through_rank_zero(trained):
     assert meta["steps"] > 0 and meta["tokens"] > 0
     for h in ("layers.0", "layers.2"):
         assert 0 <= meta[f"fvu/{h}"] < 1.5 and (run_dir / h / "sae.safetensors").is_file()
-    # Progress streamed from rank 0 into the run's log, once (one Pipes session, not one per rank).
-    logs = [r.user_message for r in trained.instance.all_logs(trained.train.run_id) if r.user_message]
+    # Progress streamed from rank 0 into the step's log, once (one Pipes session, not one per rank).
+    logs = step_messages(trained, "sae_checkpoints")
     assert any(m.startswith("step ") and "FVU mean" in m for m in logs)
     assert sum("successfully opened dagster pipes" in m for m in logs) == 1
     # The tokenized folder every stride shares was only read.
@@ -65,6 +70,10 @@ def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
     assert {c.name for c in meta["metrics"].schema.columns} >= {"hookpoint", "fvu", "l0", "delta_ce", "kl"}
     plots = {k: v for k, v in meta.items() if k.startswith("plot/")}
     assert len(plots) == 3 and all(Path(v).is_file() and v.endswith(".png") for v in plots.values())
+    # Evaluated by `python -m sae_core.evaluate` in one rank of the launcher, which reported through Pipes.
+    logs = step_messages(trained, "sae_evaluation")
+    assert any("-m sae_pipeline.eval_entry" in m and "--nproc-per-node 1" in m for m in logs)
+    assert sum("successfully opened dagster pipes" in m for m in logs) == 1
     checks = {c.check_name: c.passed for c in trained.train.get_asset_check_evaluations()}
     assert checks == {
         "fvu_below_threshold": True,
