@@ -239,3 +239,22 @@ def test_training_progress_reaches_the_log_at_most_once_per_interval_and_the_las
     progress.interval_s = 0
     progress({"step": 4, "tokens": 40, "tokens_per_s": 5.0, "fvu/layers.0": 0.4})
     assert lines[-1].startswith("step 4: 40 tokens")
+
+
+def test_an_evaluation_that_fails_in_its_rank_fails_the_step_quoting_the_error_without_retries(
+    trained, tmp_path
+):
+    root = tmp_path / "artefacts"
+    shutil.copytree(trained.root / "runs", root / "runs")
+    (root / "runs" / MODEL / "stride-2" / "layers.2" / "sae.safetensors").write_bytes(b"not safetensors")
+    resources = {**trained.resources, "artefacts": resources_for(root, trained.registry)["artefacts"]}
+    result = materialize([sae_evaluation], PARTITION, trained.instance, resources)
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    data = failure.step_failure_data.user_failure_data
+    assert (
+        data.description.startswith("rank 0 raised ") and "(not retried)" in data.description.splitlines()[0]
+    )
+    assert "evaluation failed: rank 0 raised" in data.description and "layers.2" in data.description
+    assert data.metadata["retryable"].value is False
+    assert not (root / "evaluations" / MODEL / "stride-2").exists()  # nothing half-written in its place

@@ -1,11 +1,18 @@
-"""The launcher refuses multi-node settings under which global rank 0, the only rank that reports to
+"""The launcher resource: a PipesClient whose backend can be swapped (a plain-process one here), and the
+torchrun backend refusing multi-node settings under which global rank 0, the only rank that reports to
 Dagster, could run on another node than the one Dagster launched: several nodes need the static rendezvous
 with this node as node 0."""
+
+import json
+import os
+import subprocess
+import sys
 
 import dagster as dg
 import pytest
 
 from sae_pipeline.assets import sae_checkpoints
+from sae_pipeline.launcher import PipesLauncher
 from sae_pipeline.resources import TorchrunLauncher
 from tests.support.pipeline import MODEL, failure_text, materialize, resources_for, tiny_entry, write_registry
 
@@ -50,3 +57,50 @@ def test_the_training_step_fails_on_it_before_touching_the_run_folder(tmp_path, 
         failure_text(result)
     )
     assert not (root / "runs").exists()
+
+
+class PlainProcessLauncher(PipesLauncher):
+    """Another backend, as a user would write one: rank 0 alone, as a plain `python -m module` child in a
+    Pipes session (no torchrun)."""
+
+    def run(self, *, context, extras=None, module, args, nproc=None, what="training", metadata=None):
+        if (nproc or self.nproc_per_node) != 1:
+            raise ValueError("PlainProcessLauncher runs one rank")
+        with dg.open_pipes_session(
+            context=context,
+            context_injector=dg.PipesTempFileContextInjector(),
+            message_reader=dg.PipesTempFileMessageReader(),
+            extras=dict(extras or {}),
+        ) as session:
+            env = {**os.environ, **self.extra_env, **session.get_bootstrap_env_vars()}
+            done = subprocess.run([sys.executable, "-m", module, *args], env=env, check=False)
+        if done.returncode != 0:
+            raise dg.Failure(description=f"{what} failed: exit code {done.returncode}", allow_retries=False)
+        return dg.PipesClientCompletedInvocation(session, metadata=metadata)
+
+
+def test_another_launcher_backend_can_be_swapped_in_as_the_launcher_resource(
+    tmp_path, tiny_model_dir, corpus_file
+):
+    root, records = tmp_path / "artefacts", tmp_path / "ranks"
+    (root / "tokenized" / MODEL).mkdir(parents=True)
+    (root / "tokenized" / MODEL / "dataset_info.json").write_text("{}")
+    registry = write_registry(tmp_path / "models.yaml", tiny_entry(tiny_model_dir, corpus_file))
+    launcher = PlainProcessLauncher(
+        entry_module="tests.support.fake_rank",
+        extra_env={"FAKE_RANK_DIR": str(records), "FAKE_RANK_SLEEP_S": "0"},
+    )
+    assert isinstance(launcher, dg.PipesClient)
+    resources = {**resources_for(root, registry), "launcher": launcher}
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", [MODEL])
+    result = materialize([sae_checkpoints], f"{MODEL}|2", instance, resources)
+    assert result.success, failure_text(result)
+    [event] = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    # What the fake rank 0 reported through Pipes, with what the step adds.
+    assert metadata["fake"] is True and metadata["resumed"] is False and metadata["nproc_per_node"] == 1
+    assert [json.loads(line)["rank"] for line in (records / "events.jsonl").read_text().splitlines()] == [
+        0,
+        0,
+    ]
