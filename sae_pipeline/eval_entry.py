@@ -1,4 +1,4 @@
-"""What the evaluation rank runs: `python -m sae_pipeline.eval_entry <python -m sae_core.evaluate arguments>`.
+"""What the evaluation ranks run: `python -m sae_pipeline.eval_entry <python -m sae_core.evaluate arguments>`.
 
 It is `python -m sae_core.evaluate` on one run folder (the same flags, parsed by sae_core's own parser) inside
 sae_pipeline.rank_entry.main: the parent-death signal, the error file of a failed rank, and the Pipes session
@@ -6,7 +6,10 @@ on rank 0. Rank 0 sends the whole report back as a Pipes custom message ({"repor
 "markdown": report.md's}); the step turns it into the asset's metadata and check results. The report, the
 plots and report.md are also written to --out, as `python -m sae_core.evaluate` writes them.
 
-One rank evaluates: a launch with more ranks is refused (the hookpoints are not split across ranks yet).
+On several ranks the hookpoints are dealt out (rank r evaluates the r-th, (r+W)-th, ... of the run's SAEs, on
+its own GPU when there are GPUs), every rank on the same held-out tokens; rank 0 gathers the per-hookpoint
+metrics (gloo, objects only) and writes the one report. Each rank loads the whole LM: the time of the spliced
+forward passes, which grows with the hookpoints, is what is divided.
 """
 
 import contextlib
@@ -21,37 +24,86 @@ REPORT_MESSAGE_KEYS = ("report", "markdown")
 
 
 def evaluate(argv: list[str], pipes: Any | None) -> None:
-    """Evaluate as `python -m sae_core.evaluate argv` would, on one run folder; with `pipes`, send the report
-    to Dagster."""
+    """Evaluate as `python -m sae_core.evaluate argv` would, on one run folder, sharing the hookpoints among
+    the ranks; with `pipes`, send the report to Dagster."""
     from sae_core.evaluate import build_parser, evaluate_run  # heavy: torch and transformers
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise ValueError(f"evaluation runs on one rank, got WORLD_SIZE={world}: launch it with nproc 1")
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
             args = build_parser().parse_args(argv)
     except SystemExit:
         raise ValueError(f"invalid evaluation arguments: {captured.getvalue().strip()}") from None
-    report = evaluate_run(
-        args.model,
-        args.sae,
-        args.dataset,
-        max_tokens=args.max_tokens,
-        ctx_len=args.ctx_len,
-        split=args.split,
-        offset=args.offset,
-        out_dir=args.out,
-        include_special_tokens=args.include_special_tokens,
-        batch_size=args.batch_size,
-        hookpoints=args.hookpoints,
-        device=args.device,
-        dtype=args.dtype,
-        splice=args.splice,
-    )
+    options = {
+        "max_tokens": args.max_tokens,
+        "ctx_len": args.ctx_len,
+        "split": args.split,
+        "offset": args.offset,
+        "include_special_tokens": args.include_special_tokens,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "splice": args.splice,
+    }
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        report = evaluate_run(
+            args.model,
+            args.sae,
+            args.dataset,
+            out_dir=args.out,
+            hookpoints=args.hookpoints,
+            device=args.device,
+            **options,
+        )
+    else:
+        report = _evaluate_sharded(args, options, world)
+        if report is None:  # not rank 0: its metrics went to rank 0
+            return
     if pipes is not None:
         pipes.report_custom_message({"report": report.to_dict(), "markdown": report.to_markdown()})
+
+
+def _evaluate_sharded(args: Any, options: dict[str, Any], world: int) -> Any:
+    """This rank's share of the hookpoints, evaluated; on rank 0 the merged EvalReport (saved to --out), on
+    the others None."""
+    import torch
+    import torch.distributed as dist
+
+    from sae_core.errors import EvalError
+    from sae_core.evaluate import EvalReport, evaluate_run
+    from sae_core.models import list_hookpoints, matches_hookpoint
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    names = [
+        h
+        for h in list_hookpoints(args.sae)
+        if args.hookpoints is None or matches_hookpoint(h, args.hookpoints)
+    ]
+    if not names:
+        raise EvalError(
+            f"no SAE folders in {args.sae} (matching {args.hookpoints!r}) to share among {world} ranks"
+        )
+    mine = names[rank::world]
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("gloo")  # objects only: each rank's metrics travel to rank 0 once, at the end
+    try:
+        part = None
+        if mine:
+            part = evaluate_run(args.model, args.sae, args.dataset, hookpoints=mine, device=device, **options)
+            part = part.to_dict()
+        parts: list[Any] = [None] * world if rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    done = [p for p in parts if p is not None]
+    metrics = {h: m for p in done for h, m in p["hookpoints"].items()}
+    settings = {**done[0]["settings"], "ranks": world}
+    report = EvalReport(settings=settings, hookpoints={h: metrics[h] for h in names})
+    if args.out:
+        report.save(args.out)
+    return report
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class PipesLauncher(dg.ConfigurableResource, dg.PipesClient):
         default=EVALUATION_ENTRY,
         description="Module the evaluation rank runs (wraps `python -m sae_core.evaluate`).",
     )
+    eval_nproc: int = Field(
+        default=1, ge=1, description="Evaluation ranks on one node (the SAEs are shared among them)."
+    )
     extra_env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every rank.")
 
     def check(self) -> None:

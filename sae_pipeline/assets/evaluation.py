@@ -38,7 +38,7 @@ class EvaluationConfig(dg.Config):
     kinds={"pytorch"},
     pool=GPU_POOL,  # the launched evaluation rank uses the GPU while the step waits for it
     description="FVU, L0, dead latents, ΔCE and KL with each SAE spliced into the model, on held-out tokens "
-    "(python -m sae_core.evaluate, one rank of the launcher); <root>/evaluations/<model>/stride-<s>/"
+    "(python -m sae_core.evaluate, in ranks of the launcher); <root>/evaluations/<model>/stride-<s>/"
     "report.{json,md} and plots.",
 )
 def sae_evaluation(
@@ -60,8 +60,8 @@ def sae_evaluation(
     target = artefacts.eval_dir(key.model, key.stride)
     staging = staging_dir(target)
     try:
-        # `python -m sae_core.evaluate` on one rank of the launcher, on whatever device the rank has: the
-        # step itself never loads the model. Its bad input fails the launch (not retried), quoting the error.
+        # `python -m sae_core.evaluate` on `eval_nproc` ranks of the launcher, on whatever devices they have:
+        # the step itself never loads the model. Bad input fails the launch (not retried), quoting the error.
         invocation = launcher.run(
             context=context,
             module=launcher.eval_entry_module,
@@ -75,7 +75,7 @@ def sae_evaluation(
                 "--out",
                 str(staging),
             ],
-            nproc=1,
+            nproc=launcher.eval_nproc,
             what="evaluation",
             extras={"model": key.model, "stride": key.stride},
         )

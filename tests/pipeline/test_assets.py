@@ -255,6 +255,32 @@ def test_an_evaluation_that_fails_in_its_rank_fails_the_step_quoting_the_error_w
     assert (
         data.description.startswith("rank 0 raised ") and "(not retried)" in data.description.splitlines()[0]
     )
-    assert "evaluation failed: rank 0 raised" in data.description and "layers.2" in data.description
+    assert "evaluation failed: rank 0 raised" in data.description and "SaeLoadError" in data.description
+    assert "layers.2" in data.description
     assert data.metadata["retryable"].value is False
     assert not (root / "evaluations" / MODEL / "stride-2").exists()  # nothing half-written in its place
+
+
+def test_evaluation_on_two_ranks_shares_the_saes_and_reports_what_one_rank_does(trained, tmp_path):
+    root = tmp_path / "artefacts"
+    shutil.copytree(trained.root / "runs", root / "runs")
+    resources = {
+        **trained.resources,
+        "artefacts": resources_for(root, trained.registry)["artefacts"],
+        "launcher": resources_for(root, trained.registry, eval_nproc=2)["launcher"],
+    }
+    result = materialize([sae_evaluation], PARTITION, trained.instance, resources)
+    assert result.success, failure_text(result)
+    logs = [r.user_message for r in trained.instance.all_logs(result.run_id) if r.user_message]
+    assert any("--nproc-per-node 2" in m and "-m sae_pipeline.eval_entry" in m for m in logs)
+    two, one = metadata_of(result, "sae_evaluation"), metadata_of(trained.train, "sae_evaluation")
+    rows = {r.data["hookpoint"]: r.data for r in two["metrics"].records}
+    expected = {r.data["hookpoint"]: r.data for r in one["metrics"].records}
+    assert list(rows) == list(expected) == ["layers.0", "layers.2"]  # one SAE per rank, merged in order
+    for h, metrics in expected.items():
+        for name, value in metrics.items():
+            if isinstance(value, float):
+                assert rows[h][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (h, name)
+    report = json.loads((root / "evaluations" / MODEL / "stride-2" / "report.json").read_text())
+    assert report["settings"]["ranks"] == 2 and report["settings"]["tokens"] == two["tokens"]
+    assert len([k for k in two if k.startswith("plot/")]) == 3
