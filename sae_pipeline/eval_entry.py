@@ -7,7 +7,7 @@ on rank 0. Rank 0 sends the whole report back as a Pipes custom message ({"repor
 plots and report.md are also written to --out, as `python -m sae_core.evaluate` writes them.
 
 On several ranks the hookpoints are dealt out (rank r evaluates the r-th, (r+W)-th, ... of the run's SAEs, on
-its own GPU when there are GPUs), every rank on the same held-out tokens; rank 0 gathers the per-hookpoint
+its own GPU when there are enough), every rank on the same held-out tokens; rank 0 gathers the per-hookpoint
 metrics (gloo, objects only) and writes the one report. Each rank loads the whole LM: the time of the spliced
 forward passes, which grows with the hookpoints, is what is divided.
 """
@@ -45,6 +45,9 @@ def evaluate(argv: list[str], pipes: Any | None) -> None:
         "splice": args.splice,
     }
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device or _default_device()
+    if pipes is not None:
+        pipes.log.info(f"evaluating {args.sae} on {device} (rank 0 of {world})")
     if world == 1:
         report = evaluate_run(
             args.model,
@@ -52,28 +55,36 @@ def evaluate(argv: list[str], pipes: Any | None) -> None:
             args.dataset,
             out_dir=args.out,
             hookpoints=args.hookpoints,
-            device=args.device,
+            device=device,
             **options,
         )
     else:
-        report = _evaluate_sharded(args, options, world)
+        report = _evaluate_sharded(args, options, world, device)
         if report is None:  # not rank 0: its metrics went to rank 0
             return
     if pipes is not None:
         pipes.report_custom_message({"report": report.to_dict(), "markdown": report.to_markdown()})
 
 
-def _evaluate_sharded(args: Any, options: dict[str, Any], world: int) -> Any:
+def _default_device() -> str:
+    """This rank's GPU (by LOCAL_RANK; ranks share GPUs when there are more ranks than GPUs), else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+
+
+def _evaluate_sharded(args: Any, options: dict[str, Any], world: int, device: str) -> Any:
     """This rank's share of the hookpoints, evaluated; on rank 0 the merged EvalReport (saved to --out), on
     the others None."""
-    import torch
     import torch.distributed as dist
 
     from sae_core.errors import EvalError
     from sae_core.evaluate import EvalReport, evaluate_run
     from sae_core.models import list_hookpoints, matches_hookpoint
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank = int(os.environ["RANK"])
     names = [
         h
         for h in list_hookpoints(args.sae)
@@ -84,7 +95,6 @@ def _evaluate_sharded(args: Any, options: dict[str, Any], world: int) -> Any:
             f"no SAE folders in {args.sae} (matching {args.hookpoints!r}) to share among {world} ranks"
         )
     mine = names[rank::world]
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dist.init_process_group("gloo")  # objects only: each rank's metrics travel to rank 0 once, at the end
     try:
         part = None

@@ -73,6 +73,7 @@ def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
     # Evaluated by `python -m sae_core.evaluate` in one rank of the launcher, which reported through Pipes.
     logs = step_messages(trained, "sae_evaluation")
     assert any("-m sae_pipeline.eval_entry" in m and "--nproc-per-node 1" in m for m in logs)
+    assert any(m.startswith("evaluating ") and m.endswith(" (rank 0 of 1)") for m in logs)
     assert sum("successfully opened dagster pipes" in m for m in logs) == 1
     checks = {c.check_name: c.passed for c in trained.train.get_asset_check_evaluations()}
     assert checks == {
@@ -273,6 +274,7 @@ def test_evaluation_on_two_ranks_shares_the_saes_and_reports_what_one_rank_does(
     assert result.success, failure_text(result)
     logs = [r.user_message for r in trained.instance.all_logs(result.run_id) if r.user_message]
     assert any("--nproc-per-node 2" in m and "-m sae_pipeline.eval_entry" in m for m in logs)
+    assert any(m.startswith("evaluating ") and m.endswith(" (rank 0 of 2)") for m in logs)
     two, one = metadata_of(result, "sae_evaluation"), metadata_of(trained.train, "sae_evaluation")
     rows = {r.data["hookpoint"]: r.data for r in two["metrics"].records}
     expected = {r.data["hookpoint"]: r.data for r in one["metrics"].records}
