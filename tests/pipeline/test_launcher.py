@@ -43,6 +43,20 @@ def test_static_rendezvous_with_this_node_as_node_0_is_launched_as_asked():
     assert "--rdzv-endpoint head:29400" in command
 
 
+def test_evaluation_ranks_stay_on_this_node_when_training_spans_several():
+    launcher = TorchrunLauncher(
+        nnodes=2,
+        nproc_per_node=4,
+        rdzv_endpoint="head:29400",
+        rdzv_backend="static",
+        node_rank=0,
+        eval_nproc=2,
+    )
+    command = " ".join(launcher.command(["model"], run_id="run", module=launcher.eval_entry_module, nproc=2))
+    assert "--nproc-per-node 2 --nnodes 1 --master-port " in command and "rdzv" not in command
+    assert command.endswith("-m sae_pipeline.eval_entry model")
+
+
 def test_the_training_step_fails_on_it_before_touching_the_run_folder(tmp_path, tiny_model_dir, corpus_file):
     root = tmp_path / "artefacts"
     (root / "tokenized" / MODEL).mkdir(parents=True)
