@@ -66,7 +66,8 @@ class TorchrunLauncher(PipesLauncher):
         default=None, description="Port of a single-node run (default: a free one, so runs never clash)."
     )
     omp_num_threads: int | None = Field(
-        default=None, description="OMP_NUM_THREADS per rank (default: the cores divided by the ranks)."
+        default=None,
+        description="OMP_NUM_THREADS per training rank (default, and for evaluation: cores / ranks).",
     )
     termination_timeout_s: float = Field(
         default=45.0, gt=30, description="On cancel: SIGTERM, then SIGKILL after this many seconds (> 30)."
@@ -110,8 +111,11 @@ class TorchrunLauncher(PipesLauncher):
             cmd += ["--nnodes", "1", "--master-port", str(self.master_port or _free_port())]
         return [*cmd, "-m", module or self.entry_module, *train_args]
 
-    def env(self, nproc: int | None = None) -> dict[str, str]:
-        threads = self.omp_num_threads or max(1, (os.cpu_count() or 1) // (nproc or self.nproc_per_node))
+    def env(self, nproc: int | None = None, *, training: bool = True) -> dict[str, str]:
+        # omp_num_threads is sized for the training ranks; an evaluation on fewer ranks takes the cores they
+        # leave (one rank on a 2-core machine: 2 threads, not the 1 each of 2 training ranks gets).
+        fair = max(1, (os.cpu_count() or 1) // (nproc or self.nproc_per_node))
+        threads = (self.omp_num_threads if training else None) or fair
         return {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
 
     def run(  # type: ignore[override]
@@ -129,7 +133,7 @@ class TorchrunLauncher(PipesLauncher):
         session = _run_in_pipes_session(
             context,
             command,
-            env=self.env(nproc),
+            env=self.env(nproc, training=module == self.entry_module),
             termination_timeout_s=self.termination_timeout_s,
             extras=extras,
             what=what,

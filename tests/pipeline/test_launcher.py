@@ -57,6 +57,14 @@ def test_evaluation_ranks_stay_on_this_node_when_training_spans_several():
     assert command.endswith("-m sae_pipeline.eval_entry model")
 
 
+def test_omp_num_threads_sizes_the_training_ranks_and_evaluation_takes_the_cores_its_ranks_leave():
+    launcher = TorchrunLauncher(nproc_per_node=2, omp_num_threads=1)
+    cores = os.cpu_count() or 1
+    assert launcher.env()["OMP_NUM_THREADS"] == "1"
+    assert launcher.env(1, training=False)["OMP_NUM_THREADS"] == str(cores)
+    assert launcher.env(2, training=False)["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+
+
 def test_the_training_step_fails_on_it_before_touching_the_run_folder(tmp_path, tiny_model_dir, corpus_file):
     root = tmp_path / "artefacts"
     (root / "tokenized" / MODEL).mkdir(parents=True)
