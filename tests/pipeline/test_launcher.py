@@ -126,3 +126,62 @@ def test_another_launcher_backend_can_be_swapped_in_as_the_launcher_resource(
         0,
         0,
     ]
+
+
+def test_a_two_node_training_on_loopback_reports_through_rank_0_on_this_node(
+    tmp_path, tiny_model_dir, corpus_file
+):
+    """Node 0 is launched by Dagster, node 1 by the test (as a cluster's tooling would), with the static
+    rendezvous on 127.0.0.1; one fake rank per node."""
+    from tests.support.processes import free_port
+
+    root, records = tmp_path / "artefacts", tmp_path / "ranks"
+    (root / "tokenized" / MODEL).mkdir(parents=True)
+    (root / "tokenized" / MODEL / "dataset_info.json").write_text("{}")
+    registry = write_registry(tmp_path / "models.yaml", tiny_entry(tiny_model_dir, corpus_file))
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {"FAKE_RANK_DIR": str(records), "FAKE_RANK_SLEEP_S": "1"}
+    settings = {"nnodes": 2, "nproc_per_node": 1, "rdzv_backend": "static", "rdzv_endpoint": endpoint}
+    # Node 1 runs this node's command with its own node rank, as the README says to start the other nodes.
+    node0 = TorchrunLauncher(
+        **settings, node_rank=0, rdzv_id="two-nodes", entry_module="tests.support.fake_rank"
+    )
+    command = node0.command(["--layer_stride", "1"], run_id="unused")
+    command[command.index("--node-rank") + 1] = "1"
+    other = subprocess.Popen(
+        command,
+        env={**os.environ, **node0.env(), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        resources = resources_for(
+            root,
+            registry,
+            **settings,
+            node_rank=0,
+            rdzv_id="two-nodes",
+            entry_module="tests.support.fake_rank",
+            extra_env=env,
+        )
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("models", [MODEL])
+        result = materialize([sae_checkpoints], f"{MODEL}|1", instance, resources)
+        assert result.success, failure_text(result)
+        _, stderr = other.communicate(timeout=60)
+        assert other.returncode == 0, stderr[-2000:]
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    [event] = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert metadata["fake"] is True and metadata["nnodes"] == 2
+    starts = {e["rank"]: e for e in map(json.loads, (records / "events.jsonl").read_text().splitlines())}
+    assert sorted(starts) == [0, 1]
+    # Each rank recorded its torchrun's pid (tests/support/fake_rank.py): global rank 0, which reported, ran
+    # under node 0's torchrun (Dagster's), rank 1 under the test's node 1.
+    torchruns = (records / "launches-1").read_text().split()
+    assert torchruns[starts[1]["attempt"] - 1] == str(other.pid)
+    assert torchruns[starts[0]["attempt"] - 1] != str(other.pid)
