@@ -36,7 +36,7 @@ class PipesLauncher(dg.ConfigurableResource, dg.PipesClient):
     )
     eval_entry_module: str = Field(
         default=EVALUATION_ENTRY,
-        description="Module the evaluation rank runs (wraps `python -m sae_core.evaluate`).",
+        description="Module the evaluation ranks run (wraps `python -m sae_core.evaluate`).",
     )
     eval_nproc: int = Field(
         default=1, ge=1, description="Evaluation ranks on one node (the SAEs are shared among them)."

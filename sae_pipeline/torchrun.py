@@ -87,7 +87,8 @@ class TorchrunLauncher(PipesLauncher):
         self, train_args: Sequence[str], run_id: str, *, module: str | None = None, nproc: int | None = None
     ) -> list[str]:
         """The torchrun command line running `module` (default: entry_module) on `nproc` ranks per node
-        (default: nproc_per_node); a single rank never takes part in a multi-node rendezvous."""
+        (default: nproc_per_node). Only training joins a multi-node rendezvous; other modules (evaluation)
+        run on this node alone."""
         self.check()
         nproc = nproc or self.nproc_per_node
         cmd = [self.python_executable, "-m", "torch.distributed.run"]  # torchrun, with this Python

@@ -1,7 +1,7 @@
 """sae_evaluation: sae_core's evaluation report for one model x stride, judged by blocking quality checks.
 
-The evaluation runs in a rank of the `launcher` resource (sae_pipeline.eval_entry), never in the step process:
-the rank sends the report back through Pipes, and the step turns it into metadata and check results.
+The evaluation runs in ranks of the `launcher` resource (sae_pipeline.eval_entry), never in the step process:
+rank 0 sends the report back through Pipes, and the step turns it into metadata and check results.
 """
 
 import shutil
