@@ -1,4 +1,5 @@
-"""Resources: where artefacts live, which models exist, how torchrun is launched, where SAEs are published.
+"""Resources: where artefacts live, which models exist, where SAEs are published; the launcher of the ranks
+(TorchrunLauncher, a PipesClient: sae_pipeline.torchrun) is re-exported here.
 
 Every artefact path is built here, from validated partition keys, under one root:
 
@@ -12,7 +13,6 @@ so two partitions never share a file, and nothing a registry says can point outs
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from pydantic import Field
 
 from .partitions import check_model_key
 from .registry import ModelEntry, Registry, load_registry, registry_path
+from .torchrun import TorchrunLauncher
+
+__all__ = ["GPU_POOL", "ArtefactStore", "HubPublisher", "ModelRegistry", "TorchrunLauncher"]
 
 ROOT_ENV = "SAE_PIPELINE_ROOT"
 # The concurrency pool of the steps that need the GPUs (training, evaluation). Its size is the instance's:
@@ -103,84 +106,6 @@ class ModelRegistry(dg.ConfigurableResource):
     @property
     def resolved_path(self) -> Path:
         return registry_path(self.path)
-
-
-class TorchrunLauncher(dg.ConfigurableResource):
-    """How training processes are started: `torchrun` with these options, one process per rank.
-
-    Only this node is launched by Dagster. For several nodes, start the same command on the other nodes (with
-    your cluster's tooling) against the same rendezvous endpoint; global rank 0 must run on this node, because
-    it is the rank that reports to Dagster. So several nodes need the static rendezvous with this node as node
-    0 (`rdzv_backend: static`, `node_rank: 0`); with c10d, torch assigns ranks itself and rank 0 may land on
-    another node, so it is refused.
-    """
-
-    python_executable: str = Field(default_factory=lambda: sys.executable, description="Python for torchrun.")
-    nproc_per_node: int = Field(default=1, ge=1, description="Ranks on this node (GPUs, or CPU processes).")
-    nnodes: int = Field(default=1, ge=1, description="Number of nodes.")
-    node_rank: int | None = Field(default=None, ge=0, description="This node's rank (static rendezvous).")
-    rdzv_backend: str = Field(default="c10d", description="torchrun --rdzv-backend (multi-node).")
-    rdzv_endpoint: str | None = Field(default=None, description="host:port of the rendezvous (multi-node).")
-    rdzv_id: str | None = Field(default=None, description="Rendezvous id (default: the Dagster run id).")
-    master_port: int | None = Field(
-        default=None, description="Port of a single-node run (default: a free one, so runs never clash)."
-    )
-    entry_module: str = Field(
-        default="sae_pipeline.rank_entry", description="Module each rank runs (wraps `python -m sae_core`)."
-    )
-    extra_env: dict[str, str] = Field(default_factory=dict, description="Extra environment for every rank.")
-    omp_num_threads: int | None = Field(
-        default=None, description="OMP_NUM_THREADS per rank (default: the cores divided by the ranks)."
-    )
-    termination_timeout_s: float = Field(
-        default=45.0, gt=30, description="On cancel: SIGTERM, then SIGKILL after this many seconds (> 30)."
-    )
-
-    def check(self) -> None:
-        """Raise ValueError for settings torchrun would reject, before the step touches any folder."""
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (a host:port every node can reach)")
-        if self.nnodes > 1 and (self.rdzv_backend != "static" or self.node_rank != 0):
-            raise ValueError(
-                f"nnodes={self.nnodes} with rdzv_backend={self.rdzv_backend!r}, node_rank={self.node_rank}: "
-                "global rank 0, the rank that reports to Dagster, must run on this node; use "
-                "rdzv_backend: static with node_rank: 0 here (the other nodes take node_rank 1, 2, ...)"
-            )
-
-    def command(self, train_args: list[str], run_id: str) -> list[str]:
-        self.check()
-        cmd = [self.python_executable, "-m", "torch.distributed.run"]  # torchrun, with this Python
-        cmd += ["--nproc-per-node", str(self.nproc_per_node)]
-        if self.nnodes > 1 or self.rdzv_endpoint:
-            cmd += [
-                "--nnodes",
-                str(self.nnodes),
-                "--rdzv-backend",
-                self.rdzv_backend,
-                "--rdzv-id",
-                self.rdzv_id or run_id,
-            ]
-            if self.rdzv_endpoint:
-                cmd += ["--rdzv-endpoint", self.rdzv_endpoint]
-            if self.node_rank is not None:
-                cmd += ["--node-rank", str(self.node_rank)]
-        else:
-            # --standalone would pick a port too, but through a c10d store that prints a warning per rank;
-            # a free port chosen here keeps two runs on one machine apart just as well.
-            cmd += ["--nnodes", "1", "--master-port", str(self.master_port or _free_port())]
-        return [*cmd, "-m", self.entry_module, *train_args]
-
-    def env(self) -> dict[str, str]:
-        threads = self.omp_num_threads or max(1, (os.cpu_count() or 1) // self.nproc_per_node)
-        return {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HubPublisher(dg.ConfigurableResource):

@@ -1,4 +1,5 @@
-"""Launching torchrun from a Dagster step, through Dagster Pipes, without ever leaving a process behind.
+"""TorchrunLauncher: the launcher resource (a Dagster PipesClient, sae_pipeline.launcher) that runs the ranks
+as torchrun processes on this machine, through Dagster Pipes, without ever leaving a process behind.
 
 The stock `PipesSubprocessClient` is not enough for torchrun: on cancel it sends SIGINT to its direct child
 only and never escalates, and if the step process itself is killed, torchrun and its ranks (which torch starts
@@ -34,9 +35,11 @@ from typing import IO, Any
 
 import dagster as dg
 import psutil
+from pydantic import Field
 
 from sae_core.distributed import die_with_parent
 
+from .launcher import PipesLauncher
 from .retries import diagnose_launch_failure
 
 RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
@@ -44,18 +47,121 @@ _STDERR_TAIL_LINES = 40
 _PARENT_POLL_S = 1.0
 
 
-def run_torchrun(
+class TorchrunLauncher(PipesLauncher):
+    """The ranks as `torchrun` processes on this machine, children of the step (the default launcher).
+
+    Only this node is launched by Dagster. For several nodes, start the same command on the other nodes (with
+    your cluster's tooling) against the same rendezvous endpoint; global rank 0 must run on this node, because
+    it is the rank that reports to Dagster. So several nodes need the static rendezvous with this node as node
+    0 (`rdzv_backend: static`, `node_rank: 0`); with c10d, torch assigns ranks itself and rank 0 may land on
+    another node, so it is refused.
+    """
+
+    python_executable: str = Field(default_factory=lambda: sys.executable, description="Python for torchrun.")
+    node_rank: int | None = Field(default=None, ge=0, description="This node's rank (static rendezvous).")
+    rdzv_backend: str = Field(default="c10d", description="torchrun --rdzv-backend (multi-node).")
+    rdzv_endpoint: str | None = Field(default=None, description="host:port of the rendezvous (multi-node).")
+    rdzv_id: str | None = Field(default=None, description="Rendezvous id (default: the Dagster run id).")
+    master_port: int | None = Field(
+        default=None, description="Port of a single-node run (default: a free one, so runs never clash)."
+    )
+    omp_num_threads: int | None = Field(
+        default=None,
+        description="OMP_NUM_THREADS per training rank (default, and for evaluation: cores / ranks).",
+    )
+    termination_timeout_s: float = Field(
+        default=45.0, gt=30, description="On cancel: SIGTERM, then SIGKILL after this many seconds (> 30)."
+    )
+
+    def check(self) -> None:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (a host:port every node can reach)")
+        if self.nnodes > 1 and (self.rdzv_backend != "static" or self.node_rank != 0):
+            raise ValueError(
+                f"nnodes={self.nnodes} with rdzv_backend={self.rdzv_backend!r}, node_rank={self.node_rank}: "
+                "global rank 0, the rank that reports to Dagster, must run on this node; use "
+                "rdzv_backend: static with node_rank: 0 here (the other nodes take node_rank 1, 2, ...)"
+            )
+
+    def command(
+        self, train_args: Sequence[str], run_id: str, *, module: str | None = None, nproc: int | None = None
+    ) -> list[str]:
+        """The torchrun command line running `module` (default: entry_module) on `nproc` ranks per node
+        (default: nproc_per_node). Only training joins a multi-node rendezvous; other modules (evaluation)
+        run on this node alone."""
+        self.check()
+        nproc = nproc or self.nproc_per_node
+        cmd = [self.python_executable, "-m", "torch.distributed.run"]  # torchrun, with this Python
+        cmd += ["--nproc-per-node", str(nproc)]
+        if module in (None, self.entry_module) and (self.nnodes > 1 or self.rdzv_endpoint):
+            cmd += [
+                "--nnodes",
+                str(self.nnodes),
+                "--rdzv-backend",
+                self.rdzv_backend,
+                "--rdzv-id",
+                self.rdzv_id or run_id,
+            ]
+            if self.rdzv_endpoint:
+                cmd += ["--rdzv-endpoint", self.rdzv_endpoint]
+            if self.node_rank is not None:
+                cmd += ["--node-rank", str(self.node_rank)]
+        else:
+            # --standalone would pick a port too, but through a c10d store that prints a warning per rank;
+            # a free port chosen here keeps two runs on one machine apart just as well.
+            cmd += ["--nnodes", "1", "--master-port", str(self.master_port or _free_port())]
+        return [*cmd, "-m", module or self.entry_module, *train_args]
+
+    def env(self, nproc: int | None = None, *, training: bool = True) -> dict[str, str]:
+        # omp_num_threads is sized for the training ranks; an evaluation on fewer ranks takes the cores they
+        # leave (one rank on a 2-core machine: 2 threads, not the 1 each of 2 training ranks gets).
+        fair = max(1, (os.cpu_count() or 1) // (nproc or self.nproc_per_node))
+        threads = (self.omp_num_threads if training else None) or fair
+        return {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
+
+    def run(  # type: ignore[override]
+        self,
+        *,
+        context: dg.AssetExecutionContext,
+        extras: Mapping[str, Any] | None = None,
+        module: str,
+        args: Sequence[str],
+        nproc: int | None = None,
+        what: str = "training",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dg.PipesClientCompletedInvocation:
+        command = self.command(args, run_id=context.run.run_id, module=module, nproc=nproc)
+        session = _run_in_pipes_session(
+            context,
+            command,
+            env=self.env(nproc, training=module == self.entry_module),
+            termination_timeout_s=self.termination_timeout_s,
+            extras=extras,
+            what=what,
+        )
+        added = {k: _metadata_value(v) for k, v in (metadata or {}).items()}
+        return dg.PipesClientCompletedInvocation(session, metadata=added)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_in_pipes_session(
     context: dg.AssetExecutionContext,
     command: Sequence[str],
     *,
     env: Mapping[str, str],
     termination_timeout_s: float,
-    extras: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Any] | None,
+    what: str,
     cwd: str | None = None,
-) -> list[dg.MaterializeResult]:
-    """Run `command` (a torchrun command line) inside a Pipes session; return what rank 0 reported, with
-    `metadata` added to it.
+) -> dg.PipesSession:
+    """Run `command` (a torchrun command line) inside a Pipes session and return the closed session.
 
     Raises dg.Failure naming the failing rank and quoting its traceback when torchrun exits non-zero.
     """
@@ -103,9 +209,8 @@ def run_torchrun(
             finally:
                 stderr_tail.join(timeout=10)
             if returncode != 0:
-                raise _launch_failure(returncode, command, error_dir, stderr_tail.lines())
-        added = {k: _metadata_value(v) for k, v in (metadata or {}).items()}
-        return list(session.get_results(metadata=added))
+                raise _launch_failure(returncode, command, error_dir, stderr_tail.lines(), what)
+        return session
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
 
@@ -238,7 +343,7 @@ def rank_errors(error_dir: Path) -> list[tuple[int, str]]:
 
 
 def _launch_failure(
-    returncode: int, command: Sequence[str], error_dir: Path, stderr_tail: list[str]
+    returncode: int, command: Sequence[str], error_dir: Path, stderr_tail: list[str], what: str = "training"
 ) -> dg.Failure:
     errors = rank_errors(error_dir)
     diagnosis = diagnose_launch_failure(returncode, errors, stderr_tail)
@@ -247,7 +352,7 @@ def _launch_failure(
         rank, text = errors[0]
         others = [r for r, _ in errors[1:]]
         also = f" (ranks {others} failed after it)" if others else ""
-        description = f"training failed: rank {rank} raised{also}; torchrun ended with {how}.\n\n"
+        description = f"{what} failed: rank {rank} raised{also}; torchrun ended with {how}.\n\n"
         description += text.rstrip()
     else:
         rank, text = None, "\n".join(stderr_tail)

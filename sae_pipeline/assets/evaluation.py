@@ -1,4 +1,8 @@
-"""sae_evaluation: sae_core's evaluation report for one model x stride, judged by blocking quality checks."""
+"""sae_evaluation: sae_core's evaluation report for one model x stride, judged by blocking quality checks.
+
+The evaluation runs in ranks of the `launcher` resource (sae_pipeline.eval_entry), never in the step process:
+rank 0 sends the report back through Pipes, and the step turns it into metadata and check results.
+"""
 
 import shutil
 from pathlib import Path
@@ -8,6 +12,8 @@ import dagster as dg
 from pydantic import Field
 
 from ..checks import quality_check_results, quality_check_specs
+from ..eval_entry import REPORT_MESSAGE_KEYS
+from ..launcher import PipesLauncher
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in
@@ -30,18 +36,18 @@ class EvaluationConfig(dg.Config):
     group_name="sae",
     automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"pytorch"},
-    pool=GPU_POOL,  # the model and the SAEs run on the step's device
+    pool=GPU_POOL,  # the launched evaluation rank uses the GPU while the step waits for it
     description="FVU, L0, dead latents, ΔCE and KL with each SAE spliced into the model, on held-out tokens "
-    "(sae_core.evaluate); <root>/evaluations/<model>/stride-<s>/report.{json,md} and plots.",
+    "(python -m sae_core.evaluate, in ranks of the launcher); <root>/evaluations/<model>/stride-<s>/"
+    "report.{json,md} and plots.",
 )
 def sae_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
     registry: ModelRegistry,
     artefacts: ArtefactStore,
+    launcher: PipesLauncher,
 ) -> dg.MaterializeResult:
-    from sae_core.evaluate import evaluate_run
-
     key, entry = model_and_stride(context, registry)
     run_dir = artefacts.run_dir(key.model, key.stride)
     if not (run_dir / "run.json").is_file():
@@ -49,27 +55,50 @@ def sae_evaluation(
             description=f"no trained SAEs in {run_dir}: materialize sae_checkpoints for this partition first",
             allow_retries=False,
         )
+    with fail_step_on_bad_input("launcher resource", also=(ValueError,)):
+        launcher.check()
     target = artefacts.eval_dir(key.model, key.stride)
     staging = staging_dir(target)
     try:
-        # EvalError, ModelLoadError, SaeLoadError; OSError: missing or unreadable files.
-        with fail_step_on_bad_input(f"evaluation of {run_dir} failed", also=(OSError,)):
-            report = evaluate_run(
+        # `python -m sae_core.evaluate` on `eval_nproc` ranks of the launcher, on whatever devices they have:
+        # the step itself never loads the model. Bad input fails the launch (not retried), quoting the error.
+        invocation = launcher.run(
+            context=context,
+            module=launcher.eval_entry_module,
+            args=[
                 entry.model,
                 str(run_dir),
-                max_tokens=config.max_tokens or entry.eval.max_tokens,
-                batch_size=config.batch_size or entry.eval.batch_size,
-                out_dir=staging,
-            )
-            swap_in(staging, target)  # publishing never sees half a report
+                "--max_tokens",
+                str(config.max_tokens or entry.eval.max_tokens),
+                "--batch_size",
+                str(config.batch_size or entry.eval.batch_size),
+                "--out",
+                str(staging),
+            ],
+            nproc=launcher.eval_nproc,
+            what="evaluation",
+            extras={"model": key.model, "stride": key.stride},
+        )
+        report, markdown = _reported(invocation)
+        swap_in(staging, target)  # publishing never sees half a report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    result = report.to_dict()
-    context.log.info("evaluation:\n" + report.to_markdown())
+    context.log.info("evaluation:\n" + markdown)
     return dg.MaterializeResult(
-        metadata=evaluation_metadata(result, target, report.to_markdown()),
-        check_results=quality_check_results(result, entry.thresholds),
+        metadata=evaluation_metadata(report, target, markdown),
+        check_results=quality_check_results(report, entry.thresholds),
+    )
+
+
+def _reported(invocation: dg.PipesClientCompletedInvocation) -> tuple[dict[str, Any], str]:
+    """The report rank 0 sent (sae_pipeline.eval_entry): report.json's content and report.md's."""
+    for message in reversed(invocation.get_custom_messages()):
+        if isinstance(message, dict) and all(k in message for k in REPORT_MESSAGE_KEYS):
+            return message["report"], message["markdown"]
+    raise dg.Failure(
+        description="evaluation finished but rank 0 reported no evaluation report (see the step's stderr)",
+        allow_retries=False,
     )
 
 

@@ -1,7 +1,8 @@
 """sae_checkpoints: TopK SAEs on every stride-th layer of a model, trained by `torchrun ... -m sae_core`.
 
-The training runs in torchrun's processes, never in the step process: the step builds the command, launches it
-through Dagster Pipes (sae_pipeline.torchrun) and reports what global rank 0 sent back.
+The training runs in the ranks of the `launcher` resource (a PipesClient: torchrun on this machine by default,
+sae_pipeline.torchrun), never in the step process: the step builds the arguments, launches them through
+Dagster Pipes and reports what global rank 0 sent back.
 
 A run folder with an unfinished checkpoint (a failed or cancelled run) is resumed, so re-running a failed
 partition loses at most the steps since the last checkpoint. The step's retry policy does that by itself
@@ -18,10 +19,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from ..launcher import PipesLauncher
 from ..partitions import model_stride_partitions
-from ..resources import GPU_POOL, ArtefactStore, ModelRegistry, TorchrunLauncher
+from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..retries import TRAINING_RETRY_POLICY
-from ..torchrun import run_torchrun
 from .common import fail_step_on_bad_input, partition_of, registry_entry
 from .tokenized import tokenized_dataset
 
@@ -54,7 +55,7 @@ def sae_checkpoints(
     config: TrainingConfig,
     registry: ModelRegistry,
     artefacts: ArtefactStore,
-    launcher: TorchrunLauncher,
+    launcher: PipesLauncher,
 ):
     key = partition_of(context)
     entry = registry_entry(registry, key.model)
@@ -99,11 +100,10 @@ def sae_checkpoints(
             run_dir.name,
             *(["--resume"] if resume else []),
         ]
-        results = run_torchrun(
-            context,
-            launcher.command(args, run_id=context.run.run_id),
-            env=launcher.env(),
-            termination_timeout_s=launcher.termination_timeout_s,
+        invocation = launcher.run(
+            context=context,
+            module=launcher.entry_module,
+            args=args,
             extras={"model": key.model, "stride": key.stride},
             metadata={
                 "resumed": resume,
@@ -111,6 +111,8 @@ def sae_checkpoints(
                 "nnodes": launcher.nnodes,
             },
         )
+        # Only what rank 0 reported: an implicit materialization would hide a rank 0 that said nothing.
+        results = invocation.get_results(implicit_materializations=False)
     if not results:
         raise dg.Failure(
             description="training finished but rank 0 reported nothing (see the step's stderr)",

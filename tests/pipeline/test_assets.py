@@ -31,6 +31,11 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
+def step_messages(trained, step: str) -> list[str]:
+    logs = trained.instance.all_logs(trained.train.run_id)
+    return [r.user_message for r in logs if r.user_message and r.step_key == step]
+
+
 def test_tokenized_dataset_is_saved_with_its_metadata(trained):
     meta = metadata_of(trained.tokenize, "tokenized_dataset")
     folder = trained.root / "tokenized" / MODEL
@@ -48,8 +53,8 @@ def test_sae_checkpoints_trained_on_two_ranks_report_through_rank_zero(trained):
     assert meta["steps"] > 0 and meta["tokens"] > 0
     for h in ("layers.0", "layers.2"):
         assert 0 <= meta[f"fvu/{h}"] < 1.5 and (run_dir / h / "sae.safetensors").is_file()
-    # Progress streamed from rank 0 into the run's log, once (one Pipes session, not one per rank).
-    logs = [r.user_message for r in trained.instance.all_logs(trained.train.run_id) if r.user_message]
+    # Progress streamed from rank 0 into the step's log, once (one Pipes session, not one per rank).
+    logs = step_messages(trained, "sae_checkpoints")
     assert any(m.startswith("step ") and "FVU mean" in m for m in logs)
     assert sum("successfully opened dagster pipes" in m for m in logs) == 1
     # The tokenized folder every stride shares was only read.
@@ -65,6 +70,11 @@ def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
     assert {c.name for c in meta["metrics"].schema.columns} >= {"hookpoint", "fvu", "l0", "delta_ce", "kl"}
     plots = {k: v for k, v in meta.items() if k.startswith("plot/")}
     assert len(plots) == 3 and all(Path(v).is_file() and v.endswith(".png") for v in plots.values())
+    # Evaluated by `python -m sae_core.evaluate` in one rank of the launcher, which reported through Pipes.
+    logs = step_messages(trained, "sae_evaluation")
+    assert any("-m sae_pipeline.eval_entry" in m and "--nproc-per-node 1" in m for m in logs)
+    assert any(m.startswith("evaluating ") and m.endswith(" (rank 0 of 1)") for m in logs)
+    assert sum("successfully opened dagster pipes" in m for m in logs) == 1
     checks = {c.check_name: c.passed for c in trained.train.get_asset_check_evaluations()}
     assert checks == {
         "fvu_below_threshold": True,
@@ -230,3 +240,49 @@ def test_training_progress_reaches_the_log_at_most_once_per_interval_and_the_las
     progress.interval_s = 0
     progress({"step": 4, "tokens": 40, "tokens_per_s": 5.0, "fvu/layers.0": 0.4})
     assert lines[-1].startswith("step 4: 40 tokens")
+
+
+def test_an_evaluation_that_fails_in_its_rank_fails_the_step_quoting_the_error_without_retries(
+    trained, tmp_path
+):
+    root = tmp_path / "artefacts"
+    shutil.copytree(trained.root / "runs", root / "runs")
+    (root / "runs" / MODEL / "stride-2" / "layers.2" / "sae.safetensors").write_bytes(b"not safetensors")
+    resources = {**trained.resources, "artefacts": resources_for(root, trained.registry)["artefacts"]}
+    result = materialize([sae_evaluation], PARTITION, trained.instance, resources)
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    data = failure.step_failure_data.user_failure_data
+    assert (
+        data.description.startswith("rank 0 raised ") and "(not retried)" in data.description.splitlines()[0]
+    )
+    assert "evaluation failed: rank 0 raised" in data.description and "SaeLoadError" in data.description
+    assert "layers.2" in data.description
+    assert data.metadata["retryable"].value is False
+    assert not (root / "evaluations" / MODEL / "stride-2").exists()  # nothing half-written in its place
+
+
+def test_evaluation_on_two_ranks_shares_the_saes_and_reports_what_one_rank_does(trained, tmp_path):
+    root = tmp_path / "artefacts"
+    shutil.copytree(trained.root / "runs", root / "runs")
+    resources = {
+        **trained.resources,
+        "artefacts": resources_for(root, trained.registry)["artefacts"],
+        "launcher": resources_for(root, trained.registry, eval_nproc=2)["launcher"],
+    }
+    result = materialize([sae_evaluation], PARTITION, trained.instance, resources)
+    assert result.success, failure_text(result)
+    logs = [r.user_message for r in trained.instance.all_logs(result.run_id) if r.user_message]
+    assert any("--nproc-per-node 2" in m and "-m sae_pipeline.eval_entry" in m for m in logs)
+    assert any(m.startswith("evaluating ") and m.endswith(" (rank 0 of 2)") for m in logs)
+    two, one = metadata_of(result, "sae_evaluation"), metadata_of(trained.train, "sae_evaluation")
+    rows = {r.data["hookpoint"]: r.data for r in two["metrics"].records}
+    expected = {r.data["hookpoint"]: r.data for r in one["metrics"].records}
+    assert list(rows) == list(expected) == ["layers.0", "layers.2"]  # one SAE per rank, merged in order
+    for h, metrics in expected.items():
+        for name, value in metrics.items():
+            if isinstance(value, float):
+                assert rows[h][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (h, name)
+    report = json.loads((root / "evaluations" / MODEL / "stride-2" / "report.json").read_text())
+    assert report["settings"]["ranks"] == 2 and report["settings"]["tokens"] == two["tokens"]
+    assert len([k for k in two if k.startswith("plot/")]) == 3
