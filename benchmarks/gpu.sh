@@ -23,7 +23,8 @@ if [ -n "${RANDOM_WEIGHTS_FROM:-}" ]; then
 fi
 
 step $PY -m pytest -q -p no:cacheprovider tests/core/test_cuda.py
-step $PY -m pytest -q -p no:cacheprovider tests/core/test_sae.py tests/core/test_trainer.py tests/core/test_evaluate.py
+step $PY -m pytest -q -p no:cacheprovider tests/core/test_sae.py tests/core/test_trainer.py tests/core/test_evaluate.py \
+    tests/core/test_autocast.py tests/core/test_optim.py
 step $PY benchmarks/sae_step.py --device cuda --profile
 step $PY benchmarks/sae_step.py --device cuda --grad_w index_add
 step $PY benchmarks/sae_step.py --device cuda --n 32768
