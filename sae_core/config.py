@@ -96,7 +96,7 @@ class TrainConfig:
     micro_acc_steps: int = 1
     """Chunks each batch's tokens are split into before the SAE, to save memory."""
 
-    optimizer: OptimizerName = "adam"
+    optimizer: OptimizerName = "schedule_free_adam"
     """adam, schedule_free_adam (iterates averaged, no decay), signum (sign descent with momentum) or muon
     (orthogonalised updates); see sae_core/optim.py."""
 

@@ -281,12 +281,15 @@ class ShardedSae(Sae):
         x: Tensor,
         dead_mask: Tensor | None = None,
         *,
+        target: Tensor | None = None,
         total_variance: Tensor | float | None = None,
         residual_variance: Tensor | float | None = None,
         compute_dtype: torch.dtype | None = None,
     ) -> ForwardOutput:
         """As `Sae.forward`, a collective of the shard group. `dead_mask` covers all M latents (every rank of
-        the group holds the same one: the latents chosen, hence the counters, are the same everywhere)."""
+        the group holds the same one: the latents chosen, hence the counters, are the same everywhere).
+        `target` is what the trainer passes every SAE, for an autoencoder equal to x: it is not used (the
+        config refuses sharded transcoders)."""
         layout = self.layout
         per_shard = self.encoder.out_features
         x = x.reshape(-1, self.d_in).to(self.dtype)

@@ -187,4 +187,6 @@ class SweepTrainer:
                     trainer.save()
         for bar in progress:
             bar.close()
+        for trainer in self.trainers:
+            trainer.finish()
         return metrics

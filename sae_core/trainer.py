@@ -304,11 +304,15 @@ class SaeTrainer:
             if self.step % self.cfg.save_every == 0 or self.step == stop_at:
                 self.save()
         progress.close()
+        self.finish()
+        return metrics
+
+    def finish(self) -> None:
+        """At the end of the run, self.saes take the weights that were saved (schedule-free Adam trains on
+        other weights than it saves); before it, nothing changes."""
         if self.step == self.total_steps:
-            # Done: self.saes now hold what was saved (schedule-free Adam trains on other weights).
             for optimizer in self.optimizers.values():
                 optimizer.keep_averaged_weights()
-        return metrics
 
     def _progress(self) -> Progress:
         """The main rank writes metrics.jsonl, wandb/TensorBoard when asked, and the extra loggers."""

@@ -32,7 +32,7 @@ def test_default_learning_rates_scale_with_width_except_muon():
     assert default_lr("adam", 4608) == pytest.approx(6.03e-3, rel=1e-3)  # the width it was measured at
     assert default_lr("adam", 128) == default_lr("signum", 128) == 1e-2  # capped below the measured widths
     assert default_lr("signum", 2**14) == pytest.approx(5e-3)
-    assert default_lr("schedule_free_adam", 4608) == pytest.approx(5e-3, rel=1e-3)
+    assert default_lr("schedule_free_adam", 4608) == pytest.approx(5.5e-3, rel=2e-3)
     assert default_lr("muon", 2**14) == default_lr("muon", 2**18) == pytest.approx(2e-3)
 
 
@@ -96,7 +96,12 @@ def test_short_run_reaches_its_learning_rate_and_records_it(tmp_path):
     assert trainer.total_steps == 12 and trainer.warmup_steps == 1
     trainer.fit()
     info = json.loads((tmp_path / "run" / "run.json").read_text())["learning_rate"]
-    assert info == {"optimizer": "adam", "peak": 1e-3, "peak_reached": pytest.approx(1e-3), "warmup_steps": 1}
+    assert info == {
+        "optimizer": "schedule_free_adam",
+        "peak": 1e-3,
+        "peak_reached": pytest.approx(1e-3),
+        "warmup_steps": 1,
+    }
 
 
 # Learning rates for a 128-latent SAE on d=32: the defaults scale by 1/sqrt(width) for thousands of latents.
