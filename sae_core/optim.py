@@ -32,7 +32,7 @@ OPTIMIZERS = get_args(OptimizerName)
 # that left held-out FVU at 0.65 / 0.67 (layers 6 / 18) after 60k tokens and 0.22 / 0.41 after 400k, against
 # 0.19 / 0.33 and 0.10 / 0.22 at 6e-3. Schedule-free Adam (the default) at 5.5e-3: 0.168 / 0.319 at 60k
 # (5e-3: 0.172 / 0.301 and, seed 1, 0.173 / 0.305; 6e-3: 0.166 / 0.356; 4e-3: 0.189 / 0.306), and at 400k the
-# same FVU as Adam with a fifth of the dead latents. Signum's is sparsify's.
+# same FVU as Adam with far fewer dead latents (1.5 / 6.3% vs 7.8 / 16.0%). Signum's is sparsify's.
 BASE_LR = {"adam": 3.2e-3, "schedule_free_adam": 2.92e-3, "signum": 5e-3, "muon": 2e-3}
 SIGNUM_MOMENTUM = 0.95
 # Warm-up is never longer than this fraction of the run: a 29-step run asked for 1000 warm-up steps would
