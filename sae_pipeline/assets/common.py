@@ -11,7 +11,7 @@ from sae_core.utils import replace_folder, staging_folder
 
 from ..partitions import ModelStride, PartitionKeyError, parse_model_stride
 from ..registry import ModelEntry, RegistryError
-from ..resources import ModelRegistry
+from ..resources import ArtefactStore, ModelRegistry
 
 
 @contextlib.contextmanager
@@ -62,6 +62,17 @@ def model_and_stride(
             allow_retries=False,
         )
     return key, entry
+
+
+def trained_run_dir(artefacts: ArtefactStore, key: ModelStride) -> Path:
+    """The partition's run folder; a non-retried failure when no training has completed there."""
+    run_dir = artefacts.run_dir(key.model, key.stride)
+    if not (run_dir / "run.json").is_file():
+        raise dg.Failure(
+            description=f"no trained SAEs in {run_dir}: materialize sae_checkpoints for this partition first",
+            allow_retries=False,
+        )
+    return run_dir
 
 
 def staging_dir(target: Path) -> Path:

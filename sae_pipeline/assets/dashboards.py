@@ -12,7 +12,7 @@ from pydantic import Field
 
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
-from .common import fail_step_on_bad_input, model_and_stride
+from .common import fail_step_on_bad_input, model_and_stride, trained_run_dir
 from .evaluation import sae_evaluation
 
 PREVIEW_ROWS = 10  # most frequent latents per hookpoint in the metadata table
@@ -48,12 +48,7 @@ def latent_dashboards(
     from sae_core.dashboard import build_dashboards
 
     key, entry = model_and_stride(context, registry)
-    run_dir = artefacts.run_dir(key.model, key.stride)
-    if not (run_dir / "run.json").is_file():
-        raise dg.Failure(
-            description=f"no trained SAEs in {run_dir}: materialize sae_checkpoints for this partition first",
-            allow_retries=False,
-        )
+    run_dir = trained_run_dir(artefacts, key)
     target = artefacts.dashboard_dir(key.model, key.stride)
     with fail_step_on_bad_input(f"dashboards of {run_dir} failed", also=(OSError,)):
         records = build_dashboards(

@@ -16,7 +16,7 @@ from ..eval_entry import REPORT_MESSAGE_KEYS
 from ..launcher import PipesLauncher
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
-from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in
+from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in, trained_run_dir
 from .training import sae_checkpoints
 
 SUMMARY_METRICS = ("fvu", "l0", "dead_pct_eval", "delta_ce", "kl", "loss_recovered_zero")
@@ -49,12 +49,7 @@ def sae_evaluation(
     launcher: PipesLauncher,
 ) -> dg.MaterializeResult:
     key, entry = model_and_stride(context, registry)
-    run_dir = artefacts.run_dir(key.model, key.stride)
-    if not (run_dir / "run.json").is_file():
-        raise dg.Failure(
-            description=f"no trained SAEs in {run_dir}: materialize sae_checkpoints for this partition first",
-            allow_retries=False,
-        )
+    run_dir = trained_run_dir(artefacts, key)
     with fail_step_on_bad_input("launcher resource", also=(ValueError,)):
         launcher.check()
     target = artefacts.eval_dir(key.model, key.stride)

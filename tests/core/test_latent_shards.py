@@ -18,7 +18,6 @@ from sae_core import Sae, SaeConfig, TrainConfig
 from sae_core.distributed import DistContext
 from sae_core.errors import CheckpointError, ConfigError
 from sae_core.latent_shards import ShardedSae, ShardLayout, make_layout, refuse_incomplete_shard_states
-from tests.support.processes import free_port
 from tests.support.training import COMMON, check, env, run, sae_params, torchrun
 
 WORKER = Path(__file__).parents[1] / "support" / "latent_shard_worker.py"
@@ -26,20 +25,7 @@ WORKER = Path(__file__).parents[1] / "support" / "latent_shard_worker.py"
 
 def run_worker(nproc: int, tmp_path: Path, *scenarios: str) -> dict:
     out = tmp_path / "checks.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        str(WORKER),
-        *scenarios,
-        str(out),
-    ]
+    cmd = torchrun(nproc, *scenarios, str(out), entry=(str(WORKER),))
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return json.loads(out.read_text())

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -68,7 +69,8 @@ def env():
     return child_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
-def torchrun(nproc: int, *extra: str) -> list[str]:
+def torchrun(nproc: int, *extra: str, entry: Sequence[str] = ("-m", "sae_core")) -> list[str]:
+    """torchrun on `nproc` local ranks with a free rendezvous port; `entry` is what each rank runs."""
     return [
         sys.executable,
         "-m",
@@ -79,8 +81,7 @@ def torchrun(nproc: int, *extra: str) -> list[str]:
         "c10d",
         "--rdzv-endpoint",
         f"127.0.0.1:{free_port()}",
-        "-m",
-        "sae_core",
+        *entry,
         *extra,
     ]
 
