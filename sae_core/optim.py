@@ -146,8 +146,12 @@ class ScheduleFreeAdam(optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return p.detach().clone()
-        beta1 = self.param_groups[0]["betas"][0]
+        beta1 = next(g["betas"][0] for g in self.param_groups if any(q is p for q in g["params"]))
         return (p - (1 - beta1) * state["z"]) / beta1
+
+    def averages(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, its x) for every parameter."""
+        return [(p, self.average(p)) for group in self.param_groups for p in group["params"]]
 
 
 def make_adam(params: list[Tensor], lr: float) -> optim.Adam:
@@ -187,16 +191,16 @@ class SaeOptimizer:
         if not isinstance(part, ScheduleFreeAdam):
             yield
             return
-        params = [p for group in part.param_groups for p in group["params"]]
-        training = [p.detach().clone() for p in params]
+        averages = part.averages()
+        training = [p.detach().clone() for p, _ in averages]
         with torch.no_grad():
-            for p in params:
-                p.copy_(part.average(p))
+            for p, x in averages:
+                p.copy_(x)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, y in zip(params, training):
+                for (p, _), y in zip(averages, training):
                     p.copy_(y)
 
     @torch.no_grad()
@@ -204,10 +208,9 @@ class SaeOptimizer:
         """At the end of training: the parameters take the weights to save and evaluate for good."""
         part = self.parts.get("schedule_free_adam")
         if isinstance(part, ScheduleFreeAdam):
-            for group in part.param_groups:
-                for p in group["params"]:
-                    p.copy_(part.average(p))
-                    part.state.pop(p, None)  # z no longer matches: nothing trains on from here
+            for p, x in part.averages():
+                p.copy_(x)
+                part.state.pop(p, None)  # z no longer matches: nothing trains on from here
 
     def set_lr(self, lr: float) -> None:
         for part in self.parts.values():
