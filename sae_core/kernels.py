@@ -166,10 +166,11 @@ def encoder_compute_dtype(setting: str | None, device: torch.device | str) -> to
     "auto" is bfloat16 on CUDA devices that support it and exact elsewhere. Measured (benchmarks/RESULTS.md,
     `sae_step`): one step at N=4096, d=576, M=18,432 took 5.26 ms in fp32 and 4.01 ms in bf16 on an H100,
     5.01 and 3.54 ms on an H200 (1.98x at N=32,768), and bf16 training ends within 1% of the fp32 FVU
-    (tests/core/test_sae.py::test_bf16_encoder_trains_to_within_one_percent_of_fp32_fvu). On CPUs the product
-    is a small part of the step (the sparse backward and Adam dominate): on a 2-core Xeon with AMX bf16
-    units, where a bf16 product runs 8x faster than fp32, the whole step was not faster (2,610 ms fp32,
-    2,841 ms bf16 at N=2048, d=576, M=4608), so CPUs stay exact.
+    (tests/core/test_sae.py::test_bf16_encoder_trains_to_within_one_percent_of_fp32_fvu). CPUs stay exact:
+    on CPUs without bf16 units bf16 is several times slower (README, Benchmarks). On a 2-core Xeon with AMX,
+    bf16 made the step itself 1.74x faster (100.7 -> 57.9 ms at N=2048, d=576, M=4608, quiet machine; a first
+    measurement under heavy load had shown no gain), but the LM forward is most of a CPU run's time and the
+    end-to-end gain is not measured yet: pass --autocast bfloat16 there.
     """
     if setting in (None, "float32"):
         return None
