@@ -68,8 +68,9 @@ def saelens_files(sae: Sae, hook_name: str, run: dict[str, Any]) -> tuple[dict[s
         raise ConfigError("an SAE loaded without its decoder cannot be exported; load it with decoder=True")
     if sae.cfg.transcode or sae.W_skip is not None:
         raise ConfigError(
-            f"{sae.hookpoint or 'this SAE'}: transcoders and skip connections are not exported to SAELens's "
-            "TopK format; use the EleutherAI layout (sparsify loads it)"
+            f"{sae.hookpoint or 'this SAE'}: a TopK transcoder has no SAELens equivalent (sae-lens 6's "
+            "transcoders are ReLU/JumpReLU, which would change its outputs); use the EleutherAI layout, "
+            "which sparsify loads"
         )
     tensors = {
         "W_enc": sae.encoder.weight.data.T,

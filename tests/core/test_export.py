@@ -62,6 +62,18 @@ def test_transformer_lens_names_and_refusals(tmp_path):
         export_run(tmp_path / "run", tmp_path / "out")
 
 
+def test_a_transcoder_is_refused_before_any_file_is_written(tmp_path):
+    # sae-lens 6.54's Transcoder/SkipTranscoder encode with ReLU (JumpReLU variants with a threshold): no TopK
+    # transcoder exists, so an export would silently change the outputs.
+    write_run(tmp_path / "run", hookpoints=("layers.0",))
+    tc = Sae(D, SaeConfig(num_latents=64, k=5, transcode=True), hookpoint="layers.1.mlp", d_out=8)
+    tc.save_to_disk(tmp_path / "run" / "layers.1.mlp")
+    with pytest.raises(ConfigError, match="layers.1.mlp: a TopK transcoder has no SAELens equivalent"):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert len(export_run(tmp_path / "run", tmp_path / "out", hookpoints="layers.0")) == 1
+
+
 def test_non_finite_weights_are_refused_before_any_file_is_written(tmp_path):
     from safetensors.torch import load_file, save_file
 
