@@ -113,6 +113,29 @@ def test_distribute_layers_three_layers_on_two_ranks_equals_one_process(tmp_path
     assert states == ["rank0", "rank1"]  # each owner saved its own SAEs
 
 
+def test_transcoders_with_skip_on_two_ranks_equal_one_process(tmp_path, data):
+    # Transcoders read a module's input and its output in the same forward; data parallel must average their
+    # (and W_skip's) gradients like an SAE's.
+    tc = [
+        *data,
+        *COMMON,
+        "--hookpoints",
+        "layers.*.mlp",
+        "--transcode",
+        "--skip_connection",
+        "--max_tokens",
+        "1200",
+    ]
+    check(
+        run([sys.executable, "-m", "sae_core", *tc, "--batch_size", "4", "--save_dir", str(tmp_path / "one")])
+    )
+    check(run(torchrun(2, *tc, "--batch_size", "2", "--save_dir", str(tmp_path / "two"))))
+    (one,), (two,) = (list(p.iterdir()) for p in (tmp_path / "one", tmp_path / "two"))
+    ref = sae_params(one)
+    assert any(k.endswith("W_skip") for k in ref) and len({k.split("/")[0] for k in ref}) > 1
+    assert_same(sae_params(two), ref)
+
+
 def test_two_nodes_rendezvous_on_localhost(tmp_path, data):
     endpoint = f"127.0.0.1:{free_port()}"
     node = [
