@@ -40,7 +40,13 @@ from .activations import LiveActivations
 from .data import sequence_rows, sequence_shape
 from .distributed import DistContext
 from .errors import ConfigError, EvalError
-from .evaluate import DEFAULT_MAX_TOKENS, load_run_inputs
+from .evaluate import (
+    DEFAULT_MAX_TOKENS,
+    OneLineErrorParser,
+    add_held_out_arguments,
+    held_out_kwargs,
+    load_run_inputs,
+)
 from .loggers import Profiler
 from .models import (
     find_blocks,
@@ -701,25 +707,16 @@ def write_dashboards(
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit code 2, like every other bad input
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = DashboardConfig()
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="python -m sae_core.dashboard",
         allow_abbrev=False,
         description="Latent dashboards on the evaluation's held-out tokens: top-activating contexts, "
         "quantile samples, density, activation histogram and logit lens per latent, as a static HTML site "
         "and JSON.",
     )
-    p.add_argument("model", help="Hub id or local folder of the LM; 'smollm2-135m' for the embedded one")
-    p.add_argument("sae", metavar="run_dir", help="run folder, folder of hookpoint folders, or Hub repo")
-    p.add_argument(
-        "dataset", nargs="?", default=None, help="dataset (default: the run's, else the embedded corpus)"
-    )
+    add_held_out_arguments(p, sae_metavar="run_dir")
     p.add_argument("--hookpoints", nargs="+", default=None, help="hookpoints or globs (default: every one)")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
@@ -728,21 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--top_firing", type=int, default=None, help="the N latents that fire most often")
     which.add_argument("--random", type=int, default=None, help="N latents drawn at random (--seed)")
     p.add_argument(
-        "--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens to read (default: %(default)s)"
-    )
-    p.add_argument(
         "--out", default=None, help="output folder (default: RUN_DIR/dashboard; ./dashboard for a repo)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward (default: %(default)s)")
-    p.add_argument("--ctx_len", type=int, default=None, help="tokens per sequence (default: the run's)")
-    p.add_argument("--split", default=None, help="dataset split (default: the run's)")
-    p.add_argument(
-        "--offset", type=int, default=None, help="first sequence (default: after the training ones)"
-    )
-    p.add_argument("--include_special_tokens", action="store_true", help="encode BOS and pad tokens too")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", help="LM dtype (default: %(default)s)")
     for name in DashboardConfig.__dataclass_fields__:
         p.add_argument(
             f"--{name}", type=int, default=getattr(d, name), help=f"{_doc(name)} (default: %(default)s)"
@@ -776,15 +761,8 @@ def main(argv: list[str] | None = None) -> None:
             out_dir=out,
             overwrite=args.overwrite,
             cfg=cfg,
-            max_tokens=args.max_tokens,
-            ctx_len=args.ctx_len,
-            split=args.split,
-            offset=args.offset,
-            include_special_tokens=args.include_special_tokens,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
             progress=True,
+            **held_out_kwargs(args),
         )
     n = sum(len(r) for r in records.values())
     print(f"wrote {out / 'index.html'}: {n} latents of {', '.join(records)} (data: {out / 'dashboard.json'})")

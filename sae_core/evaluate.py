@@ -460,24 +460,30 @@ def evaluate_run(
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit code 2, like every other bad input
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m sae_core.evaluate",
-        allow_abbrev=False,
-        description="Evaluate SAEs on held-out tokens: FVU, L0, dead latents, and the LM's cross-entropy "
-        "and KL with each SAE spliced in. Writes report.json, report.md and PNG plots.",
-    )
+# The flags that choose the LM, the SAEs and the held-out tokens; `python -m sae_core.dashboard` shares them.
+HELD_OUT_FLAGS = (
+    "max_tokens",
+    "ctx_len",
+    "split",
+    "offset",
+    "include_special_tokens",
+    "batch_size",
+    "device",
+    "dtype",
+)
+
+
+def add_held_out_arguments(p: argparse.ArgumentParser, sae_metavar: str = "sae_path_or_repo") -> None:
+    """MODEL SAE [DATASET] and the HELD_OUT_FLAGS, as `load_run_inputs` takes them."""
     p.add_argument(
         "model", help="Hub id or local folder of the LM; 'smollm2-135m' or 'embedded' for the embedded one"
     )
-    p.add_argument(
-        "sae", metavar="sae_path_or_repo", help="run folder, folder of hookpoint folders, or Hub repo"
-    )
+    p.add_argument("sae", metavar=sae_metavar, help="run folder, folder of hookpoint folders, or Hub repo")
     p.add_argument(
         "dataset",
         nargs="?",
@@ -485,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset (default: the run's training dataset, else the embedded corpus)",
     )
     p.add_argument(
-        "--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="evaluation tokens (default: %(default)s)"
+        "--max_tokens", type=int, default=DEFAULT_MAX_TOKENS, help="held-out tokens (default: %(default)s)"
     )
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward (default: %(default)s)")
     p.add_argument("--ctx_len", type=int, default=None, help="tokens per sequence (default: the run's)")
@@ -494,21 +500,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--offset",
         type=int,
         default=None,
-        help="first sequence to evaluate (default: right after the training sequences)",
-    )
-    p.add_argument(
-        "--out", default=None, help="output folder (default: SAE_PATH/eval; ./eval for a Hub repo)"
+        help="first sequence to read (default: right after the training sequences)",
     )
     p.add_argument(
         "--include_special_tokens",
         action="store_true",
-        help="count BOS and pad tokens in every metric (default: excluded; pad only when it is not EOS)",
+        help="count BOS and pad tokens too (default: excluded; pad only when it is not EOS)",
     )
-    p.add_argument("--hookpoints", default=None, help="glob of the hookpoints to evaluate, e.g. 'layers.1*'")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(
         "--dtype", default="float32", help="LM dtype: float32, bfloat16, float16 (default: %(default)s)"
     )
+
+
+def held_out_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed HELD_OUT_FLAGS as keyword arguments of `evaluate_run` / `build_dashboards`."""
+    return {name: getattr(args, name) for name in HELD_OUT_FLAGS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(
+        prog="python -m sae_core.evaluate",
+        allow_abbrev=False,
+        description="Evaluate SAEs on held-out tokens: FVU, L0, dead latents, and the LM's cross-entropy "
+        "and KL with each SAE spliced in. Writes report.json, report.md and PNG plots.",
+    )
+    add_held_out_arguments(p)
+    p.add_argument(
+        "--out", default=None, help="output folder (default: SAE_PATH/eval; ./eval for a Hub repo)"
+    )
+    p.add_argument("--hookpoints", default=None, help="glob of the hookpoints to evaluate, e.g. 'layers.1*'")
     p.add_argument(
         "--splice",
         choices=("auto", "suffix", "full"),
@@ -534,17 +555,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.model,
                 sae,
                 args.dataset,
-                max_tokens=args.max_tokens,
-                ctx_len=args.ctx_len,
-                split=args.split,
-                offset=args.offset,
                 out_dir=out,
-                include_special_tokens=args.include_special_tokens,
-                batch_size=args.batch_size,
                 hookpoints=args.hookpoints,
-                device=args.device,
-                dtype=args.dtype,
                 splice=args.splice,
+                **held_out_kwargs(args),
                 progress=True,
             )
         if variants:

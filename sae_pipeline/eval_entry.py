@@ -26,7 +26,7 @@ REPORT_MESSAGE_KEYS = ("report", "markdown")
 def evaluate(argv: list[str], pipes: Any | None) -> None:
     """Evaluate as `python -m sae_core.evaluate argv` would, on one run folder, sharing the hookpoints among
     the ranks; with `pipes`, send the report to Dagster."""
-    from sae_core.evaluate import build_parser, evaluate_run  # heavy: torch and transformers
+    from sae_core.evaluate import build_parser, evaluate_run, held_out_kwargs  # heavy: torch and transformers
 
     captured = io.StringIO()
     try:
@@ -34,18 +34,9 @@ def evaluate(argv: list[str], pipes: Any | None) -> None:
             args = build_parser().parse_args(argv)
     except SystemExit:
         raise ValueError(f"invalid evaluation arguments: {captured.getvalue().strip()}") from None
-    options = {
-        "max_tokens": args.max_tokens,
-        "ctx_len": args.ctx_len,
-        "split": args.split,
-        "offset": args.offset,
-        "include_special_tokens": args.include_special_tokens,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "splice": args.splice,
-    }
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device or _default_device()
+    options = {**held_out_kwargs(args), "device": device, "splice": args.splice}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if pipes is not None:
         pipes.log.info(f"evaluating {args.sae} on {device} (rank 0 of {world})")
     if world == 1:
@@ -55,11 +46,10 @@ def evaluate(argv: list[str], pipes: Any | None) -> None:
             args.dataset,
             out_dir=args.out,
             hookpoints=args.hookpoints,
-            device=device,
             **options,
         )
     else:
-        report = _evaluate_sharded(args, options, world, device)
+        report = _evaluate_sharded(args, options, world)
         if report is None:  # not rank 0: its metrics went to rank 0
             return
     if pipes is not None:
@@ -75,7 +65,7 @@ def _default_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
 
 
-def _evaluate_sharded(args: Any, options: dict[str, Any], world: int, device: str) -> Any:
+def _evaluate_sharded(args: Any, options: dict[str, Any], world: int) -> Any:
     """This rank's share of the hookpoints, evaluated; on rank 0 the merged EvalReport (saved to --out), on
     the others None."""
     import torch.distributed as dist
@@ -99,7 +89,7 @@ def _evaluate_sharded(args: Any, options: dict[str, Any], world: int, device: st
     try:
         part = None
         if mine:
-            part = evaluate_run(args.model, args.sae, args.dataset, hookpoints=mine, device=device, **options)
+            part = evaluate_run(args.model, args.sae, args.dataset, hookpoints=mine, **options)
             part = part.to_dict()
         parts: list[Any] = [None] * world if rank == 0 else None
         dist.gather_object(part, parts, dst=0)
