@@ -49,6 +49,7 @@ from .evaluate import (
 )
 from .loggers import Profiler
 from .models import (
+    canonical_hookpoint,
     find_blocks,
     hidden_size,
     hookpoint_layer,
@@ -409,10 +410,11 @@ def collect_latent_stats(
 
 def residual_role(model: nn.Module, hookpoint: str) -> str | None:
     """How a hookpoint's output reaches the residual stream, in words; None when it does not (directly)."""
+    module = hookpoint_module(model, hookpoint)
+    hookpoint = canonical_hookpoint(model, hookpoint)  # GPT-2's `h.1.mlp` is our `layers.1.mlp`
     layer = hookpoint_layer(hookpoint)
     if layer is not None:
         return f"the residual stream after block {layer}"
-    module = hookpoint_module(model, hookpoint)
     if hasattr(model, "get_input_embeddings") and module is model.get_input_embeddings():
         return "the residual stream before block 0 (the token embeddings)"
     m = re.fullmatch(r"layers\.(\d+)\.(\w+)", hookpoint)

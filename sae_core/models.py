@@ -166,14 +166,21 @@ def hookpoint_modules(model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
+def canonical_hookpoint(model: nn.Module, hookpoint: str) -> str:
+    """Our spelling of a hookpoint given in the model's own (GPT-2's `h.3.mlp` -> `layers.3.mlp`)."""
+    own = find_blocks(model)[0].rpartition(".")[2]
+    if hookpoint == own or hookpoint.startswith(own + "."):
+        return "layers" + hookpoint[len(own) :]
+    return hookpoint
+
+
 def hookpoint_module(model: nn.Module, hookpoint: str) -> nn.Module:
     """The module whose output hookpoint `hookpoint` names; a ConfigError listing real ones if none.
 
     The model's own spelling of its block list works too (GPT-2's `h.3.mlp`, as sparsify names its folders).
     """
     path, blocks = find_blocks(model)
-    own = path.rpartition(".")[2] + "."
-    ours = "layers." + hookpoint[len(own) :] if hookpoint.startswith(own) else hookpoint
+    ours = canonical_hookpoint(model, hookpoint)
     index = hookpoint_layer(ours)
     if index is not None and 0 <= index < len(blocks):
         return blocks[index]

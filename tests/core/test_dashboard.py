@@ -235,6 +235,10 @@ def test_logit_lens_of_a_layernorm_model_leaves_out_the_norms_bias():
     assert torch.equal(values["promoted_ids"], logits.topk(5, dim=1).indices)
     assert torch.allclose(values["suppressed"], logits.topk(5, dim=1, largest=False).values, atol=1e-5)
     assert "transformer.ln_f" in note
+    # GPT-2's own spelling of its blocks (sparsify names its folders so) has the same lens.
+    assert "direct path" in residual_role(gpt2, "h.1.mlp") and "block 1" in residual_role(gpt2, "h.1")
+    same, _ = logit_lens(gpt2, s, "h.1", latents, k=5)
+    assert torch.equal(same["promoted_ids"], values["promoted_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------------
