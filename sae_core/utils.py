@@ -29,6 +29,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from the rest of a team
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -57,7 +58,22 @@ def staging_folder(target: str | os.PathLike) -> Path:
     """An empty hidden folder beside `target` (same file system, so `replace_folder` is a rename)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())  # the mode mkdir gives, not mkdtemp's private 0700
+    return staging
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> None:

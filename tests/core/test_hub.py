@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from sae_core.card import public_config, render_model_card
 from sae_core.errors import HubError
 from sae_core.hub import PublishResult, download_saes, main, publish
-from sae_core.utils import atomic_folder
+from sae_core.utils import atomic_folder, atomic_write_bytes
 from tests.support.hub_server import HubServer
 from tests.support.tiny import child_env
 
@@ -678,3 +678,19 @@ def test_cli_writes_a_local_folder(tmp_path, capsys):
     make_run(tmp_path / "run", with_eval=False)
     main([str(tmp_path / "run"), "--local_dir", str(tmp_path / "out")])
     assert "published to" in capsys.readouterr().out and (tmp_path / "out" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_modes_plain_writes_would(tmp_path, umask):
+    # Temporary files and folders are private (0600/0700); renamed into place they must not stay so, or a
+    # team's web server and colleagues could not read SAEs, reports and dashboards.
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+        with atomic_folder(tmp_path / "sae") as staging:
+            atomic_write_bytes(staging / "cfg.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "sae").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "sae" / "cfg.json").stat().st_mode & 0o777 == 0o666 & ~umask
