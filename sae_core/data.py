@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .embedded import embedded_corpus
 from .errors import ConfigError, DatasetLoadError
-from .utils import first_line
+from .utils import first_line, missing_local_path
 
 DATA_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 EMBEDDED_DATASET_NAMES = ("embedded", "python-docs")
@@ -112,6 +112,8 @@ def load_text_dataset(
         ds = embedded_corpus()
     elif os.path.exists(name):
         ds = _load_local(Path(name), split)
+    elif missing := missing_local_path(name):
+        raise DatasetLoadError(f"cannot load dataset {name!r}: {missing}")
     else:
         try:
             ds = load_dataset(name, split=split, token=token, **(data_args or {}))

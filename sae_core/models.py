@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .embedded import embedded_model_path, is_embedded_model
 from .errors import ConfigError, ModelLoadError
-from .utils import first_line, natural_key
+from .utils import first_line, missing_local_path, natural_key
 
 BLOCK_LIST_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers")
 
@@ -45,6 +45,8 @@ def load_model(
         path = str(embedded_model_path())
     else:
         path = name
+        if missing := missing_local_path(path):
+            raise ModelLoadError(f"cannot load model {name!r}: {missing}")
     kwargs: dict = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -44,6 +44,17 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     fsync_dir(path.parent)
 
 
+def missing_local_path(name: str) -> str | None:
+    """When `name` can only mean a local path (./x, ../x, /x, ~/x, a/b/c, a file name with an extension) and
+    nothing is there: a clause saying so, else None. A Hub id is `name` or `owner/name`, without those."""
+    if os.path.exists(os.path.expanduser(name)):
+        return None
+    local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name in (".", "..")
+    if not local and not re.fullmatch(r"[^/]+\.(txt|jsonl|json|parquet|csv|arrow|safetensors)", name):
+        return None
+    return f"there is no file or folder at {os.path.abspath(os.path.expanduser(name))}"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_open`)."""
     with atomic_open(path) as f:

@@ -134,10 +134,18 @@ def test_bad_input_is_one_line(tmp_path, capsys, tiny_model_dir, tiny_text_file,
     assert message in text and text.strip().count("\n") == 0, text
 
 
-def test_unknown_model_is_one_line(tmp_path):
+@pytest.mark.parametrize("which", ["model", "dataset"])
+@pytest.mark.parametrize("spelling", ["./nope", "nope.jsonl", "{tmp}/nope"])
+def test_a_missing_local_path_says_so_in_one_line(tmp_path, monkeypatch, tiny_model_dir, which, spelling):
+    # Not "the Hub rejected './nope' as a repo id": what the user meant was a local path.
+    monkeypatch.chdir(tmp_path)
+    missing = spelling.format(tmp=tmp_path)
+    source = [missing, "embedded"] if which == "model" else [str(tiny_model_dir), missing]
     with pytest.raises(SystemExit) as e:
-        main([str(tmp_path / "nope"), "embedded", "--save_dir", str(tmp_path)])
-    assert "cannot load model" in str(e.value.code) and "\n" not in str(e.value.code)
+        main([*source, *TINY, "--save_dir", str(tmp_path)])
+    message = str(e.value.code)
+    assert f"cannot load {which} {missing!r}: there is no file or folder at {tmp_path / 'nope'}" in message
+    assert "\n" not in message and "Hub" not in message
 
 
 def test_cli_trains_saves_eleuther_layout_and_never_writes_the_token(
