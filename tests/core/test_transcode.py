@@ -147,7 +147,7 @@ def test_save_and_load_round_trip_keeps_every_tensor_and_widths_are_checked(tmp_
     reloaded = Sae.load_from_disk(tmp_path / "plain")
     assert torch.equal(reloaded.W_skip, plain.W_skip) and reloaded.W_skip.shape == (D, D)
     for sae_ in (sae, plain):  # SAELens's TopK format has neither
-        with pytest.raises(ConfigError, match="transcoders and skip connections are not exported"):
+        with pytest.raises(ConfigError, match="a TopK transcoder has no SAELens equivalent"):
             saelens_files(sae_, "blocks.0.hook_mlp_out", {})
 
     cfg_path = tmp_path / "t" / "cfg.json"
