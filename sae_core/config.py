@@ -268,6 +268,8 @@ class TrainConfig:
                 "--shard_latents is not supported with --transcode, --skip_connection or --finetune yet; "
                 "train those SAEs whole (data parallel or --distribute_layers)"
             )
+        if self.shard_latents > 1 and self.sae.kernels == "triton":
+            raise ConfigError("--shard_latents runs the torch kernels only; drop --kernels triton")
         if self.shard_latents > 1 and self.optimizer == "muon":
             raise ConfigError(
                 "--shard_latents does not support --optimizer muon (it orthogonalises whole matrices); "

@@ -21,7 +21,7 @@ if not ON_GPU and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # left set: triton's lazily imported parts assert it stays so
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' on Linux)")
 
-from sae_core import Sae, SaeConfig, kernels  # noqa: E402
+from sae_core import Sae, SaeConfig, TrainConfig, kernels  # noqa: E402
 from sae_core import triton_kernels as tk  # noqa: E402
 from sae_core.errors import ConfigError  # noqa: E402
 from tests.support.tiny import child_env  # noqa: E402
@@ -213,6 +213,8 @@ def test_sae_step_with_triton_kernels_matches_torch(n_dead, monkeypatch):
 def test_kernels_setting_is_checked_and_not_saved(tmp_path):
     with pytest.raises(ConfigError, match="kernels must be one of auto, torch, triton"):
         SaeConfig(kernels="cuda")
+    with pytest.raises(ConfigError, match="--shard_latents runs the torch kernels only"):
+        TrainConfig(SaeConfig(kernels="triton"), shard_latents=2)
     sae = Sae(8, SaeConfig(num_latents=16, k=2, kernels="triton"))
     sae.save_to_disk(tmp_path)
     loaded = Sae.load_from_disk(tmp_path)
