@@ -158,7 +158,9 @@ def topk_relu(
     use_aux = dead_mask is not None and k_aux > 0
     k_aux = min(k_aux, m) if use_aux else 0
     k_pad, ka_pad = _pow2(k), _pow2(k_aux)
-    block = max(k_pad, ka_pad if use_aux else 1, min(_pow2(m), BLOCKS["latents"]))
+    # A tile at least 4x the candidates it keeps: the candidate keys (8 bytes each) take at most half the
+    # bytes of fp32 pre-activations, even for AuxK's k_aux = d/2.
+    block = max(4 * max(k_pad, ka_pad), min(_pow2(m), BLOCKS["latents"]))
     tiles = triton.cdiv(m, block)
     keys = torch.empty(n, tiles * k_pad, dtype=torch.int64, device=pre.device)
     aux_keys = torch.empty(n, tiles * ka_pad if use_aux else 1, dtype=torch.int64, device=pre.device)

@@ -76,9 +76,9 @@ def check_topk(got_vals, got_idx, pre, ref_vals, n_valid, candidates=None):
 )
 def test_topk_with_relu_and_auxk_matches_torch(dtype, n_dead):
     g = generator()
-    n, m, k, k_aux = 3, 37, 6, 8  # 3 tiles of 16 latents, the last one partial
+    n, m, k, k_aux = 3, 37, 6, 8  # tiles of 32 latents (4 x the padded k_aux), the last one partial
     pre = randn(n, m, g=g, dtype=dtype)
-    pre[0, 3:20] = 0.5  # ties across the tile edge at 16
+    pre[0, 20:35] = 0.5  # ties across the tile edge at 32
     pre[1] = -pre[1].abs()
     pre[1, [7, 30]] = 1.0  # two positive pre-activations, k = 6: four zeros after the ReLU
     dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
@@ -101,7 +101,7 @@ def test_topk_with_relu_and_auxk_matches_torch(dtype, n_dead):
 @needs_kernels
 def test_topk_without_auxk_and_merging_over_several_rounds():
     g = generator(1)
-    pre = randn(2, 150, g=g)  # 10 tiles of 16 x 4 candidates, then two merge rounds
+    pre = randn(2, 150, g=g)  # 10 tiles of 16 -> 40 candidates, then two merge rounds (16 each)
     acts, idx, aux, aux_idx = tk.topk_relu(pre, 3)
     check_topk(acts, idx, pre, pre.topk(3, dim=1).values, 3)
     assert aux.shape == aux_idx.shape == (2, 0)
