@@ -20,6 +20,8 @@ weight rows and the dense [N, d] inputs once, in fp32 registers, without any N x
   no atomics, every row written once (unselected rows get their zeros), and a fixed summation order, so runs
   are reproducible as the torch path's are. Atomics would skip the sort but make fp32 sums order-dependent and
   need a zeroed M x d buffer first.
+- the decoder's step in one pass per row: radial-gradient removal, ScheduleFreeAdam's update, renormalisation
+  (`decoder_schedule_free_step`; tested, not yet called by the trainer).
 
 Kernels accumulate in fp32 whatever the tensors' dtype. On CPU tensors they run only under Triton's
 interpreter (TRITON_INTERPRET=1 set before triton is first imported in the process), which is how CI checks
@@ -343,6 +345,68 @@ def segment_sum(
         BLOCK_D=BLOCKS["d"],
     )
     return out, sums
+
+
+# -------------------------------------------------------------------------------------------- decoder step
+@triton.jit
+def _decoder_schedule_free_kernel(
+    y_ptr, g_ptr, z_ptr, v_ptr, D, lr, beta2, eps, c, bias2, y_coef, norm_eps, BLOCK_D: tl.constexpr
+):
+    offsets = tl.program_id(0).to(tl.int64) * D + tl.arange(0, BLOCK_D)
+    inside = tl.arange(0, BLOCK_D) < D
+    y = tl.load(y_ptr + offsets, mask=inside, other=0.0)
+    g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+    z = tl.load(z_ptr + offsets, mask=inside, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
+    g -= tl.sum(g * y) * y  # the radial part of the gradient (the row is at unit norm)
+    v = v * beta2 + (1 - beta2) * g * g
+    u = g / (tl.sqrt(v / bias2) + eps)
+    y = y + c * (z - y) + y_coef * u
+    z -= lr * u
+    y = y / (tl.sqrt(tl.sum(y * y)) + norm_eps)
+    tl.store(y_ptr + offsets, y, mask=inside)
+    tl.store(z_ptr + offsets, z, mask=inside)
+    tl.store(v_ptr + offsets, v, mask=inside)
+
+
+@torch.no_grad()
+def decoder_schedule_free_step(
+    y: Tensor,
+    grad: Tensor,
+    z: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    c: float,
+    bias2: float,
+) -> None:
+    """One pass per decoder row of what the trainer does in three: remove the radial part of the gradient,
+    take optim.ScheduleFreeAdam's step (c and bias2: that step's averaging weight and second-moment bias
+    correction), renormalise the row; y, z and exp_avg_sq are updated in place, grad is left as it is.
+    fp32 rows of at most a few thousand columns (one row per program). Not wired into the trainer yet: it is
+    measured against the three torch passes first (issue 17)."""
+    check_device(y)
+    if y.dtype != torch.float32 or not all(t.is_contiguous() for t in (y, grad, z, exp_avg_sq)):
+        raise ConfigError("decoder_schedule_free_step takes contiguous float32 tensors")
+    rows, d = y.shape
+    _decoder_schedule_free_kernel[(rows,)](
+        y,
+        grad,
+        z,
+        exp_avg_sq,
+        d,
+        lr,
+        beta2,
+        eps,
+        c,
+        bias2,
+        lr * (beta1 * (1 - c) - 1),
+        torch.finfo(y.dtype).eps,
+        BLOCK_D=_pow2(d),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ autograd

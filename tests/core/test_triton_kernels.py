@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from sae_core import Sae, SaeConfig, TrainConfig, kernels  # noqa: E402
 from sae_core import triton_kernels as tk  # noqa: E402
 from sae_core.errors import ConfigError  # noqa: E402
+from sae_core.optim import ScheduleFreeAdam  # noqa: E402
 from tests.support.tiny import child_env  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -207,6 +208,50 @@ def test_sae_step_with_triton_kernels_matches_torch(n_dead, monkeypatch):
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert (results[1][1] > 0) == (n_dead > 0)
+
+
+# -------------------------------------------------------------------------------------------- decoder step
+@needs_kernels
+def test_fused_decoder_step_matches_radial_removal_schedule_free_adam_and_renormalisation():
+    g = generator(6)
+    m, d = 5, 19  # rows of 19 columns in tiles of 32
+    sae_like = torch.nn.Linear(d, m, bias=False).to(DEVICE)  # its weight plays W_dec
+    w = sae_like.weight
+    with torch.no_grad():
+        w /= w.norm(dim=1, keepdim=True)
+    opt = ScheduleFreeAdam([w], lr=0.05)
+    for step in range(3):  # the third step is compared: the state holds z and a non-zero second moment
+        w.grad = randn(m, d, g=g)
+        if step < 2:
+            opt.step()
+            continue
+        group = opt.param_groups[0]
+        y, z, v, grad = (
+            t.detach().clone() for t in (w, opt.state[w]["z"], opt.state[w]["exp_avg_sq"], w.grad)
+        )
+        # The torch path, as the trainer runs it.
+        parallel = (w.grad * w).sum(1, keepdim=True)
+        w.grad -= parallel * w
+        opt.step()
+        with torch.no_grad():
+            w /= w.norm(dim=1, keepdim=True) + torch.finfo(w.dtype).eps
+        beta1, beta2 = group["betas"]
+        c = group["lr_max"] ** 2 / group["weight_sum"]
+        tk.decoder_schedule_free_step(
+            y,
+            grad,
+            z,
+            v,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            c=c,
+            bias2=1 - beta2 ** group["steps"],
+        )
+        torch.testing.assert_close(y, w.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z, opt.state[w]["z"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, opt.state[w]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------ errors
