@@ -51,11 +51,12 @@ def small_tiles(monkeypatch):
 
 
 def generator(seed: int = 0) -> torch.Generator:
-    return torch.Generator(device=DEVICE).manual_seed(seed)
+    """A CPU generator: the same data on CPU and GPU (the GPU run has the ties the CPU run has, no others)."""
+    return torch.Generator().manual_seed(seed)
 
 
 def randn(*shape, g, dtype=torch.float32):
-    return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ top-k
@@ -83,7 +84,7 @@ def test_topk_with_relu_and_auxk_matches_torch(dtype, n_dead):
     pre[1] = -pre[1].abs()
     pre[1, [7, 30]] = 1.0  # two positive pre-activations, k = 6: four zeros after the ReLU
     dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
-    dead[torch.randperm(m, generator=g, device=DEVICE)[:n_dead]] = True
+    dead[torch.randperm(m, generator=g).to(DEVICE)[:n_dead]] = True
 
     acts, idx, aux, aux_idx = tk.topk_relu(pre, k, dead, k_aux)
 
@@ -114,7 +115,7 @@ def test_topk_without_auxk_and_merging_over_several_rounds():
 def test_sparse_decode_and_its_gradients_match_torch(dtype):
     g = generator(2)
     n, k, m, d = 7, 5, 23, 19
-    idx = torch.randint(0, m, (n, k), generator=g, device=DEVICE)
+    idx = torch.randint(0, m, (n, k), generator=g).to(DEVICE)
     idx[0, 1] = idx[0, 0]  # a latent twice in one token
     idx[1:, 4] = idx[0, 0]  # and one latent in many tokens: a long segment
     leaves = [randn(n, k, g=g).abs(), randn(m, d, g=g, dtype=dtype), randn(d, g=g, dtype=dtype)]
@@ -136,7 +137,7 @@ def test_encoder_gradients_match_the_torch_backward(dtype):
     """The sparse backward from the same selections as kernels._encoder_grads (the torch path's)."""
     g = generator(3)
     n, k, m, d = 6, 5, 29, 19
-    ids = torch.randint(0, m, (n, k), generator=g, device=DEVICE)
+    ids = torch.randint(0, m, (n, k), generator=g).to(DEVICE)
     ids[:, 0] = 4  # one latent selected by every token
     vals, x, w = randn(n, k, g=g, dtype=dtype), randn(n, d, g=g, dtype=dtype), randn(m, d, g=g, dtype=dtype)
     # In fp32 (the CPU's sparse product has no bf16 kernel), rounded to the dtype as the kernels' sums are.
@@ -178,7 +179,7 @@ def test_topk_encode_forward_and_backward_match_torch(compute_dtype):
     n, d, m, k, k_aux = 3, 19, 37, 4, 6
     x, w, b = randn(n, d, g=g), randn(m, d, g=g), randn(m, g=g)
     dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
-    dead[torch.randperm(m, generator=g, device=DEVICE)[:20]] = True  # more dead latents than k_aux
+    dead[torch.randperm(m, generator=g).to(DEVICE)[:20]] = True  # more dead latents than k_aux
     up, up_aux = randn(n, k, g=g), randn(n, k_aux, g=g)
     dead_idx = dead.nonzero().squeeze(1)
     ref = encoder_results(kernels.topk_encode, x, w, b, k, dead_idx, k_aux, compute_dtype, up, up_aux)
@@ -197,7 +198,7 @@ def test_sae_step_with_triton_kernels_matches_torch(n_dead, monkeypatch):
     g = generator(5)
     x = randn(4, 16, g=g)
     dead = torch.zeros(48, dtype=torch.bool, device=DEVICE)
-    dead[torch.randperm(48, generator=g, device=DEVICE)[:n_dead]] = True
+    dead[torch.randperm(48, generator=g).to(DEVICE)[:n_dead]] = True
     results = []
     for name in ("torch", "triton"):
         torch.manual_seed(0)
