@@ -9,7 +9,8 @@ weight rows and the dense [N, d] inputs once, in fp32 registers, without any N x
   one int64 key whose integer order is (value, -index) order, and keeps the tile's top keys (`tl.topk`); the
   per-tile candidates are merged by the same kernel until one tile is left. AuxK's top-k over the dead latents
   runs in the same pass over the pre-activations, with the dead-latent mask as a [M] bool tensor (no
-  `nonzero`, no host synchronisation): its width is always k_aux, and slots beyond the dead latents hold 0.
+  `nonzero`, no host synchronisation): its width is min(k_aux, M) whatever the number of dead latents, and
+  the slots beyond them hold 0.
   Ties go to the lower latent index.
 - gather-sum: out[t] = sum_j vals[t, j] * W[idx[t, j]] (+ b), tiled over tokens and d: the decoder's forward
   and the encoder's input gradient.
@@ -158,6 +159,9 @@ def topk_relu(
         raise ConfigError(f"k={k} must be in [1, {m}] (the number of latents)")
     pre = pre.contiguous()
     use_aux = dead_mask is not None and k_aux > 0
+    if use_aux and tuple(dead_mask.shape) != (m,):
+        shape = tuple(dead_mask.shape)
+        raise ConfigError(f"dead_mask has shape {shape}; it needs one entry per latent: ({m},)")
     k_aux = min(k_aux, m) if use_aux else 0
     k_pad, ka_pad = _pow2(k), _pow2(k_aux)
     # A tile at least 4x the candidates it keeps: the candidate keys (8 bytes each) take at most half the
@@ -434,8 +438,10 @@ class _TritonTopKEncode(torch.autograd.Function):
             ids = torch.cat([idx, aux_idx], dim=1)
             grad_x = gather_sum(g, ids, weight).to(x.dtype) if ctx.needs_input_grad[0] else None
             grad_w = grad_b = None
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # both from one pass over the pairs
                 grad_w, grad_b = segment_sum(ids, g, x.to(weight.dtype), weight.shape[0], with_sums=True)
+            grad_w = grad_w if ctx.needs_input_grad[1] else None
+            grad_b = grad_b if ctx.needs_input_grad[2] else None
             return grad_x, grad_w, grad_b, None, None, None, None
 
 

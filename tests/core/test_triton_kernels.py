@@ -31,7 +31,9 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # False where triton was imported before this module without the interpreter (then only the fresh-process
 # test runs).
 READY = ON_GPU or type(triton.language.topk).__name__ == "InterpretedFunction"
-needs_kernels = pytest.mark.skipif(not READY, reason="triton imported without the interpreter; see below")
+needs_kernels = pytest.mark.skipif(
+    not READY, reason="triton was imported uninterpreted: test_in_fresh_process runs this test"
+)
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
 
