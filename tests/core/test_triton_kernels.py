@@ -25,6 +25,7 @@ from sae_core import Sae, SaeConfig, TrainConfig, kernels  # noqa: E402
 from sae_core import triton_kernels as tk  # noqa: E402
 from sae_core.errors import ConfigError  # noqa: E402
 from sae_core.optim import ScheduleFreeAdam  # noqa: E402
+from sae_core.run import parse_run_config  # noqa: E402
 from tests.support.tiny import child_env  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -263,6 +264,7 @@ def test_kernels_setting_is_checked_and_not_saved(tmp_path):
         SaeConfig(kernels="cuda")
     with pytest.raises(ConfigError, match="--shard_latents runs the torch kernels only"):
         TrainConfig(SaeConfig(kernels="triton"), shard_latents=2)
+    assert parse_run_config(["some-model", "--kernels", "triton"]).sae.kernels == "triton"
     sae = Sae(8, SaeConfig(num_latents=16, k=2, kernels="triton"))
     sae.save_to_disk(tmp_path)
     loaded = Sae.load_from_disk(tmp_path)
