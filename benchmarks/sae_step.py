@@ -1,7 +1,12 @@
 """One SAE training step (forward, backward, Adam, decoder constraints) against the matmul roofline.
 
-    python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32] [--repeat 5] [--device cuda]
-                                  [--grad_w csr|index_add|embedding_bag] [--profile]
+    python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32 64] [--repeat 5]
+                                  [--device cuda]
+                                  [--grad_w csr|index_add|embedding_bag] [--kernels torch|triton]
+                                  [--dead 0 0.05 0.3] [--tf32] [--profile]
+
+--kernels triton times the Triton kernels (sae_core/triton_kernels.py); benchmarks/sparsify_step.py times
+sparsify's step at the same shapes. --dead marks that fraction of the latents dead: AuxK runs as in training.
 
 Roofline ratio = time of the single dense N x d x M product (same dtype, same process) / time of the step.
 The step cannot be faster than that product, which it must compute once.
@@ -57,7 +62,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--expansion", type=int, default=32)
-    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--k", type=int, nargs="+", default=[32], help="one row per k")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument(
@@ -67,6 +72,11 @@ def main() -> None:
         help="how the encoder weight gradient is computed (default: the kernel's choice for the device)",
     )
     ap.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    ap.add_argument("--kernels", choices=["torch", "triton"], default="torch", help="SaeConfig.kernels")
+    ap.add_argument(
+        "--dead", type=float, nargs="+", default=[0.0], help="fractions of latents marked dead (AuxK)"
+    )
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls in fp32 mode (CUDA)")
     ap.add_argument(
         "--profile", action="store_true", help="also print the top operators of one step per dtype"
     )
@@ -76,6 +86,16 @@ def main() -> None:
     if args.grad_w:
         kernels.GRAD_W_METHOD[torch.device(dev).type] = args.grad_w
     grad_w = kernels.GRAD_W_METHOD.get(torch.device(dev).type, "index_add")
+    if args.kernels == "triton":
+        grad_w = "triton"
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    for k in args.k:
+        for dead_fraction in args.dead:
+            measure(args, dev, grad_w, k, dead_fraction)
+
+
+def measure(args, dev: str, grad_w: str, k: int, dead_fraction: float) -> None:
+    """Time the step at one k and dead fraction, in each dtype; print and record one row."""
     torch.manual_seed(0)
     n, d, m = args.n, args.d, args.d * args.expansion
     x = torch.randn(n, d, device=dev)
@@ -83,9 +103,10 @@ def main() -> None:
     for name, compute in (("fp32", None), ("bf16", torch.bfloat16)):
         if name not in args.dtypes:
             continue
-        sae = Sae(d, SaeConfig(expansion_factor=args.expansion, k=args.k), device=dev)
+        sae = Sae(d, SaeConfig(expansion_factor=args.expansion, k=k, kernels=args.kernels), device=dev)
         opt = make_adam(list(sae.parameters()), 1e-4)
         dead = torch.zeros(m, dtype=torch.bool, device=dev)
+        dead[torch.randperm(m, device=dev)[: round(dead_fraction * m)]] = True
 
         def step(sae=sae, opt=opt, dead=dead, compute=compute):
             out = sae(x, dead, compute_dtype=compute)
@@ -99,24 +120,34 @@ def main() -> None:
         xa, wa = x.to(dt), sae.encoder.weight.detach().to(dt)
         inner = 10 if dev.startswith("cuda") else 1
         t_mm = timed(lambda xa=xa, wa=wa: xa @ wa.T, args.repeat, inner)
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         t_step = timed(step, args.repeat, inner)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else float("nan")
         gflops = 2 * n * d * m / t_mm / 1e9
         if args.profile:
             print_profile(step, dev, name)
-        rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops))
-    print(f"SAE step, N={n} d={d} M={m} k={args.k} on {dev} (grad_w: {grad_w})")
-    print(f"{'dtype':6} {'tokens/s':>10} {'matmul ms':>10} {'step ms':>9} {'roofline':>9} {'GFLOP/s':>8}")
+        rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops, peak))
+    setting = f"N={n}, d={d}, M={m}, k={k}, dead {dead_fraction:g}, {dev}, grad_w {grad_w}"
+    setting += ", TF32" if args.tf32 else ""
+    print(f"SAE step, {setting}")
+    print(
+        f"{'dtype':6} {'tokens/s':>10} {'matmul ms':>10} {'step ms':>9} {'roofline':>9} {'GFLOP/s':>8} "
+        f"{'peak GiB':>8}"
+    )
     for r in rows:
-        print(f"{r[0]:6} {r[1]:10,.0f} {r[2] * 1e3:10.4g} {r[3] * 1e3:9.4g} {r[4]:9.2f} {r[5]:8.0f}")
+        print(
+            f"{r[0]:6} {r[1]:10,.0f} {r[2] * 1e3:10.4g} {r[3] * 1e3:9.4g} {r[4]:9.2f} {r[5]:8.0f} {r[6]:8.3g}"
+        )
     if not args.no_record:
         append_row(
             "sae_step",
             "; ".join(
                 f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} "
-                f"(matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms)"
+                f"(matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms, peak {r[6]:.3g} GiB)"
                 for r in rows
             )
-            + f" [N={n}, d={d}, M={m}, k={args.k}, {dev}, grad_w {grad_w}]",
+            + f" [{setting}]",
         )
 
 

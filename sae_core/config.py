@@ -13,6 +13,8 @@ from .errors import ConfigError
 OptimizerName = Literal["adam", "schedule_free_adam", "signum", "muon"]
 # Compute dtypes of the SAE encoder (`autocast`); None, the value of configs saved before "auto", is exact.
 AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# Implementations of the sparse parts of the step (`kernels`): sae_core/kernels.py or triton_kernels.py.
+KERNEL_CHOICES = ("auto", "torch", "triton")
 
 # An activation cache holds each module's output only, not the input a transcoder encodes.
 TRANSCODE_FROM_CACHE = (
@@ -50,7 +52,12 @@ class SaeConfig:
     skip_connection: bool = False
     """Add a learned linear skip connection from input to output (W_skip, zero at the start)."""
 
+    kernels: str = "auto"  # auto is torch everywhere until GPU measurements justify triton (issue 17)
+    """Sparse top-k, decode and backward: torch, triton (fused Triton kernels, CUDA only) or auto (torch)."""
+
     def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.num_latents < 0:
             raise ConfigError(
                 f"num_latents must be >= 0 (0 means expansion_factor * d_in), got {self.num_latents}"
@@ -261,6 +268,8 @@ class TrainConfig:
                 "--shard_latents is not supported with --transcode, --skip_connection or --finetune yet; "
                 "train those SAEs whole (data parallel or --distribute_layers)"
             )
+        if self.shard_latents > 1 and self.sae.kernels == "triton":
+            raise ConfigError("--shard_latents runs the torch kernels only; drop --kernels triton")
         if self.shard_latents > 1 and self.optimizer == "muon":
             raise ConfigError(
                 "--shard_latents does not support --optimizer muon (it orthogonalises whole matrices); "

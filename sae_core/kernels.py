@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
+
 
 class EncoderOutput(NamedTuple):
     acts: Tensor  # [N, k] activations of the selected latents (post-ReLU, may contain zeros)
@@ -214,3 +216,19 @@ def sparse_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | 
     else:
         out = F.embedding_bag(indices, weight, per_sample_weights=acts.to(weight.dtype), mode="sum")
     return out + bias if bias is not None else out
+
+
+def triton_kernels(setting: str):
+    """The module sae_core.triton_kernels when `setting` (SaeConfig.kernels) is "triton", else None (these
+    torch kernels; "auto" stays torch until GPU measurements justify Triton). Imported here, lazily: sae_core
+    works without the triton package."""
+    if setting != "triton":
+        return None
+    try:
+        from . import triton_kernels as module
+    except ImportError as e:
+        raise ConfigError(
+            f"--kernels triton needs the triton package ({e}): pip install 'triton==3.9.0' (Linux), "
+            "or use --kernels torch"
+        ) from None
+    return module

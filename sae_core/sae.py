@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .config import SaeConfig
 from .download import download_saes
 from .errors import ConfigError, SaeLoadError
-from .kernels import EncoderOutput, sparse_decode, topk_encode
+from .kernels import EncoderOutput, sparse_decode, topk_encode, triton_kernels
 from .models import (
     CFG_FILE,
     SAE_FILE,
@@ -134,6 +134,11 @@ class Sae(nn.Module):
         """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]); AuxK picks when dead_mask is
         set."""
         x = x.reshape(-1, self.d_in).to(self.dtype)
+        fused = triton_kernels(self.cfg.kernels)
+        if fused is not None:  # takes the dead mask itself: no nonzero, no host sync
+            source = x if self.cfg.transcode else x - self.b_dec
+            w, b = self.encoder.weight, self.encoder.bias
+            return fused.topk_encode(source, w, b, self.k, dead_mask, self.k_aux, compute_dtype)
         dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
         return topk_encode(
             x if self.cfg.transcode else x - self.b_dec,
@@ -149,7 +154,11 @@ class Sae(nn.Module):
         """Reconstruction from sparse latents (acts and indices of shape [N, k])."""
         if self.W_dec is None:
             raise RuntimeError("this SAE was loaded with decoder=False; reload it with the decoder to decode")
-        return sparse_decode(acts, indices, self.W_dec, self.b_dec)
+        return self._sparse_decode()(acts, indices, self.W_dec, self.b_dec)
+
+    def _sparse_decode(self):
+        fused = triton_kernels(self.cfg.kernels)
+        return fused.sparse_decode if fused is not None else sparse_decode
 
     def skip(self, x: Tensor) -> Tensor | float:
         """The skip connection's term of the output, x W_skip^T (0 without one): decode + skip = forward."""
@@ -194,9 +203,11 @@ class Sae(nn.Module):
 
         n_aux = enc.aux_indices.shape[1]
         if n_aux > 0:
-            n_dead = int(dead_mask.sum())
-            aux_out = sparse_decode(enc.aux_acts, enc.aux_indices, self.W_dec)  # no b_dec
-            scale = min(n_dead / self.k_aux, 1.0)
+            aux_out = self._sparse_decode()(enc.aux_acts, enc.aux_indices, self.W_dec)  # no b_dec
+            if triton_kernels(self.cfg.kernels) is None:
+                scale = min(int(dead_mask.sum()) / self.k_aux, 1.0)
+            else:  # the same, without a host sync (its AuxK slots beyond the dead latents hold 0)
+                scale = (dead_mask.sum() / self.k_aux).clamp(max=1.0)
             residual = e.detach()
             if residual_variance is None:
                 residual_variance = (residual - residual.mean(0)).pow(2).sum()
@@ -226,6 +237,7 @@ class Sae(nn.Module):
     # ---------------------------------------------------------------- saving and loading
     def cfg_dict(self) -> dict[str, Any]:
         d = {**self.cfg.to_dict(), "d_in": self.d_in}
+        del d["kernels"]  # how this process computes, not what the SAE is: saved SAEs load with the default
         if self.cfg.transcode:
             d["d_out"] = self.d_out  # ours only: sparsify's transcoders have d_out = d_in
         if self.hookpoint is not None:

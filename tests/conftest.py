@@ -8,6 +8,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# sparsify (the transcoder test's peer) decodes with its Triton kernel whenever triton is installed (the test
+# extra has it), and that kernel has no CPU driver: its eager decoder is the one to compare with.
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 # Step retries (sae_pipeline.retries) wait a second instead of a minute, here and in the Dagster processes the
 # tests start (they inherit this environment).
 os.environ.setdefault("SAE_PIPELINE_RETRY_DELAY_S", "1")
