@@ -1,7 +1,6 @@
 import os
 
 import pytest
-import torch
 
 # Two cores: keep each test process (and each torchrun rank) from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -14,10 +13,6 @@ os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 # Step retries (sae_pipeline.retries) wait a second instead of a minute, here and in the Dagster processes the
 # tests start (they inherit this environment).
 os.environ.setdefault("SAE_PIPELINE_RETRY_DELAY_S", "1")
-# sparsify decodes with its Triton kernel whenever triton imports (it is in the test extra, for our kernels'
-# interpreter tests); without a GPU that kernel finds no driver. Its eager decoder is the same function.
-if not torch.cuda.is_available():
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 
 @pytest.fixture(scope="session")
