@@ -11,6 +11,8 @@ from sae_pipeline.k8s import orphaned_pods_selector, torchrun_pod_manifest
 from sae_pipeline.orphaned_pods import NAMESPACE_ENV, Pod, delete_orphaned_pods, pods_to_delete, run_statuses
 
 S = dg.DagsterRunStatus
+# Ended, then not yet ended (a QUEUED run cannot be created without a code location origin).
+STATUSES = (S.SUCCESS, S.FAILURE, S.CANCELED, S.STARTED, S.NOT_STARTED, S.STARTING, S.CANCELING)
 
 
 def training_pod(name: str, run_id: str) -> Pod:
@@ -32,7 +34,7 @@ def test_the_pods_of_runs_that_ended_are_deleted_and_no_other():
     with dg.instance_for_test() as instance:
         runs = {
             status: create_run_for_test(instance, job_name="train_evaluate_publish_job", status=status).run_id
-            for status in (S.SUCCESS, S.FAILURE, S.CANCELED, S.STARTED, S.NOT_STARTED, S.STARTING, S.CANCELING)
+            for status in STATUSES
         }
         pods = [training_pod(f"train-{status.value.lower()}", run_id) for status, run_id in runs.items()]
         unknown_run = training_pod("train-of-another-instance", "0c9e7a2e-5a55-4b5e-9c1a-4f2f0d0b0b0b")
@@ -65,3 +67,21 @@ def test_the_sensor_without_kubernetes_credentials_fails_its_tick_in_one_line(mo
         with pytest.raises(ConfigError, match="no Kubernetes credentials") as raised:
             delete_orphaned_pods(context)
     assert "\n" not in str(raised.value) and "KUBECONFIG" in str(raised.value)
+
+
+def test_the_sensor_is_part_of_the_code_location_only_with_a_namespace(monkeypatch):
+    import importlib
+
+    import sae_pipeline.definitions as definitions
+
+    def sensors() -> set[str]:
+        return {s.name for s in importlib.reload(definitions).defs.sensors}
+
+    monkeypatch.delenv(NAMESPACE_ENV, raising=False)
+    try:
+        assert "delete_orphaned_pods" not in sensors()
+        monkeypatch.setenv(NAMESPACE_ENV, "sae")
+        assert "delete_orphaned_pods" in sensors()
+    finally:
+        monkeypatch.delenv(NAMESPACE_ENV, raising=False)
+        importlib.reload(definitions)
