@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from .partitions import model_stride_partitions
 from .registry import Thresholds
 
 EVALUATION_ASSET = dg.AssetKey("sae_evaluation")
@@ -42,6 +43,8 @@ def quality_check_specs(asset: dg.AssetKey = EVALUATION_ASSET) -> list[dg.AssetC
             check.name,
             asset=asset,
             blocking=True,
+            # Per partition: each model x stride has its own result, as the UI's check page shows.
+            partitions_def=model_stride_partitions,
             description=f"The worst hookpoint's {check.label} is at most the registry's "
             f"thresholds.{check.threshold}.",
         )

@@ -14,6 +14,7 @@ import dagster as dg
 from .assets import ALL_ASSETS
 from .jobs import tokenize_job, train_job
 from .notify import WEBHOOK_ENV, LogNotifier, WebhookNotifier
+from .orphaned_pods import NAMESPACE_ENV, delete_orphaned_pods
 from .resources import ArtefactStore, HubPublisher, ModelRegistry, TorchrunLauncher
 from .schedules import retrain_schedule
 from .sensors import model_registry_sensor, notify_on_run_failure, train_new_models
@@ -42,6 +43,12 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=[tokenize_job, train_job],
     schedules=[retrain_schedule],
-    sensors=[model_registry_sensor, notify_on_run_failure, train_new_models],
+    sensors=[
+        model_registry_sensor,
+        notify_on_run_failure,
+        train_new_models,
+        # On Kubernetes only: the training pods of runs that ended are deleted.
+        *([delete_orphaned_pods] if os.environ.get(NAMESPACE_ENV) else []),
+    ],
     resources=default_resources(),
 )

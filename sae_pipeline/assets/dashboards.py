@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
+from ..versions import DASHBOARDS_CODE_VERSION
 from .common import fail_step_on_bad_input, model_and_stride, trained_run_dir
 from .evaluation import sae_evaluation
 
@@ -32,6 +33,7 @@ class DashboardsConfig(dg.Config):
     partitions_def=model_stride_partitions,
     deps=[sae_evaluation],
     group_name="sae",
+    code_version=DASHBOARDS_CODE_VERSION,
     kinds={"pytorch"},
     pool=GPU_POOL,
     description="Per-latent dashboards (top contexts, quantile samples, density, histogram, logit lens) of "

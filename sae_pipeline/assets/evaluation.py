@@ -16,6 +16,7 @@ from ..eval_entry import REPORT_MESSAGE_KEYS
 from ..launcher import PipesLauncher
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
+from ..versions import EVALUATION_CODE_VERSION
 from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in, trained_run_dir
 from .training import sae_checkpoints
 
@@ -34,6 +35,7 @@ class EvaluationConfig(dg.Config):
     deps=[sae_checkpoints],
     check_specs=quality_check_specs(),
     group_name="sae",
+    code_version=EVALUATION_CODE_VERSION,
     automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"pytorch"},
     pool=GPU_POOL,  # the launched evaluation rank uses the GPU while the step waits for it

@@ -12,6 +12,7 @@ from ..checks import failed_checks, quality_check_results
 from ..partitions import model_stride_partitions
 from ..resources import ArtefactStore, HubPublisher, ModelRegistry
 from ..retries import PUBLISHING_RETRY_POLICY
+from ..versions import PUBLISHING_CODE_VERSION
 from .common import fail_step_on_bad_input, model_and_stride
 from .evaluation import sae_evaluation
 
@@ -28,6 +29,7 @@ class PublishConfig(dg.Config):
     partitions_def=model_stride_partitions,
     deps=[sae_evaluation],
     group_name="sae",
+    code_version=PUBLISHING_CODE_VERSION,
     automation_condition=dg.AutomationCondition.on_missing(),  # after a new model's training
     kinds={"huggingface"},
     retry_policy=PUBLISHING_RETRY_POLICY,

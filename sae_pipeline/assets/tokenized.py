@@ -8,6 +8,7 @@ import dagster as dg
 
 from ..partitions import model_partitions
 from ..resources import ArtefactStore, ModelRegistry
+from ..versions import TOKENIZED_CODE_VERSION, tokenized_data_version
 from .common import fail_step_on_bad_input, registry_entry, staging_dir, swap_in
 
 PIPELINE_INFO = "pipeline.json"  # written next to the dataset files: what it was made from
@@ -17,6 +18,7 @@ PIPELINE_INFO = "pipeline.json"  # written next to the dataset files: what it wa
     partitions_def=model_partitions,
     group_name="sae",
     kinds={"python"},
+    code_version=TOKENIZED_CODE_VERSION,
     description="The registry entry's dataset, tokenized with the model's tokenizer into ctx_len sequences "
     "(sae_core.data.prepare_dataset), saved with Dataset.save_to_disk under <root>/tokenized/<model>/.",
 )
@@ -84,6 +86,8 @@ def tokenized_dataset(
         shutil.rmtree(staging, ignore_errors=True)
     context.log.info(f"saved {len(sequences):,} sequences ({info['tokens']:,} tokens) to {target}")
     return dg.MaterializeResult(
+        # Retokenizing other data (or with other settings) marks the model's SAEs stale in the UI.
+        data_version=tokenized_data_version(info),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
             "sequences": len(sequences),
@@ -93,5 +97,5 @@ def tokenized_dataset(
             "tokenizer": f"{entry.model} ({type(tokenizer).__name__}, vocab {len(tokenizer):,})",
             "dataset": entry.dataset,
             "dataset_fingerprint": str(fingerprint),
-        }
+        },
     )

@@ -23,6 +23,7 @@ from ..launcher import PipesLauncher
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..retries import TRAINING_RETRY_POLICY
+from ..versions import TRAINING_CODE_VERSION, checkpoint_data_version, with_data_version
 from .common import fail_step_on_bad_input, partition_of, registry_entry
 from .tokenized import tokenized_dataset
 
@@ -43,6 +44,7 @@ class TrainingConfig(dg.Config):
     kinds={"pytorch"},
     pool=GPU_POOL,
     retry_policy=TRAINING_RETRY_POLICY,
+    code_version=TRAINING_CODE_VERSION,
     # A new model's strides are trained once its tokenized dataset exists (the train_new_models sensor);
     # partitions that existed when automation was turned on, and retokenized data, are left to the schedule.
     automation_condition=dg.AutomationCondition.on_missing(),
@@ -113,6 +115,8 @@ def sae_checkpoints(
         )
         # Only what rank 0 reported: an implicit materialization would hide a rank 0 that said nothing.
         results = invocation.get_results(implicit_materializations=False)
+        # Versioned by the SAE files' content (sae_pipeline.versions), read while the folder is still ours.
+        results = with_data_version(results, checkpoint_data_version(run_dir))
     if not results:
         raise dg.Failure(
             description="training finished but rank 0 reported nothing (see the step's stderr)",

@@ -9,12 +9,14 @@ from types import SimpleNamespace
 
 import dagster as dg
 import pytest
+from dagster._core.event_api import PartitionKeyFilter
 
 from sae_core.errors import ConfigError
 from sae_pipeline.assets import published_saes, sae_checkpoints, sae_evaluation, tokenized_dataset
 from sae_pipeline.assets.common import fail_step_on_bad_input
 from sae_pipeline.assets.training import prepare_run_dir
 from sae_pipeline.rank_entry import PipesProgress
+from sae_pipeline.versions import checkpoint_data_version
 from tests.support.pipeline import (
     MODEL,
     PARTITION,
@@ -59,6 +61,14 @@ def test_sae_checkpoints_trained_on_two_ranks_report_through_rank_zero(trained):
     assert sum("successfully opened dagster pipes" in m for m in logs) == 1
     # The tokenized folder every stride shares was only read.
     assert not list((trained.root / "tokenized" / MODEL).glob("cache-*.arrow"))
+    # Its data version is the SAE files' content (two hookpoints: not the hash of nothing).
+    [event] = [
+        e for e in trained.train.get_asset_materialization_events() if e.asset_key == sae_checkpoints.key
+    ]
+    version = event.materialization.tags["dagster/data_version"]
+    assert (
+        version == checkpoint_data_version(run_dir).value != checkpoint_data_version(run_dir / "none").value
+    )
 
 
 def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
@@ -82,6 +92,15 @@ def test_sae_evaluation_passes_its_checks_and_shows_metrics_and_plots(trained):
         "delta_ce_below_threshold": True,
         "kl_below_threshold": True,
     }
+    # One result per partition: the UI's check page lists them by partition, and another partition has none.
+    assert {c.partition for c in trained.train.get_asset_check_evaluations()} == {PARTITION}
+    storage = trained.instance.event_log_storage
+    keys = [dg.AssetCheckKey(sae_evaluation.key, name) for name in checks]
+    for partition, expected in ((PARTITION, set(keys)), (f"{MODEL}|4", set())):
+        latest = storage.get_latest_asset_check_execution_by_key(
+            keys, partition_filter=PartitionKeyFilter(key=partition)
+        )
+        assert set(latest) == expected and all(r.partition == partition for r in latest.values())
 
 
 def test_published_saes_land_in_the_partitions_folder_with_a_card(trained):

@@ -1,9 +1,11 @@
-"""CI path: `dagster job execute` for real, as a user runs it, on the tiny model with 2 ranks.
+"""CI path: the command line for real, as a user runs it, on the tiny model with 2 ranks.
 
 A fresh DAGSTER_HOME, `python -m sae_pipeline register`, then the tokenize job and the train -> evaluate ->
-publish job with partitions given as tags, exactly as README documents; the published folder is checked at
-the end. Twice: with the default SQLite storage, and with the production instance (deploy/dagster.yaml) on
-a real PostgreSQL 15. A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs
+publish job, exactly as README documents; the published folder is checked at the end. Twice: `dg launch
+--partition` with the default SQLite storage, and `dagster job execute` (partitions given as tags) with the
+production instance (deploy/dagster.yaml) on a real PostgreSQL 15. (`dg launch --job` runs the same
+`job_execute_command_impl` in Dagster 1.13.27, so each CLI is run once, not once per storage.)
+A fake HF_TOKEN is in the environment throughout: it must show up in no file the runs
 wrote (artefacts, the published folder, DAGSTER_HOME with its storage and compute logs), in no row of the
 database (pg_dump) nor in what the commands printed.
 """
@@ -31,9 +33,9 @@ def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subproces
     return done
 
 
-@pytest.mark.parametrize("storage", ["sqlite", "postgres"])
-def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(
-    storage, request, tmp_path, tiny_model_dir, corpus_file
+@pytest.mark.parametrize(("storage", "cli"), [("sqlite", "dg launch"), ("postgres", "dagster job execute")])
+def test_the_cli_tokenizes_trains_evaluates_and_publishes(
+    storage, cli, request, tmp_path, tiny_model_dir, corpus_file
 ):
     home, root = tmp_path / "dagster_home", tmp_path / "artefacts"
     home.mkdir()
@@ -61,18 +63,26 @@ def test_dagster_job_execute_tokenizes_trains_evaluates_and_publishes(
 
     registered = run([sys.executable, "-m", "sae_pipeline", "register"], env)
     assert "cli-tiny|2" in registered.stdout
-    dagster = [sys.executable, "-m", "dagster", "job", "execute", "-m", "sae_pipeline.definitions"]
-    tokenized = run(
-        [*dagster, "-j", "tokenize_job", "--tags", json.dumps({"dagster/partition": "cli-tiny"})], env
-    )
-    tags = {
-        "dagster/partition": "cli-tiny|2",
-        "dagster/partition/model": "cli-tiny",
-        "dagster/partition/stride": "2",
-    }
-    trained = run(
-        [*dagster, "-j", "train_evaluate_publish_job", "-c", str(config), "--tags", json.dumps(tags)], env
-    )
+    if cli == "dg launch":
+        # The project's [tool.dg] finds the code location; the partition is a flag.
+        dg = [str(Path(sys.executable).with_name("dg")), "launch"]
+        tokenized = run([*dg, "--job", "tokenize_job", "--partition", "cli-tiny"], env)
+        trained = run(
+            [*dg, "--job", "train_evaluate_publish_job", "--partition", "cli-tiny|2", "-c", str(config)], env
+        )
+    else:
+        dagster = [sys.executable, "-m", "dagster", "job", "execute", "-m", "sae_pipeline.definitions"]
+        tokenized = run(
+            [*dagster, "-j", "tokenize_job", "--tags", json.dumps({"dagster/partition": "cli-tiny"})], env
+        )
+        tags = {
+            "dagster/partition": "cli-tiny|2",
+            "dagster/partition/model": "cli-tiny",
+            "dagster/partition/stride": "2",
+        }
+        trained = run(
+            [*dagster, "-j", "train_evaluate_publish_job", "-c", str(config), "--tags", json.dumps(tags)], env
+        )
 
     published = root / "published" / "cli-tiny" / "stride-2"
     assert (published / "README.md").read_text().startswith("---")

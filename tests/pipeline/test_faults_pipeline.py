@@ -7,10 +7,11 @@
   restarted UI shows it, and nothing is left running afterwards.
 - Two stride partitions of one model train at the same time, in two processes: each keeps to its own run
   folder, and the tokenized dataset they both read is left byte for byte as it was.
-- A training run is stopped through Dagster while it trains: terminated with `terminateRun` (-> CANCELED), its
-  run worker killed (-> FAILURE). No torchrun or rank process is left, and launching the partition again
-  resumes from the checkpoint and succeeds. Its step worker killed: the step's retry policy starts the step
-  again in the same run, which resumes from the checkpoint and succeeds.
+- A training run is stopped through Dagster while it trains, in a `dagster dev` on PostgreSQL (the storage of
+  deploy/dagster.yaml on the test server: the `dagster dev` flow on both storages): terminated with
+  `terminateRun` (-> CANCELED), its run worker killed (-> FAILURE). No torchrun or rank process is left, and
+  launching the partition again resumes from the checkpoint and succeeds. Its step worker killed: the step's
+  retry policy starts the step again in the same run, which resumes from the checkpoint and succeeds.
 - Along the way: a fake HF_TOKEN given to the run through the environment is written to no file (artefacts,
   DAGSTER_HOME with its SQLite storage and compute logs, the console log), and every socket Dagster's own
   processes listen on is bound to 127.0.0.1.
@@ -30,6 +31,7 @@ from pathlib import Path
 import dagster as dg
 import psutil
 import pytest
+import yaml
 
 from sae_pipeline.assets import tokenized_dataset
 from tests.support.browser import group_members, stop_process_group
@@ -376,34 +378,49 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model_dir, corpus_file):
-    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME, the tiny model tokenized in its instance."""
+def served(postgres, tmp_path_factory, tiny_model_dir, corpus_file):
+    """`dagster dev` on 127.0.0.1 with its own DAGSTER_HOME on PostgreSQL (the storage of deploy/dagster.yaml,
+    on a fresh database of the test server), the tiny model tokenized in its instance. The rest of the
+    production instance (run queue, pool, run retries) is left out: these tests stop runs on purpose, and
+    relaunch them themselves."""
     base = tmp_path_factory.mktemp("served")
     home, root = base / "dagster_home", base / "artefacts"
     home.mkdir()
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    storage = {"storage": yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())["storage"]}
+    (home / "dagster.yaml").write_text(DAGSTER_YAML + yaml.safe_dump(storage))
     registry = write_registry(base / "models.yaml", tiny_entry(tiny_model_dir, corpus_file, train=LONG_TRAIN))
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        tokenize(root, registry, instance)
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "SAE_PIPELINE_ROOT": str(root),
-        "OMP_NUM_THREADS": "1",
-        "SAE_PIPELINE_REGISTRY": str(write_registry(base / "empty.yaml")),
-        # A retried step starts again 5 s after the failure: enough to see the failed attempt's end first.
-        "SAE_PIPELINE_RETRY_DELAY_S": "5",
-    }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = base / "dagster_dev.log"
-    server = start_dagster_dev(port, env, base, log)
+    database = postgres.dagster_env(postgres.create_database())
+    # This process reads the same instance (run messages, materializations): it needs the variables too.
+    patch = pytest.MonkeyPatch()
+    for key, value in database.items():
+        patch.setenv(key, value)
+    server, left = None, []
     try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            tokenize(root, registry, instance)
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "SAE_PIPELINE_ROOT": str(root),
+            "OMP_NUM_THREADS": "1",
+            "SAE_PIPELINE_REGISTRY": str(write_registry(base / "empty.yaml")),
+            # A retried step starts again 5 s after the failure: enough to see the failed attempt's end first.
+            "SAE_PIPELINE_RETRY_DELAY_S": "5",
+        }
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = base / "dagster_dev.log"
+        # Through the repository's workspace.yaml, as README documents `dagster dev -w workspace.yaml`.
+        server = start_dagster_dev(port, env, base, log, target=("-w", str(REPO / "workspace.yaml")))
         wait_until_serving(server, url, log)
         [location] = [e["name"] for e in graphql(url, LOCATIONS)["workspaceOrError"]["locationEntries"]]
+        assert location == "sae_pipeline"  # the workspace file's location_name
         yield Served(url, location, home, root, registry, log)
     finally:
-        left = stop_process_group(server)
+        if server is not None:
+            left = stop_process_group(server)
+        patch.undo()
     assert not left, f"processes left running: {left}"
 
 

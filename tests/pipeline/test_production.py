@@ -102,6 +102,22 @@ def test_the_deploy_instance_loads_on_postgres_as_documented(postgres, tmp_path,
     assert used - set(environment_file(DEPLOY / "sae-pipeline.env")) == {"DAGSTER_PG_PASSWORD"}
 
 
+def test_an_unreachable_postgres_fails_the_instance_with_dagsters_message(postgres, tmp_path, monkeypatch):
+    """What a service or `dagster job execute` meets when PostgreSQL is down as it starts: Dagster's own
+    DagsterPostgresException after its retries (systemd then restarts the service every 5 s)."""
+    from dagster_postgres.utils import DagsterPostgresException
+
+    shutil.copy(DEPLOY / "dagster.yaml", tmp_path / "dagster.yaml")
+    nobody = free_port()  # nothing listens there
+    for key, value in {**postgres.dagster_env("postgres"), "DAGSTER_PG_PORT": str(nobody)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DAGSTER_COMPUTE_LOGS_DIR", str(tmp_path / "logs"))
+    started = time.monotonic()
+    with pytest.raises(DagsterPostgresException, match="too many retries for DB connection"):
+        dg.DagsterInstance.from_config(str(tmp_path)).get_runs(limit=1)
+    print(f"unreachable PostgreSQL: DagsterPostgresException after {time.monotonic() - started:.1f} s")
+
+
 def unit_command(unit: str, env: dict[str, str], replace: dict[str, str]) -> list[str]:
     """The ExecStart line of deploy/systemd/`unit`, with ${VAR} expanded from `env`, the venv's console
     scripts run by this Python, and the words in `replace` replaced."""
@@ -134,9 +150,12 @@ class Services:
     registry: Path
     env: dict[str, str]
     logs: list[Path]
+    shared: dg.DagsterInstance  # one for the module: polling opens no new storage connections each second
 
-    def instance(self) -> dg.DagsterInstance:
-        return dg.DagsterInstance.from_config(str(self.home))
+    def instance(self) -> contextlib.AbstractContextManager[dg.DagsterInstance]:
+        # Storage without a connection pool (dagster-postgres' NullPool, outside the webserver): each query
+        # connects anew, so this instance outlives the PostgreSQL restart below.
+        return contextlib.nullcontext(self.shared)
 
     def rank_events(self) -> list[dict]:
         path = self.records / "events.jsonl"
@@ -174,11 +193,11 @@ def services(postgres, tmp_path_factory, tiny_model_dir, corpus_file):
     (root / "tokenized" / MODEL).mkdir(parents=True)
     (root / "tokenized" / MODEL / "dataset_info.json").write_text("{}")  # the training step checks it
     # This process reads the same instance (runs, events, pool slots): it needs the storage variables too.
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as opened:
         for key in [k for k in env if k.startswith("DAGSTER_")]:
             patch.setenv(key, env[key])
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            instance.add_dynamic_partitions("models", [MODEL])
+        shared = opened.enter_context(dg.DagsterInstance.from_config(str(home)))
+        shared.add_dynamic_partitions("models", [MODEL])
         replace = {
             "/etc/sae-pipeline/workspace.yaml": str(workspace),
             "sae_pipeline.definitions": "tests.support.fake_definitions",
@@ -199,7 +218,7 @@ def services(postgres, tmp_path_factory, tiny_model_dir, corpus_file):
                 time.sleep(1)
                 with contextlib.suppress(urllib.error.URLError, OSError):
                     [entry] = graphql(url, LOCATION)["workspaceOrError"]["locationEntries"]
-            yield Services(url, home, root, records, registry, env, logs)
+            yield Services(url, home, root, records, registry, env, logs, shared)
         finally:
             left = [line for server in reversed(started) for line in stop_process_group(server)]
     assert not left, f"processes left running: {left}"
@@ -270,7 +289,11 @@ def test_a_backfill_with_one_gpu_slot_trains_one_partition_at_a_time(services):
     assert info.slot_count == 1 and not info.claimed_slots
 
 
-def launch_training(services: Services, stride: int, sleep_s: float) -> str:
+def launch_training(
+    services: Services, stride: int, sleep_s: float, first_sleep_s: float | None = None
+) -> str:
+    """Launch the partition's training (fake ranks that sleep `sleep_s`, or `first_sleep_s` on the partition's
+    first launch: a retry copies the run config, and need not sleep as long)."""
     tags = {
         "dagster/partition": f"{MODEL}|{stride}",
         "dagster/partition/model": MODEL,
@@ -290,7 +313,10 @@ def launch_training(services: Services, stride: int, sleep_s: float) -> str:
                     "config": {
                         "entry_module": "tests.support.fake_rank",
                         "omp_num_threads": 1,
-                        "extra_env": {"FAKE_RANK_SLEEP_S": str(sleep_s)},
+                        "extra_env": {
+                            "FAKE_RANK_SLEEP_S": str(sleep_s),
+                            **({"FAKE_RANK_FIRST_SLEEP_S": str(first_sleep_s)} if first_sleep_s else {}),
+                        },
                     }
                 }
             }
@@ -320,7 +346,7 @@ def run_status(services: Services, run_id: str) -> dg.DagsterRunStatus:
 
 
 def test_a_killed_run_frees_its_gpu_slot_and_is_retried(services):
-    holder = launch_training(services, stride=4, sleep_s=12)
+    holder = launch_training(services, stride=4, sleep_s=1, first_sleep_s=12)
     deadline = time.monotonic() + 120
     while not (ranks := fake_ranks(services, stride=4)):
         assert time.monotonic() < deadline, services.log_tail()

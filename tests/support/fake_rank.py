@@ -6,6 +6,7 @@ comes from the environment, so a test can set it per launch through the launcher
 
     FAKE_RANK_DIR      folder for its records: events.jsonl (start/end of every rank), launches-<stride>
     FAKE_RANK_SLEEP_S  seconds to "train" (default 1)
+    FAKE_RANK_FIRST_SLEEP_S  seconds on the partition's first launch instead (default FAKE_RANK_SLEEP_S)
     FAKE_RANK_MODE     ok | python-error (rank 1 raises) | killed-once (rank 1 SIGKILLs itself on the
                        first attempt) | timeout-once (on the first attempt rank 0 waits in a gloo barrier
                        that rank 1 never joins, and times out: a real collective timeout)
@@ -37,7 +38,8 @@ def fake_train(argv: list[str], pipes: Any | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does
     if mode == "timeout-once" and first:
         _collective_timeout(rank)
-    time.sleep(float(os.environ.get("FAKE_RANK_SLEEP_S", "1")))
+    sleep_s = os.environ.get("FAKE_RANK_SLEEP_S", "1")
+    time.sleep(float(os.environ.get("FAKE_RANK_FIRST_SLEEP_S", sleep_s) if first else sleep_s))
     _record(folder, {"event": "end", "rank": rank, "stride": stride, "attempt": attempt})
     if pipes is not None:
         pipes.report_asset_materialization(metadata={"fake": True, "attempt": attempt})

@@ -19,8 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_dagster_dev(port: int, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """`dagster dev` (webserver + daemon + code server) in a process group of its own."""
+def start_dagster_dev(
+    port: int,
+    env: dict[str, str],
+    cwd: Path,
+    log: Path,
+    target: tuple[str, ...] = ("-m", "sae_pipeline.definitions"),
+) -> subprocess.Popen:
+    """`dagster dev` (webserver + daemon + code server) in a process group of its own; `target` names the
+    code location (`-m MODULE` or `-w WORKSPACE_FILE`)."""
     with open(log, "wb") as out:
         return subprocess.Popen(
             [
@@ -32,8 +39,7 @@ def start_dagster_dev(port: int, env: dict[str, str], cwd: Path, log: Path) -> s
                 "127.0.0.1",
                 "-p",
                 str(port),
-                "-m",
-                "sae_pipeline.definitions",
+                *target,
             ],
             cwd=cwd,
             env=env,
