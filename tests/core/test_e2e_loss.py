@@ -348,3 +348,19 @@ def test_transcoders_trained_end_to_end_replace_their_modules_and_lower_the_kl(t
         losses.append(trainer._train_step().metrics["kl"])
         trainer.step += 1
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_data_parallel_kl_training_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, tiny_text_file):
+    from tests.support.training import COMMON, check, run, sae_params, torchrun
+
+    args = [str(tiny_model_dir), str(tiny_text_file), *COMMON, "--loss_fn", "kl", "--layers", "0", "2"]
+    args += ["--max_tokens", "600", "--dead_feature_threshold", "64", "--save_dir", str(tmp_path)]
+    check(run([sys.executable, "-m", "sae_core", *args, "--batch_size", "4", "--run_name", "one"]))
+    check(run(torchrun(2, *args, "--batch_size", "2", "--run_name", "two")))
+    one, two = sae_params(tmp_path / "one"), sae_params(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    for name, p in one.items():
+        torch.testing.assert_close(two[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    record = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["auxk/layers.0"] > 0  # AuxK took part
