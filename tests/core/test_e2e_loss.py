@@ -4,7 +4,6 @@ the refusals; and the Multi-TopK loss (--multi_topk) against its formula."""
 
 import copy
 import json
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,8 @@ from sae_core import ConfigError, Sae, SaeConfig, SaeTrainer, TrainConfig
 from sae_core.config import RunConfig
 from sae_core.e2e import EndToEndLoss
 from sae_core.models import hookpoint_module
-from tests.support.tiny import child_env, tiny_model
+from sae_core.run import main
+from tests.support.tiny import tiny_model
 from tests.support.training import Tok, params, token_data
 
 HOOKPOINTS = ["layers.0", "layers.1.mlp"]  # a block output and a module inside a deeper block
@@ -219,6 +219,15 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(settings, message
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_the_cli_refuses_before_loading_the_model(tmp_path, capsys):
+    # The model folder does not exist: the refusal comes from the configuration alone.
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "no-model"), "embedded", "--loss_fn", "kl", "--distribute_layers"])
+    text = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert "--loss_fn kl cannot be combined with --distribute_layers" in text
+    assert text.strip().count("\n") == 0, text
+
+
 def test_a_trainer_given_an_activation_cache_refuses_an_end_to_end_loss(tmp_path):
     from tests.core.test_cache import cache_of
 
@@ -267,33 +276,6 @@ def test_multi_topk_loss_equals_its_formula_and_so_does_the_trainers_gradient(tm
     (fvu + wide / 8).backward()
     for name, p in reference.named_parameters():
         torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_cli_trains_with_the_kl_loss_and_the_saved_saes_load(tmp_path, tiny_model_dir, tiny_text_file):
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sae_core",
-            str(tiny_model_dir),
-            str(tiny_text_file),
-            *["--ctx_len", "32", "--batch_size", "4", "--expansion_factor", "2", "--k", "4"],
-            *["--loss_fn", "kl", "--layers", "0", "2", "--max_tokens", "400", "--grad_acc_steps", "2"],
-            *["--save_dir", str(tmp_path), "--run_name", "r"],
-        ],
-        env=child_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "r"
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["kl"] >= 0 and {"fvu/layers.0", "fvu/layers.2"} <= set(record)
-    assert json.loads((run / "run.json").read_text())["config"]["loss_fn"] == "kl"
-    for h in ("layers.0", "layers.2"):
-        sae = Sae.load_from_disk(run / h)
-        assert sae.d_in == 32 and all(torch.isfinite(p).all() for p in sae.parameters())
 
 
 def test_auxk_gradient_reaches_only_its_own_sae_and_adds_to_the_rescaled_loss_gradient():
@@ -351,16 +333,25 @@ def test_transcoders_trained_end_to_end_replace_their_modules_and_lower_the_kl(t
 
 
 @pytest.mark.slow
-def test_data_parallel_kl_training_on_two_ranks_equals_one_process(tmp_path, tiny_model_dir, tiny_text_file):
+def test_cli_trains_with_the_kl_loss_the_saes_load_and_two_ranks_equal_one(
+    tmp_path, tiny_model_dir, tiny_text_file
+):
     from tests.support.training import COMMON, check, run, sae_params, torchrun
 
     args = [str(tiny_model_dir), str(tiny_text_file), *COMMON, "--loss_fn", "kl", "--layers", "0", "2"]
     args += ["--max_tokens", "600", "--dead_feature_threshold", "64", "--save_dir", str(tmp_path)]
     check(run([sys.executable, "-m", "sae_core", *args, "--batch_size", "4", "--run_name", "one"]))
+    record = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["kl"] >= 0 and {"fvu/layers.0", "fvu/layers.2"} <= set(record)
+    assert record["auxk/layers.0"] > 0  # AuxK took part
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["config"]["loss_fn"] == "kl"
+    for h in ("layers.0", "layers.2"):
+        sae = Sae.load_from_disk(tmp_path / "one" / h)
+        assert sae.d_in == 32 and all(torch.isfinite(p).all() for p in sae.parameters())
+
+    # Data parallel: two ranks of 2 sequences train the SAEs one process trains on batches of 4.
     check(run(torchrun(2, *args, "--batch_size", "2", "--run_name", "two")))
     one, two = sae_params(tmp_path / "one"), sae_params(tmp_path / "two")
     assert sorted(one) == sorted(two)
     for name, p in one.items():
         torch.testing.assert_close(two[name], p, rtol=1e-4, atol=1e-5, msg=name)
-    record = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["auxk/layers.0"] > 0  # AuxK took part
