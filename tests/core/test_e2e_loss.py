@@ -39,7 +39,7 @@ def data_with_pads(n_seq: int = 16, seq_len: int = 16):
     return ids
 
 
-def e2e_trainer(tmp_path, loss_fn="kl", model=None, data=None, run_name="run", **kw):
+def e2e_trainer(tmp_path, loss_fn="kl", model=None, data=None, run_name="run", resume=False, **kw):
     cfg = TrainConfig(
         SaeConfig(expansion_factor=2, k=4),
         **{
@@ -58,6 +58,7 @@ def e2e_trainer(tmp_path, loss_fn="kl", model=None, data=None, run_name="run", *
         model or peaked_model(),
         tokenizer=Tok(),
         progress=False,
+        resume=resume,
     )
 
 
@@ -181,6 +182,18 @@ def test_accumulation_and_micro_batches_give_the_update_of_one_big_batch(tmp_pat
         for step, (got, expected) in enumerate(zip(grads[other.run_dir.name], grads["big"], strict=True)):
             for name, g in got.items():
                 torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-7, msg=f"{step} {name}")
+
+
+def test_an_interrupted_kl_run_resumes_to_the_uninterrupted_runs_weights(tmp_path):
+    model = peaked_model()
+    full = e2e_trainer(tmp_path, model=model, run_name="full", dead_feature_threshold=16)
+    full.fit()
+    e2e_trainer(tmp_path, model=model, run_name="part", dead_feature_threshold=16).fit(max_steps=2)
+    resumed = e2e_trainer(tmp_path, model=model, run_name="part", dead_feature_threshold=16, resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    for name, p in params(full).items():
+        assert torch.equal(p, params(resumed)[name]), name
 
 
 def gradients_at_each_step(trainer):
