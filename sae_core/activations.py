@@ -77,11 +77,15 @@ class LiveActivations:
         self.transcode, self.d_out = transcode, d_out or d_in
         self.local_hookpoints = [h for h in hookpoints if owners[h] == ctx.rank]
 
-    def batch(self, index: int) -> Batch:
-        """This rank's SAE inputs of global batch `index`, for the SAEs it owns."""
+    def token_ids(self, index: int) -> tuple[Tensor, Tensor]:
+        """(the token ids of global batch `index`, this rank's share of them), [sequences, tokens] each."""
         per_batch = self.batch_size * self.ctx.world_size
         global_ids = sequence_rows(self.dataset, index * per_batch, (index + 1) * per_batch, self.order)
-        rank_ids = global_ids[self.ctx.rank * self.batch_size : (self.ctx.rank + 1) * self.batch_size]
+        return global_ids, global_ids[self.ctx.rank * self.batch_size : (self.ctx.rank + 1) * self.batch_size]
+
+    def batch(self, index: int) -> Batch:
+        """This rank's SAE inputs of global batch `index`, for the SAEs it owns."""
+        global_ids, rank_ids = self.token_ids(index)
         module_inputs: dict[str, Tensor] | None = {} if self.transcode else None
         with self.profiler.timed("lm_forward_s", sync=True):
             with (

@@ -22,6 +22,15 @@ TRANSCODE_FROM_CACHE = (
     "transcoder encodes; train it live (without --activations)"
 )
 
+# Training objectives (`loss_fn`): FVU of each hookpoint, or end to end through the LM (sae_core/e2e.py).
+LOSS_FNS = ("fvu", "kl", "ce")
+
+# End-to-end losses run the LM with the SAEs spliced in: a cache has no LM to run.
+E2E_FROM_CACHE = (
+    "--loss_fn {loss_fn} cannot train from --activations: the loss runs the LM with the SAEs spliced in, "
+    "and a cache has no LM; train live (without --activations) or use --loss_fn fvu"
+)
+
 # Fields that are never serialised: not into run.json, trainer states, logs, cards or the pipeline's records.
 SECRET_FIELDS = frozenset({"hf_token"})
 
@@ -118,6 +127,14 @@ class TrainConfig:
     normalize_inputs: bool = False
     """Scale each hookpoint's activations to a mean squared norm of d_in (Gao et al.), measured on the first
     step, so one learning rate suits every layer; saved SAEs still take raw activations (scale folded in)."""
+
+    loss_fn: str = "fvu"
+    """fvu (each SAE reconstructs its hookpoint), or kl / ce: every SAE's reconstruction replaces its module's
+    output, the rest of the LM runs and the loss is the KL to the clean next-token distribution or the LM's
+    cross-entropy (end to end; a full LM forward and backward per batch)."""
+
+    multi_topk: bool = False
+    """Add the Multi-TopK loss of Gao et al.: the FVU of the top 4k latents' reconstruction, divided by 8."""
 
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents (0 turns it off)."""
@@ -223,6 +240,12 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.lr_warmup_steps < 0:
             raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.loss_fn not in LOSS_FNS:
+            raise ConfigError(f"loss_fn must be one of {', '.join(LOSS_FNS)}, got {self.loss_fn!r}")
+        if self.loss_fn != "fvu":
+            self._check_end_to_end()
+        if self.multi_topk and self.shard_latents > 1:
+            raise ConfigError("--multi_topk is not supported with --shard_latents; train those SAEs whole")
         if self.auxk_alpha < 0:
             raise ConfigError(f"auxk_alpha must be >= 0, got {self.auxk_alpha}")
         if self.dead_feature_threshold <= 0:
@@ -275,6 +298,19 @@ class TrainConfig:
                 "--shard_latents does not support --optimizer muon (it orthogonalises whole matrices); "
                 "use adam or signum"
             )
+
+    def _check_end_to_end(self) -> None:
+        """What --loss_fn kl/ce cannot be combined with: one forward splices every SAE at once."""
+        what = f"--loss_fn {self.loss_fn}"
+        if self.distribute_layers:
+            raise ConfigError(
+                f"{what} cannot be combined with --distribute_layers: one spliced forward needs every SAE on "
+                "the rank that runs it; train data parallel (without --distribute_layers)"
+            )
+        if self.shard_latents > 1:
+            raise ConfigError(f"{what} is not supported with --shard_latents; train the SAEs whole")
+        if self.multi_topk:
+            raise ConfigError(f"--multi_topk is a reconstruction loss: use it with --loss_fn fvu, not {what}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, nested SaeConfig included, except the secrets (SECRET_FIELDS)."""
@@ -361,3 +397,10 @@ class RunConfig(TrainConfig):
             )
         if self.activations is not None and self.sae.transcode:
             raise ConfigError(TRANSCODE_FROM_CACHE)
+        if self.loss_fn != "fvu" and self.activations is not None:
+            raise ConfigError(E2E_FROM_CACHE.format(loss_fn=self.loss_fn))
+        if self.loss_fn != "fvu" and (self.sweep or self.init_seeds):
+            raise ConfigError(
+                f"--loss_fn {self.loss_fn} cannot be combined with --sweep or --init_seeds (a sweep shares "
+                "one forward between its variants, end-to-end training needs one per variant); run each alone"
+            )

@@ -50,6 +50,8 @@ class ForwardOutput(NamedTuple):
     latent_indices: Tensor  # [N, k] their indices
     fvu: Tensor  # scalar, fraction of variance unexplained (fp32)
     auxk_loss: Tensor  # scalar, AuxK loss (0 when no latent is dead)
+    # scalar, FVU of the reconstruction from the top 4k latents (forward(multi_topk=True) only)
+    multi_topk_fvu: Tensor | None = None
 
 
 class Sae(nn.Module):
@@ -129,10 +131,14 @@ class Sae(nn.Module):
 
     # ---------------------------------------------------------------- the model
     def encode(
-        self, x: Tensor, dead_mask: Tensor | None = None, compute_dtype: torch.dtype | None = None
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        k: int | None = None,
     ) -> EncoderOutput:
-        """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]); AuxK picks when dead_mask is
-        set."""
+        """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]; `k` defaults to self.k); AuxK
+        picks when dead_mask is set."""
         x = x.reshape(-1, self.d_in).to(self.dtype)
         fused = triton_kernels(self.cfg.kernels)
         if fused is not None:  # takes the dead mask itself: no nonzero, no host sync
@@ -144,7 +150,7 @@ class Sae(nn.Module):
             x if self.cfg.transcode else x - self.b_dec,
             self.encoder.weight,
             self.encoder.bias,
-            self.k,
+            self.k if k is None else k,
             dead_idx,
             self.k_aux,
             compute_dtype,
@@ -173,6 +179,7 @@ class Sae(nn.Module):
         total_variance: Tensor | float | None = None,
         residual_variance: Tensor | float | None = None,
         compute_dtype: torch.dtype | None = None,
+        multi_topk: bool = False,
     ) -> ForwardOutput:
         """Encode, decode and compute the losses against `target` (default x; a transcoder's module output).
 
@@ -185,6 +192,8 @@ class Sae(nn.Module):
         The trainer passes 1.0 and the previous step's FVU (so both losses are sums of squares in units of the
         input's variance) and divides by the variance of the whole global batch at the optimizer step, so that
         micro-batches, accumulation steps and ranks add up to exactly one big batch.
+        `multi_topk` also returns the FVU of the reconstruction from the top 4k latents (Gao et al. §5.3),
+        with the same denominator: the encoder keeps 4k latents and the top k are the largest k of those.
         """
         x = x.reshape(-1, self.d_in).to(self.dtype)
         if target is None and self.d_out != self.d_in:
@@ -192,7 +201,13 @@ class Sae(nn.Module):
                 f"this transcoder maps width {self.d_in} to {self.d_out}: pass target= (the module's output)"
             )
         y = x if target is None else target.reshape(-1, self.d_out).to(self.dtype)
-        enc = self.encode(x, dead_mask, compute_dtype)
+        wide = None
+        if multi_topk:  # one dense product: the top k are the largest k of the top 4k
+            wide = self.encode(x, dead_mask, compute_dtype, k=min(4 * self.k, self.num_latents))
+            acts, pos = wide.acts.topk(self.k, dim=1, sorted=False)
+            enc = wide._replace(acts=acts, indices=wide.indices.gather(1, pos))
+        else:
+            enc = self.encode(x, dead_mask, compute_dtype)
         sae_out = self.decode(enc.acts, enc.indices) + self.skip(x)
 
         e = (y - sae_out).float()
@@ -214,7 +229,11 @@ class Sae(nn.Module):
             auxk_loss = scale * (aux_out.float() - residual).pow(2).sum() / residual_variance
         else:
             auxk_loss = fvu.new_zeros(())
-        return ForwardOutput(sae_out, enc.acts, enc.indices, fvu, auxk_loss)
+        multi_topk_fvu = None
+        if wide is not None:
+            wide_out = self.decode(wide.acts, wide.indices) + self.skip(x)
+            multi_topk_fvu = (y - wide_out).float().pow(2).sum() / total_variance
+        return ForwardOutput(sae_out, enc.acts, enc.indices, fvu, auxk_loss, multi_topk_fvu)
 
     # ---------------------------------------------------------------- decoder constraints
     @torch.no_grad()

@@ -134,6 +134,8 @@ class SweepTrainer:
     ):
         from .trainer import SaeTrainer
 
+        if cfg.loss_fn != "fvu":  # each variant would need a spliced forward of its own
+            raise ConfigError(f"--loss_fn {cfg.loss_fn} cannot be swept; train each configuration alone")
         variants = parse_sweep(sweep, init_seeds)
         self.run_dir = Path(cfg.save_dir) / (cfg.run_name or "run")
         self.configs = [variant_config(cfg, settings, self.run_dir) for settings in variants]

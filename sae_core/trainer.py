@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from .activations import LiveActivations, excluded_token_ids
 from .best import BestSaes
 from .cache import ActivationCache, CachedActivations
-from .config import TRANSCODE_FROM_CACHE, TrainConfig
+from .config import E2E_FROM_CACHE, TRANSCODE_FROM_CACHE, TrainConfig
 from .data import sequence_shape
 from .distributed import (
     DistContext,
@@ -49,6 +49,7 @@ from .distributed import (
     init_distributed,
     split_layers,
 )
+from .e2e import AuxGradients, EndToEndLoss
 from .errors import CheckpointError, ConfigError
 from .finetune import start_from
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
@@ -170,6 +171,12 @@ class SaeTrainer:
             )
         else:
             self.activations = self._live_activations()
+        # --loss_fn kl/ce: the SAEs train through the frozen LM, their reconstructions spliced in (e2e.py).
+        self.e2e = None
+        if cfg.loss_fn != "fvu":
+            self.e2e = EndToEndLoss(
+                model, cfg.loss_fn, self.hookpoints, cfg.sae.transcode, cfg.micro_acc_steps
+            )
         self.step = 0
         self.tokens_seen = 0
         self.wall_time = 0.0
@@ -212,6 +219,8 @@ class SaeTrainer:
         if self.cache is not None:
             if transcode:
                 raise ConfigError(TRANSCODE_FROM_CACHE)
+            if cfg.loss_fn != "fvu":
+                raise ConfigError(E2E_FROM_CACHE.format(loss_fn=cfg.loss_fn))
             self.hookpoints, self.d_in = self.cache.select_hookpoints(**selection), self.cache.d_in
         else:
             self.hookpoints = select_hookpoints(self.model, **selection, transcode=transcode)
@@ -367,6 +376,13 @@ class SaeTrainer:
         for sae in self.saes.values():
             sae.k_override = k
         tokens, metrics, skipped = 0, {}, {}
+        if self.e2e is not None:
+            tokens, metrics, skipped = self._end_to_end_step(
+                first_batch, variance, fired, sse, auxk, dead, nonfinite
+            )
+            batches = ()
+        # Multi-TopK is passed only when asked: sharded SAEs (which refuse it) keep their signature.
+        loss_options = {"multi_topk": True} if cfg.multi_topk else {}
         for batch_number, batch in enumerate(batches):
             with self.profiler.timed("sae_s"):
                 for hookpoint, x in batch.inputs.items():
@@ -387,8 +403,12 @@ class SaeTrainer:
                             total_variance=1.0,
                             residual_variance=self._auxk_denominator(hookpoint),
                             compute_dtype=self.compute_dtype,
+                            **loss_options,
                         )
-                        (out.fvu + cfg.auxk_alpha * out.auxk_loss).backward()
+                        loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+                        if out.multi_topk_fvu is not None:  # Gao et al. §5.3: FVU(k) + FVU(4k) / 8
+                            loss = loss + out.multi_topk_fvu / 8
+                        loss.backward()
                         fired[hookpoint][out.latent_indices[out.latent_acts > 0].cpu()] = True
                         sse[hookpoint] += out.fvu.item()
                         auxk[hookpoint] += out.auxk_loss.item()
@@ -425,6 +445,71 @@ class SaeTrainer:
         if self.best is not None:
             self.best.observe(step.metrics)
         return TrainStep(step.tokens, {**step.metrics, **totals})
+
+    def _end_to_end_step(
+        self,
+        first_batch: int,
+        variance: dict[str, PooledVariance],
+        fired: dict[str, Tensor],
+        sse: dict[str, float],
+        auxk: dict[str, float],
+        dead: dict[str, Tensor],
+        nonfinite: dict[str, int],
+    ) -> tuple[int, dict[str, float], dict[str, str]]:
+        """--loss_fn kl/ce (e2e.py): the spliced forward and backward of every batch of the step, then one
+        optimizer step per SAE with the gradient of loss / (loss positions of the step, all ranks) +
+        auxk_alpha * AuxK. FVU and AuxK are measured as in the FVU path. Returns (tokens, metrics,
+        outcomes)."""
+        cfg = self.cfg
+        aux_grads = AuxGradients()
+
+        def reconstruct(hookpoint: str, x: Tensor, y: Tensor) -> Tensor:
+            variance[hookpoint].add(y.detach())
+            if x.shape[0] == 0:
+                return y
+            nonfinite[hookpoint] += int((~(x.isfinite().all(-1) & y.isfinite().all(-1))).sum())
+            scale = self.input_scales[hookpoint]
+            dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
+            out = self.saes[hookpoint](
+                x * scale,
+                dead_mask,
+                target=y * scale,
+                total_variance=1.0,
+                residual_variance=self._auxk_denominator(hookpoint),
+                compute_dtype=self.compute_dtype,
+            )
+            fired[hookpoint][out.latent_indices[out.latent_acts > 0].cpu()] = True
+            sse[hookpoint] += out.fvu.item()
+            auxk[hookpoint] += out.auxk_loss.item()
+            aux_grads.add(hookpoint, self.saes[hookpoint], cfg.auxk_alpha * out.auxk_loss)
+            return out.sae_out / scale
+
+        loss_sum, positions = 0.0, 0
+        with self.profiler.timed("lm_forward_s", sync=True):  # the SAEs run inside the LM's forward
+            for offset in range(cfg.grad_acc_steps):
+                _, ids = self.activations.token_ids(first_batch + offset)
+                part, count = self.e2e.batch(ids.to(self.ctx.device), self.excluded_token_ids, reconstruct)
+                loss_sum, positions = loss_sum + part, positions + count
+        totals = torch.tensor([loss_sum, positions], dtype=torch.float64)
+        if self.ddp:
+            all_reduce_sum(totals, self.ctx)
+        loss_sum, positions = totals.tolist()
+        tokens, metrics, skipped = 0, {cfg.loss_fn: loss_sum / max(positions, 1)}, {}
+        for hookpoint, sae in self.saes.items():
+            # _optimizer_step divides every gradient by the step's variance: the loss's part is pre-scaled
+            # so that it ends up divided by the step's loss positions instead.
+            _, total_variance = variance[hookpoint].pooled(self.ctx, reduce=self.ddp)
+            aux_grads.merge(hookpoint, sae, max(float(total_variance), 1e-30) / max(positions, 1))
+            tokens, sae_metrics, skipped[hookpoint], nonfinite[hookpoint] = self._optimizer_step(
+                hookpoint,
+                variance[hookpoint],
+                fired[hookpoint],
+                sse[hookpoint],
+                auxk[hookpoint],
+                nonfinite[hookpoint],
+            )
+            metrics.update(sae_metrics)
+        return tokens, metrics, skipped
 
     @torch.no_grad()
     def _init_from_first_step(self, hookpoint: str, x: Tensor, y: Tensor) -> None:
