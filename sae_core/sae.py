@@ -140,21 +140,13 @@ class Sae(nn.Module):
         """Top-k latents of x ([..., d_in] -> acts, indices of shape [N, k]; `k` defaults to self.k); AuxK
         picks when dead_mask is set."""
         x = x.reshape(-1, self.d_in).to(self.dtype)
+        source = x if self.cfg.transcode else x - self.b_dec
+        w, b, k = self.encoder.weight, self.encoder.bias, self.k if k is None else k
         fused = triton_kernels(self.cfg.kernels)
         if fused is not None:  # takes the dead mask itself: no nonzero, no host sync
-            source = x if self.cfg.transcode else x - self.b_dec
-            w, b = self.encoder.weight, self.encoder.bias
-            return fused.topk_encode(source, w, b, self.k, dead_mask, self.k_aux, compute_dtype)
+            return fused.topk_encode(source, w, b, k, dead_mask, self.k_aux, compute_dtype)
         dead_idx = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
-        return topk_encode(
-            x if self.cfg.transcode else x - self.b_dec,
-            self.encoder.weight,
-            self.encoder.bias,
-            self.k if k is None else k,
-            dead_idx,
-            self.k_aux,
-            compute_dtype,
-        )
+        return topk_encode(source, w, b, k, dead_idx, self.k_aux, compute_dtype)
 
     def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
         """Reconstruction from sparse latents (acts and indices of shape [N, k])."""
