@@ -199,14 +199,19 @@ def topk_encode(
     the parameters' dtype. Without it, an enclosing `torch.autocast` for x's device type sets it: the result
     is exactly that of passing `compute_dtype=<autocast's dtype>`. An explicit `compute_dtype` wins.
     """
-    device_type = x.device.type
-    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if compute_dtype is None and autocast_on:
-        compute_dtype = torch.get_autocast_dtype(device_type)
+    compute_dtype = autocast_compute_dtype(x.device.type, compute_dtype)
     # The forward casts to compute_dtype itself; with autocast off inside it, it runs exactly as it does
     # for an explicit compute_dtype (no op is recast on top).
-    with _autocast_off(device_type):
+    with _autocast_off(x.device.type):
         return EncoderOutput(*_TopKEncode.apply(x, weight, bias, k, dead_idx, k_aux, compute_dtype))
+
+
+def autocast_compute_dtype(device_type: str, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """`compute_dtype`, or when it is None the dtype of an enclosing `torch.autocast` on that device type."""
+    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if compute_dtype is None and autocast_on:
+        return torch.get_autocast_dtype(device_type)
+    return compute_dtype
 
 
 def sparse_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

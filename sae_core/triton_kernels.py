@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .errors import ConfigError
-from .kernels import EncoderOutput, _autocast_off
+from .kernels import EncoderOutput, _autocast_off, autocast_compute_dtype
 
 # Whether the @triton.jit kernels below were built for the interpreter (decided when this module is imported).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -479,11 +479,8 @@ def topk_encode(
     """kernels.topk_encode with the Triton top-k and sparse backward; the dead latents are given as a [M]
     bool mask instead of indices, and the AuxK outputs are min(k_aux, M) wide whatever their number (slots
     beyond the dead latents hold 0)."""
-    device_type = x.device.type
-    autocast_on = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if compute_dtype is None and autocast_on:
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    with _autocast_off(device_type):
+    compute_dtype = autocast_compute_dtype(x.device.type, compute_dtype)
+    with _autocast_off(x.device.type):
         return EncoderOutput(*_TritonTopKEncode.apply(x, weight, bias, k, dead_mask, k_aux, compute_dtype))
 
 
