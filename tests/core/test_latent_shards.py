@@ -16,10 +16,19 @@ import pytest
 import torch
 
 from sae_core import Sae, SaeConfig, SaeTrainer, TrainConfig
+from sae_core import checkpoint as ckpt
 from sae_core.cache import ActivationCache, write_cache
 from sae_core.distributed import DistContext
 from sae_core.errors import CheckpointError, ConfigError
-from sae_core.latent_shards import ShardedSae, ShardLayout, make_layout, refuse_incomplete_shard_states
+from sae_core.latent_shards import (
+    ShardedSae,
+    ShardLayout,
+    make_layout,
+    newest_shard_step,
+    prune_other_layouts,
+    refuse_incomplete_shard_states,
+    reshard_state,
+)
 from sae_core.sweep import SweepTrainer
 from tests.support.latent_shard_worker import (
     STOP_AT,
@@ -30,7 +39,7 @@ from tests.support.latent_shard_worker import (
     twin_flags,
 )
 from tests.support.tiny import tiny_model
-from tests.support.training import Tok, check, env, run, sae_params, token_data, torchrun
+from tests.support.training import Tok, check, env, make_trainer, run, sae_params, token_data, torchrun
 
 WORKER = Path(__file__).parents[1] / "support" / "latent_shard_worker.py"
 
@@ -272,3 +281,59 @@ def test_a_missing_shard_state_is_named(tmp_path):
     (states / "rank1-step000000006.pt").unlink()  # shard 1's newest state lost; its step 3 was pruned
     with pytest.raises(CheckpointError, match=r"step 6, lacks rank1-step000000006.pt\); restore"):
         refuse_incomplete_shard_states(tmp_path, 2)
+
+
+def test_resume_takes_the_newest_step_that_every_shard_of_its_layout_completed(tmp_path):
+    def save(rank: int, step: int, shards: int) -> None:
+        state = {"step": step, "saes": {}, "config": json.dumps({"shard_latents": shards})}
+        ckpt.save_state(tmp_path, rank, step, state)
+
+    save(0, 3, 2)
+    save(1, 3, 2)
+    save(0, 6, 2)  # shard 1 died before saving step 6
+    assert newest_shard_step(tmp_path) == (3, 2)
+    save(0, 9, 1)  # resumed with 1 shard: its step needs rank 0 alone
+    assert newest_shard_step(tmp_path) == (9, 1)
+    prune_other_layouts(tmp_path, 1, 9)
+    assert sorted(p.name for p in (tmp_path / "trainer_state").iterdir()) == [
+        "rank0-step000000003.pt",  # (pruned by rank 0 itself, ckpt.prune_states)
+        "rank0-step000000006.pt",
+        "rank0-step000000009.pt",
+    ]
+    for path in (tmp_path / "trainer_state").iterdir():
+        path.unlink()
+    save(0, 6, 2)
+    with pytest.raises(CheckpointError, match=r"step 6, lacks rank1-step000000006.pt\); restore"):
+        newest_shard_step(tmp_path)
+
+
+def tensors(obj, path=()):
+    """(path, tensor) of every tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensors(value, (*path, key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from tensors(value, (*path, i))
+
+
+def test_resharding_a_state_into_shards_and_back_gives_it_again_and_shards_must_agree(tmp_path):
+    trainer = make_trainer(tmp_path, layers=[1])
+    trainer.fit(max_steps=2)
+    whole = ckpt.load_state(ckpt.state_path(trainer.run_dir, 0, 2))
+    names = [name for name, _ in trainer.saes["layers.1"].named_parameters()]
+    halves = [reshard_state([whole], ShardLayout(shards=2, shard_rank=r), names, "here") for r in range(2)]
+    assert halves[1]["saes"]["layers.1"]["W_dec"].shape == (64, 32)
+    assert json.loads(halves[0]["config"])["shard_latents"] == 2
+    again = reshard_state(halves, ShardLayout(), names, "here")
+    assert json.loads(again["config"]) == json.loads(whole["config"])
+    want = dict(tensors(whole))
+    got = dict(tensors(again))
+    assert sorted(got) == sorted(want) and len(got) == 4 + 4 * 2 + 1  # SAE, z and v, counters
+    for path, value in got.items():
+        assert torch.equal(value, want[path]), path
+    halves[1]["saes"]["layers.1"]["b_dec"] += 1e-3
+    with pytest.raises(CheckpointError, match="here: shard 1's layers.1 b_dec differs from shard 0's"):
+        reshard_state(halves, ShardLayout(), names, "here")

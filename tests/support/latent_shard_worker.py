@@ -221,7 +221,9 @@ def scenario_trainers(work: Path):
     cached("part", resume=True).fit()
     cached("up", resume=True).fit()
     live_trainer(trainer_config(runs, "stopped", 2, optimizer="adam")).fit(max_steps=STOP_AT)
-    SweepTrainer(trainer_config(runs, "sweep", 2), cache, None, sweep=SWEEP, progress=False).fit()
+    sweep = SweepTrainer(trainer_config(runs, "sweep", 2), cache, None, sweep=SWEEP, progress=False)
+    assert all(t.shards is sweep.trainers[0].shards for t in sweep.trainers), "the variants share one mesh"
+    sweep.fit()
 
 
 # The CLI test's run: 2 replicas x 2 shards from the cache, 32 steps of 2 x 2 sequences.
