@@ -556,7 +556,7 @@ class SaeTrainer:
         barrier(self.ctx)
         if writes_state:
             ckpt.prune_states(self.run_dir, self._state_rank, self.step)
-            if self._state_rank == 0 and not self.distributed_layers:  # states of a layout resharded from
+            if self._state_rank == 0 and not self.distributed_layers:  # a resharded run: the old layout's
                 prune_other_layouts(self.run_dir, self.shards.shards if self.shards else 1, self.step)
         profile = self.profiler.run_info(self.ctx)  # with cfg.profile a collective: every rank joins
         scales = (

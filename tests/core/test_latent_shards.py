@@ -172,7 +172,9 @@ def test_a_resume_with_another_shard_count_reshards_the_trainer_state(two_ranks,
 
 @pytest.mark.slow
 def test_a_sweep_shards_every_variant_like_its_unsharded_sweep(two_ranks, cache_dir, tmp_path):
-    work, _ = two_ranks
+    work, result = two_ranks
+    # A sweep with a variant of 63 latents was refused in one line naming it (the worker checked the line).
+    assert all(rank_checks.get("refused_variant") == 1 for rank_checks in result["checks"])
     reference = SweepTrainer(
         trainer_config(tmp_path, "sweep"), ActivationCache(cache_dir), None, sweep=SWEEP, progress=False
     )

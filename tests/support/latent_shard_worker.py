@@ -23,6 +23,7 @@ import torch.distributed as dist
 from sae_core import SaeConfig, SaeTrainer, TrainConfig
 from sae_core.cache import ActivationCache
 from sae_core.distributed import init_distributed
+from sae_core.errors import ConfigError
 from sae_core.latent_shards import ShardedSae, make_layout
 from sae_core.optim import SaeOptimizer
 from sae_core.sae import Sae
@@ -224,6 +225,13 @@ def scenario_trainers(work: Path):
     sweep = SweepTrainer(trainer_config(runs, "sweep", 2), cache, None, sweep=SWEEP, progress=False)
     assert all(t.shards is sweep.trainers[0].shards for t in sweep.trainers), "the variants share one mesh"
     sweep.fit()
+    try:  # a variant whose latents the shards do not divide: refused, naming it
+        SweepTrainer(trainer_config(runs, "odd", 2), cache, None, sweep=["num_latents=64,63"], progress=False)
+    except ConfigError as e:
+        assert str(e).startswith(
+            "sweep variant num_latents63: --shard_latents 2 does not divide the SAE's 63"
+        ), e
+        checks["refused_variant"] = 1
 
 
 # The CLI test's run: 2 replicas x 2 shards from the cache, 32 steps of 2 x 2 sequences.
