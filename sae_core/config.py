@@ -390,11 +390,6 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.ctx_len < 2:
             raise ConfigError(f"ctx_len must be at least 2, got {self.ctx_len}")
-        if self.shard_latents > 1 and (self.activations or self.sweep or self.init_seeds):
-            raise ConfigError(
-                "--shard_latents is not supported with --activations, --sweep or --init_seeds yet; "
-                "train from the LM, one configuration per run"
-            )
         if self.activations is not None and self.sae.transcode:
             raise ConfigError(TRANSCODE_FROM_CACHE)
         if self.loss_fn != "fvu" and self.activations is not None:

@@ -28,6 +28,7 @@ gradient. Exact ties between positive pre-activations at the k-th place are reso
 shard, as in the unsharded SAE, and torch.topk does not specify which of equal values it keeps.
 """
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import checkpoint as ckpt
 from .checkpoint import STATE_DIR
 from .config import SaeConfig
 from .distributed import DistContext
@@ -75,8 +77,14 @@ class ShardLayout:
         )
 
 
+# The layouts made in this process, by (world size, shards, device type), with the default process group they
+# were made in: every trainer of a sweep shares one mesh (and its process groups) instead of building its own.
+_LAYOUTS: dict[tuple[int, int, str], tuple[Any, "ShardLayout"]] = {}
+
+
 def make_layout(ctx: DistContext, shards: int) -> ShardLayout:
-    """Split the ranks of `ctx` into world_size / shards replicas of `shards` consecutive ranks."""
+    """Split the ranks of `ctx` into world_size / shards replicas of `shards` consecutive ranks (the same
+    layout again, while the process group lives, for every later call with the same numbers)."""
     if shards < 1:
         raise ConfigError(f"--shard_latents must be at least 1, got {shards}")
     if ctx.world_size % shards:
@@ -88,9 +96,13 @@ def make_layout(ctx: DistContext, shards: int) -> ShardLayout:
         return ShardLayout()
     from torch.distributed.device_mesh import init_device_mesh
 
+    key = (ctx.world_size, shards, ctx.device.type)
+    made = _LAYOUTS.get(key)
+    if made is not None and made[0] is dist.group.WORLD:
+        return made[1]
     replicas = ctx.world_size // shards
     mesh = init_device_mesh(ctx.device.type, (replicas, shards), mesh_dim_names=("replica", "shard"))
-    return ShardLayout(
+    layout = ShardLayout(
         shards=shards,
         shard_rank=mesh.get_local_rank("shard"),
         replicas=replicas,
@@ -99,6 +111,8 @@ def make_layout(ctx: DistContext, shards: int) -> ShardLayout:
         replica_group=mesh.get_group("replica"),
         mesh=mesh,
     )
+    _LAYOUTS[key] = (dist.group.WORLD, layout)
+    return layout
 
 
 def check_divisible(num_latents: int, shards: int) -> None:
@@ -397,17 +411,189 @@ def all_shards_agree(flag: bool, layout: ShardLayout) -> bool:
     return int(failures.item()) == 0
 
 
+# ---------------------------------------------------------------------- trainer states: resume, reshard
+# Parameters whose rows are latents: split over the shards, with the rows of their optimizer state. The others
+# (b_dec) are whole, and the same, on every shard.
+LATENT_PARAMS = frozenset({"encoder.weight", "encoder.bias", "W_dec"})
+
+
+def _state_files(run_dir: Path) -> dict[int, dict[int, Path]]:
+    """{step: {rank: path}} of the trainer states in the run folder."""
+    files: dict[int, dict[int, Path]] = {}
+    for p in (run_dir / STATE_DIR).glob("rank*-step*.pt"):
+        if m := re.fullmatch(r"rank(\d+)-step(\d+)\.pt", p.name):
+            files.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    return files
+
+
+def _open_state(path: Path) -> dict[str, Any]:
+    """A trainer state whose tensors are mapped from the file, read as they are touched (resharding reads
+    only the rows it keeps); an unreadable file gets checkpoint.load_state's one-line error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format state, or damaged: load_state says which
+        state = None
+    if not isinstance(state, dict) or "step" not in state or "saes" not in state or "config" not in state:
+        return ckpt.load_state(path)
+    return state
+
+
+def _saved_shards(state: dict[str, Any]) -> int:
+    return int(json.loads(state["config"]).get("shard_latents", 1))
+
+
+def newest_shard_step(run_dir: Path) -> tuple[int, int]:
+    """(step, shard count) of the newest step at which every shard of the layout that saved it wrote its
+    state; the count is read from that step's rank-0 state (1 for an unsharded run: rank 0 writes alone).
+    Steps of another layout (a run resumed with another --shard_latents) are taken as they were saved."""
+    files = _state_files(run_dir)
+    newest_shards = None
+    for step in sorted(files, reverse=True):
+        ranks = files[step]
+        if 0 not in ranks:
+            continue
+        shards = _saved_shards(_open_state(ranks[0]))
+        newest_shards = newest_shards or shards
+        if set(ranks) >= set(range(shards)):
+            return step, shards
+    if newest_shards is None:
+        raise ConfigError(
+            f"{run_dir}: the trainer states there were written by a different number of ranks or mode; "
+            "resume with the same world size, --distribute_layers and --shard_latents settings as the "
+            "original run"
+        )
+    refuse_incomplete_shard_states(run_dir, newest_shards)
+    raise AssertionError("unreachable")
+
+
+def read_shard_state(
+    run_dir: Path, layout: ShardLayout, replicas: int, param_names: list[str]
+) -> tuple[Path, dict[str, Any]]:
+    """(path, trainer state) this rank resumes from: its shard's state of the newest complete step when the
+    run was saved with layout.shards shards, else one cut for this shard from the saved shards' states
+    (resharding). Another number of data-parallel replicas is refused in one line: the batches would
+    differ."""
+    step, saved = newest_shard_step(run_dir)
+    path = ckpt.state_path(run_dir, 0, step)
+    states = [_open_state(ckpt.state_path(run_dir, shard, step)) for shard in range(saved)]
+    saved_replicas = int(states[0]["world_size"])
+    if saved_replicas != replicas and (saved > 1 or layout.shards > 1):
+        raise ConfigError(
+            f"{path}: the run was saved on {saved_replicas * saved} ranks ({saved_replicas} data-parallel "
+            f"replicas x --shard_latents {saved}); resume it on {saved_replicas} x N ranks with "
+            f"--shard_latents N, N dividing the latents (now {replicas} x {layout.shards})"
+        )
+    if saved == layout.shards:
+        path = ckpt.state_path(run_dir, layout.shard_rank, step)
+        return path, ckpt.load_state(path)
+    return path, reshard_state(states, layout, param_names, f"{run_dir / STATE_DIR} step {step}")
+
+
+def reshard_state(
+    states: list[dict[str, Any]], layout: ShardLayout, param_names: list[str], where: str
+) -> dict[str, Any]:
+    """The trainer state shard `layout.shard_rank` of `layout.shards` would have written, from the states
+    that all shards of another layout wrote at one step (in shard order; one state for an unsharded run):
+    the rows of each latent parameter and of its optimizer state, concatenated and cut again; what is whole
+    on every shard (b_dec and its optimizer state, the dead-latent counters, the step, the schedule) from
+    shard 0, after checking that the other shards agree. `param_names`: the SAE's parameters in optimizer
+    order; `where` names the states in errors."""
+    first = states[0]
+    config = json.loads(first["config"])
+    config["shard_latents"] = layout.shards
+    out = {**first, "config": json.dumps(config, sort_keys=True), "saes": {}, "optimizers": {}}
+    out["tokens_since_fired"] = {
+        hookpoint: _agreed(
+            [s["tokens_since_fired"][hookpoint] for s in states], f"{hookpoint} counters", where
+        )
+        for hookpoint in first["tokens_since_fired"]
+    }
+    for hookpoint, first_sae in first["saes"].items():
+        saved_rows = first_sae["encoder.weight"].shape[0]
+        latents = saved_rows * len(states)
+        check_divisible(latents, layout.shards)
+        new_rows = latents // layout.shards
+        rows = slice(layout.shard_rank * new_rows, (layout.shard_rank + 1) * new_rows)
+        saes = [s["saes"][hookpoint] for s in states]
+        out["saes"][hookpoint] = {
+            name: _recut([sd[name] for sd in saes], name, saved_rows, rows, f"{hookpoint} {name}", where)
+            for name in first_sae
+        }
+        optimizers = [s["optimizers"][hookpoint] for s in states]
+        if "state" not in optimizers[0]:
+            raise CheckpointError(f"{where}: the optimizer state of {hookpoint} has several parts")
+        new_state = {}
+        for index, entry in optimizers[0]["state"].items():
+            name = param_names[int(index)]
+            new_state[index] = {
+                key: _recut(
+                    [o["state"][index][key] for o in optimizers],
+                    name,
+                    saved_rows,
+                    rows,
+                    f"{name} {key}",
+                    where,
+                )
+                for key in entry
+            }
+        groups = _agreed([o["param_groups"] for o in optimizers], f"{hookpoint} param groups", where)
+        out["optimizers"][hookpoint] = {"state": new_state, "param_groups": groups}
+    return out
+
+
+def _recut(parts: list[Any], name: str, saved_rows: int, rows: slice, what: str, where: str) -> Any:
+    """A latent parameter's (or its optimizer state's) `rows` of the concatenated saved shards; anything else
+    (b_dec, step counts) as shard 0 holds it, after checking that the others agree."""
+    if name in LATENT_PARAMS and isinstance(parts[0], Tensor) and parts[0].dim() > 0:
+        return _cut_rows(parts, saved_rows, rows)
+    return _agreed(parts, what, where)
+
+
+def _cut_rows(parts: list[Tensor], rows_per_part: int, rows: slice) -> Tensor:
+    """Rows `rows` of the concatenated `parts` (rows_per_part rows each), reading only the parts needed."""
+    first, last = rows.start // rows_per_part, (rows.stop - 1) // rows_per_part
+    offset = first * rows_per_part
+    return torch.cat(parts[first : last + 1])[rows.start - offset : rows.stop - offset].clone()
+
+
+def _agreed(values: list[Any], what: str, where: str) -> Any:
+    """values[0], after checking every shard holds the same (floats to rounding: sums over a group)."""
+    for shard, value in enumerate(values[1:], 1):
+        first = values[0]
+        if isinstance(first, Tensor):
+            same = first.shape == value.shape and (
+                torch.allclose(first, value, rtol=1e-5, atol=1e-7)
+                if first.is_floating_point()
+                else torch.equal(first, value)
+            )
+        else:
+            same = first == value
+        if not same:
+            raise CheckpointError(
+                f"{where}: shard {shard}'s {what} differs from shard 0's, though every shard holds the same: "
+                "these states are not of one run; restore them, or resume with the --shard_latents they had"
+            )
+    return values[0].clone() if isinstance(values[0], Tensor) else values[0]
+
+
+def prune_other_layouts(run_dir: Path, shards: int, keep_step: int) -> None:
+    """After every shard saved `keep_step`: remove older states of the ranks >= `shards` (left by the layout
+    a resharded run was saved with before)."""
+    for step, ranks in _state_files(run_dir).items():
+        if step < keep_step:
+            for rank, path in ranks.items():
+                if rank >= shards:
+                    path.unlink(missing_ok=True)
+
+
 def refuse_incomplete_shard_states(run_dir: Path, shards: int) -> None:
     """Raise a CheckpointError naming the shard states missing at the newest saved step (resume found no step
     with the states of all `shards` shards)."""
-    steps: dict[int, set[int]] = {}
-    for p in (run_dir / STATE_DIR).glob("rank*-step*.pt"):
-        if m := re.fullmatch(r"rank(\d+)-step(\d+)\.pt", p.name):
-            steps.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    newest = max(steps)
-    missing = [f"rank{r}-step{newest:09d}.pt" for r in range(shards) if r not in steps[newest]]
+    files = _state_files(run_dir)
+    newest = max(files)
+    missing = [f"rank{r}-step{newest:09d}.pt" for r in range(shards) if r not in files[newest]]
     raise CheckpointError(
         f"{run_dir / STATE_DIR}: no step has the trainer states of all {shards} latent shards (the newest, "
-        f"step {newest}, lacks {', '.join(missing)}); restore the missing shard states, or resume with the "
-        "--shard_latents the run was saved with"
+        f"step {newest}, lacks {', '.join(missing)}); restore the missing shard states (resuming, also with "
+        "another --shard_latents, needs every shard's state)"
     )

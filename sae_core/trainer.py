@@ -54,7 +54,14 @@ from .errors import CheckpointError, ConfigError
 from .finetune import start_from
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .kernels import encoder_compute_dtype
-from .latent_shards import ShardedSae, all_shards_agree, make_layout, refuse_incomplete_shard_states
+from .latent_shards import (
+    ShardedSae,
+    ShardLayout,
+    all_shards_agree,
+    make_layout,
+    prune_other_layouts,
+    read_shard_state,
+)
 from .loggers import Logger, Profiler, Progress, run_loggers
 from .models import (
     hidden_size,
@@ -634,6 +641,8 @@ class SaeTrainer:
         barrier(self.ctx)
         if writes_state:
             ckpt.prune_states(self.run_dir, self._state_rank, self.step)
+            if self._state_rank == 0 and not self.distributed_layers:  # a resharded run: the old layout's
+                prune_other_layouts(self.run_dir, self.shards.shards if self.shards else 1, self.step)
         profile = self.profiler.run_info(self.ctx)  # with cfg.profile a collective: every rank joins
         scales = (
             gather_objects(self.input_scales, self.ctx) if self.distributed_layers else [self.input_scales]
@@ -732,30 +741,24 @@ class SaeTrainer:
                     "or choose another --run_name / --save_dir (nothing was overwritten)"
                 )
             return
-        writers = ckpt.state_writers(self.ctx.world_size, self.distributed_layers)
-        if self.shards is not None:
-            writers = self.shards.shards
-        step = ckpt.latest_complete_step(self.run_dir, writers)
-        if step is None:
-            if ckpt.has_state(self.run_dir) and self.shards is not None:
-                refuse_incomplete_shard_states(self.run_dir, self.shards.shards)
-            if ckpt.has_state(self.run_dir):
+        if not ckpt.has_state(self.run_dir):
+            raise ConfigError(f"nothing to resume: {self.run_dir / ckpt.STATE_DIR} holds no trainer state")
+        if self.distributed_layers:
+            step = ckpt.latest_complete_step(self.run_dir, self.ctx.world_size)
+            if step is None:
                 raise ConfigError(
                     f"{self.run_dir}: the trainer states there were written by a different number of "
                     "ranks or mode; resume with the same world size, --distribute_layers and "
                     "--shard_latents settings as the original run"
                 )
-            raise ConfigError(f"nothing to resume: {self.run_dir / ckpt.STATE_DIR} holds no trainer state")
-        reader = self._state_rank if self.distributed_layers or self.shards else 0
-        path = ckpt.state_path(self.run_dir, reader, step)
-        state = ckpt.load_state(path)
-        saved_shards = json.loads(state["config"]).get("shard_latents", 1)
-        if saved_shards != self.cfg.shard_latents:
-            raise ConfigError(
-                f"{path}: the run was saved with --shard_latents {saved_shards}; resume it with "
-                f"--shard_latents {saved_shards} on a multiple of {saved_shards} ranks "
-                f"(now {self.cfg.shard_latents}; resharding a checkpoint is not supported)"
-            )
+            path = ckpt.state_path(self.run_dir, self._state_rank, step)
+            state = ckpt.load_state(path)
+        else:
+            # This shard's state (one process and data parallel: the whole SAEs', shard 0 of 1), cut from
+            # the saved shards' states when the run was saved with another --shard_latents.
+            names = [name for name, _ in next(iter(self.saes.values())).named_parameters()]
+            layout = self.shards or ShardLayout()
+            path, state = read_shard_state(self.run_dir, layout, self.ctx.world_size, names)
         ckpt.check_resumable(
             path,
             state,

@@ -7,19 +7,29 @@ writes what was compared to the JSON file given as the last argument.
 
     torchrun --nproc_per_node 2 latent_shard_worker.py steps ties wide_k OUT.json   # 1 replica x 2 shards
     torchrun --nproc_per_node 4 latent_shard_worker.py replicas OUT.json             # 2 replicas x 2 shards
+
+The `trainers` scenario (2 ranks) runs SaeTrainers with 2 shards in the folder of OUT.json, whose `cache`
+the test wrote, for the test to compare with unsharded runs (`trainer_config` is shared with it); `twin`
+(4 ranks) trains the run the CLI test launches (TWIN) without the CLI, for its resumed run to equal.
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from sae_core import SaeConfig
+from sae_core import SaeConfig, SaeTrainer, TrainConfig
+from sae_core.cache import ActivationCache
 from sae_core.distributed import init_distributed
+from sae_core.errors import ConfigError
 from sae_core.latent_shards import ShardedSae, make_layout
 from sae_core.optim import SaeOptimizer
 from sae_core.sae import Sae
+from sae_core.sweep import SweepTrainer
+from tests.support.tiny import tiny_model
+from tests.support.training import Tok, token_data
 
 D_IN, SHARDS = 8, 2
 ALPHA = 1 / 32
@@ -170,6 +180,87 @@ def scenario_wide_k(layout):
     assert ((ref.latent_acts > 0).sum(1) < cfg.k).all(), "fewer positive latents than k on every token"
 
 
+# ---------------------------------------------------------------------------------------- trainers
+STOP_AT = 3  # the step interrupted runs stop at (a checkpoint: save_every 3)
+SWEEP = ["expansion_factor=2,4"]
+
+
+def trainer_config(save_dir: Path, run_name: str, shards: int = 1, **kw) -> TrainConfig:
+    """The runs of the `trainers` scenario: 8 steps of 4 sequences (2 hookpoints, 128 latents, AuxK with the
+    latents dead after 51 tokens), a checkpoint every 3 steps."""
+    return TrainConfig(
+        SaeConfig(expansion_factor=4, k=4),
+        batch_size=4,
+        lr_warmup_steps=2,
+        lr=1e-3,  # as tests.support.training.COMMON: rank counts add sums in other orders
+        layers=[0, 2],
+        max_tokens=8 * 4 * 16,
+        save_every=3,
+        save_dir=str(save_dir),
+        run_name=run_name,
+        shard_latents=shards,
+        **kw,
+    )
+
+
+def live_trainer(cfg: TrainConfig, resume: bool = False) -> SaeTrainer:
+    return SaeTrainer(cfg, token_data(), tiny_model(), tokenizer=Tok(), resume=resume, progress=False)
+
+
+def scenario_trainers(work: Path):
+    """With 2 shards: from the cache, a whole run and one stopped at STOP_AT and resumed; resharding 1 -> 2
+    (the unsharded run the test stopped in `sharded/up`); a live run with Adam stopped for the test to resume
+    with 1 shard (2 -> 1); a sweep from the cache."""
+    cache = ActivationCache(work / "cache")
+    runs = work / "sharded"
+
+    def cached(run_name: str, resume: bool = False, **kw) -> SaeTrainer:
+        return SaeTrainer(trainer_config(runs, run_name, 2, **kw), cache, None, resume=resume, progress=False)
+
+    cached("full").fit()
+    cached("part").fit(max_steps=STOP_AT)
+    cached("part", resume=True).fit()
+    cached("up", resume=True).fit()
+    live_trainer(trainer_config(runs, "stopped", 2, optimizer="adam")).fit(max_steps=STOP_AT)
+    sweep = SweepTrainer(trainer_config(runs, "sweep", 2), cache, None, sweep=SWEEP, progress=False)
+    assert all(t.shards is sweep.trainers[0].shards for t in sweep.trainers), "the variants share one mesh"
+    sweep.fit()
+    try:  # a variant whose latents the shards do not divide: refused, naming it
+        SweepTrainer(trainer_config(runs, "odd", 2), cache, None, sweep=["num_latents=64,63"], progress=False)
+    except ConfigError as e:
+        assert str(e).startswith(
+            "sweep variant num_latents63: --shard_latents 2 does not divide the SAE's 63"
+        ), e
+        checks["refused_variant"] = 1
+
+
+# The CLI test's run: 2 replicas x 2 shards from the cache, 32 steps of 2 x 2 sequences.
+TWIN = {
+    "expansion_factor": 4,
+    "k": 4,
+    "batch_size": 2,
+    "lr_warmup_steps": 2,
+    "lr": 1e-3,
+    "save_every": 3,
+    "log_every": 1,
+    "shard_latents": 2,
+}
+
+
+def twin_flags() -> list[str]:
+    return [flag for name, value in TWIN.items() for flag in (f"--{name}", str(value))]
+
+
+def twin_config(save_dir: Path, **overrides) -> TrainConfig:
+    settings = {**TWIN, **overrides}
+    sae = SaeConfig(expansion_factor=settings.pop("expansion_factor"), k=settings.pop("k"))
+    return TrainConfig(sae, save_dir=str(save_dir), run_name="r", **settings)
+
+
+def scenario_twin(work: Path):
+    SaeTrainer(twin_config(work / "twin"), ActivationCache(work / "cache"), None, progress=False).fit()
+
+
 def main():
     *scenarios, out_path = sys.argv[1:]
     ctx = init_distributed("cpu", "gloo")
@@ -183,6 +274,10 @@ def main():
             scenario_wide_k(layout)
         elif name == "replicas":
             scenario_steps(layout, replica_batches=True)
+        elif name == "trainers":
+            scenario_trainers(Path(out_path).parent)
+        elif name == "twin":
+            scenario_twin(Path(out_path).parent)
         else:
             raise SystemExit(f"unknown scenario {name}")
     all_checks = [None] * ctx.world_size
