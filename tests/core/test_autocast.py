@@ -64,7 +64,7 @@ def test_autocast_bf16_equals_compute_dtype_bf16_and_differs_from_fp32(sae_and_b
     assert autocast[0].fvu.item() != fp32[0].fvu.item()
     assert not torch.equal(autocast[1]["encoder.weight"], fp32[1]["encoder.weight"])
     # The decode and the losses stay in the parameters' dtype, as with compute_dtype.
-    assert {t.dtype for t in autocast[0] if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in autocast[0] if t is not None and t.is_floating_point()} == {torch.float32}
     assert {g.dtype for g in autocast[1].values()} == {torch.float32}
 
 
