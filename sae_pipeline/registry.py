@@ -10,6 +10,8 @@
         train: {expansion_factor: 8, k: 32, max_tokens: 20000}   # any `python -m sae_core` option
         eval: {max_tokens: 4096}
         thresholds: {max_fvu: 0.5, max_dead_pct: 50, max_delta_ce: 1.0, max_kl: 1.0}   # blocking checks
+        cache: false                # true: train from the cached_activations asset (written once, reused)
+        cache_dtype: bfloat16       # storage dtype of that cache: float16, bfloat16 or float32
 
 Everything is validated when the file is read, so a typo fails at the sensor tick or at the start of a step
 with a message that names the file, the entry and the field, rather than an hour into training. Whether a
@@ -22,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -64,7 +66,7 @@ RESERVED_TRAIN_OPTIONS = {
     "shuffle_seed": "the entry's `shuffle_seed`",
     "hf_token": "the HF_TOKEN environment variable (a token must never be written to the registry)",
     # The assets read one SAE per hookpoint from the run folder, trained from the tokenized dataset.
-    "activations": "the pipeline (it trains from the tokenized dataset; no activation cache asset yet)",
+    "activations": "the pipeline (set `cache: true` on the entry to train from the cached_activations asset)",
     "sweep": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
     "init_seeds": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
 }
@@ -125,6 +127,9 @@ NonNegativeLimit = Annotated[
     Annotated[float, Field(strict=True, ge=0)] | None, _must_be("a non-negative number or null")
 ]
 PositiveSetting = Annotated[Annotated[int, Field(strict=True, gt=0)] | None, _must_be("a positive integer")]
+CacheDtype = Annotated[
+    Literal["float16", "bfloat16", "float32"], _must_be("one of float16, bfloat16, float32")
+]
 
 
 class _Strict(BaseModel):
@@ -171,6 +176,8 @@ class ModelEntry(_Strict):
     train: Annotated[dict[str, Any], Field(strict=True), _must_be("a dict")] = {}
     eval: EvalSettings = EvalSettings()
     thresholds: Thresholds = Thresholds()
+    cache: Annotated[bool, Field(strict=True), _must_be("true or false")] = False
+    cache_dtype: CacheDtype = "bfloat16"
 
     @model_validator(mode="before")
     @classmethod

@@ -10,8 +10,13 @@ for failures that may pass (a rank killed, a collective timeout: sae_pipeline.re
 slot of the `gpu` concurrency pool while it runs. A finished run is kept as `stride-<s>.previous`
 and training starts over (the retraining schedule); `restart: true` in the run config also discards an
 unfinished one.
+
+An entry with `cache: true` trains from its partition's activation cache (`--activations`, see
+assets/activations.py), reused when it matches and written first when it does not; an unfinished run is not
+resumed on a cache that was written again (other activations).
 """
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +28,7 @@ from ..launcher import PipesLauncher
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..retries import TRAINING_RETRY_POLICY
+from .activations import cache_dir, cached_activations, ensure_cache
 from .common import fail_step_on_bad_input, partition_of, registry_entry
 from .tokenized import tokenized_dataset
 
@@ -38,14 +44,19 @@ class TrainingConfig(dg.Config):
 
 @dg.asset(
     partitions_def=model_stride_partitions,
-    deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
+    # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping) for the tokenized dataset.
+    deps=[tokenized_dataset, cached_activations],
     group_name="sae",
     kinds={"pytorch"},
     pool=GPU_POOL,
     retry_policy=TRAINING_RETRY_POLICY,
     # A new model's strides are trained once its tokenized dataset exists (the train_new_models sensor);
     # partitions that existed when automation was turned on, and retokenized data, are left to the schedule.
-    automation_condition=dg.AutomationCondition.on_missing(),
+    # The activation cache, which only `cache: true` entries have, never holds training back: this step
+    # writes it when missing.
+    automation_condition=dg.AutomationCondition.on_missing().ignore(
+        dg.AssetSelection.assets(cached_activations)
+    ),
     output_required=False,  # a stride the registry entry leaves out ends without a materialization
     description="SAEs on every stride-th layer, trained by torchrun (sae_core) on the tokenized dataset; "
     "<root>/runs/<model>/stride-<s>/<hookpoint>/{cfg.json,sae.safetensors}, run.json, metrics.jsonl.",
@@ -77,8 +88,21 @@ def sae_checkpoints(
     with fail_step_on_bad_input("launcher resource", also=(ValueError,)):
         launcher.check()
     run_dir = artefacts.run_dir(key.model, key.stride)
-    with artefacts.exclusive(run_dir):
-        resume = prepare_run_dir(run_dir, restart=config.restart, log=context.log)
+    with artefacts.exclusive(run_dir), contextlib.ExitStack() as holding:
+        cache = None
+        if entry.cache:
+            # Held while training reads it: a cached_activations materialization cannot swap it meanwhile.
+            holding.enter_context(artefacts.exclusive(cache_dir(artefacts, key.model, key.stride)))
+            max_tokens = config.max_tokens or entry.train.get("max_tokens")
+            cache = ensure_cache(context, entry, key, artefacts, launcher, max_tokens)
+            if not cache.reused:
+                context.log_event(
+                    dg.AssetMaterialization(
+                        cached_activations.key, partition=context.partition_key, metadata=cache.metadata()
+                    )
+                )
+        fresh_cache = cache is not None and not cache.reused
+        resume = prepare_run_dir(run_dir, restart=config.restart or fresh_cache, log=context.log)
         args = [
             entry.model,
             str(data),
@@ -99,6 +123,7 @@ def sae_checkpoints(
             "--run_name",
             run_dir.name,
             *(["--resume"] if resume else []),
+            *(["--activations", str(cache.path)] if cache is not None else []),
         ]
         invocation = launcher.run(
             context=context,
@@ -109,6 +134,7 @@ def sae_checkpoints(
                 "resumed": resume,
                 "nproc_per_node": launcher.nproc_per_node,
                 "nnodes": launcher.nnodes,
+                **({"activations": str(cache.path), "cache_reused": cache.reused} if cache else {}),
             },
         )
         # Only what rank 0 reported: an implicit materialization would hide a rank 0 that said nothing.
