@@ -12,6 +12,8 @@
         thresholds: {max_fvu: 0.5, max_dead_pct: 50, max_delta_ce: 1.0, max_kl: 1.0}   # blocking checks
         cache: false                # true: train from the cached_activations asset (written once, reused)
         cache_dtype: bfloat16       # storage dtype of that cache: float16, bfloat16 or float32
+        sweep: [k=16,32]            # one-pass sweep: every combination is a variant (same syntax as --sweep)
+        init_seeds: [0, 1]          # ... and every seed (sparsify's name)
 
 Everything is validated when the file is read, so a typo fails at the sensor tick or at the start of a step
 with a message that names the file, the entry and the field, rather than an hour into training. Whether a
@@ -67,8 +69,8 @@ RESERVED_TRAIN_OPTIONS = {
     "hf_token": "the HF_TOKEN environment variable (a token must never be written to the registry)",
     # The assets read one SAE per hookpoint from the run folder, trained from the tokenized dataset.
     "activations": "the pipeline (set `cache: true` on the entry to train from the cached_activations asset)",
-    "sweep": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
-    "init_seeds": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
+    "sweep": "the entry's `sweep` (evaluation and publishing take every variant)",
+    "init_seeds": "the entry's `init_seeds` (evaluation and publishing take every variant)",
 }
 MODEL_HINT = "a Hub id, a local folder, or smollm2-135m"
 
@@ -178,6 +180,16 @@ class ModelEntry(_Strict):
     thresholds: Thresholds = Thresholds()
     cache: Annotated[bool, Field(strict=True), _must_be("true or false")] = False
     cache_dtype: CacheDtype = "bfloat16"
+    sweep: Annotated[
+        tuple[Annotated[str, Field(strict=True)], ...] | None,
+        _must_be("a list of 'field=value,value' strings"),
+        BeforeValidator(_a_list),
+    ] = None
+    init_seeds: Annotated[
+        tuple[Annotated[int, Field(strict=True)], ...] | None,
+        _must_be("a list of integers"),
+        BeforeValidator(_a_list),
+    ] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -211,6 +223,23 @@ class ModelEntry(_Strict):
     def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         _check_train_options(options)
         return dict(options)
+
+    @model_validator(mode="after")
+    def _sweep_variants(self) -> "ModelEntry":
+        """Every variant of the sweep must be valid with the entry's training options (sae_core's check)."""
+        if self.sweep or self.init_seeds:
+            from sae_core.sweep import check_sweep
+
+            try:
+                check_sweep(_run_config(self.train), self.sweep or (), self.init_seeds or ())
+            except ConfigError as e:
+                raise _invalid(f"sweep: {e}") from None
+        return self
+
+    def sweep_args(self) -> list[str]:
+        """The entry's sweep as `python -m sae_core` flags ([] without one)."""
+        args = ["--sweep", *self.sweep] if self.sweep else []
+        return args + (["--init_seeds", *map(str, self.init_seeds)] if self.init_seeds else [])
 
     def train_args(self) -> list[str]:
         """The entry's training options as `python -m sae_core` flags (the pipeline adds model, data,
@@ -249,10 +278,15 @@ def _check_train_options(options: dict[str, Any]) -> None:
         if key not in sae_fields | run_fields:
             raise _invalid(f"train: {_unknown_key(key, sae_fields | run_fields)}")
     try:
-        sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
-        RunConfig(sae=sae, **{k: v for k, v in options.items() if k in run_fields})
+        _run_config(options)
     except (ConfigError, TypeError) as e:
         raise _invalid(f"train: {e}") from None
+
+
+def _run_config(options: dict[str, Any]) -> RunConfig:
+    sae_fields = {f.name for f in fields(SaeConfig)}
+    sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
+    return RunConfig(sae=sae, **{k: v for k, v in options.items() if k not in sae_fields})
 
 
 def _unknown_key(key: Any, known: set[str]) -> str:

@@ -116,6 +116,7 @@ def sae_checkpoints(
             "--shuffle_seed",
             "none",
             *entry.train_args(),
+            *entry.sweep_args(),  # a sweep: every variant in one pass, each in <run_dir>/<variant>/
             # A repeated flag: argparse keeps the last value, so the run config wins over the registry.
             *(["--max_tokens", str(config.max_tokens)] if config.max_tokens else []),
             "--save_dir",
@@ -153,7 +154,9 @@ def prepare_run_dir(run_dir: Path, *, restart: bool, log) -> bool:
 
     if not run_dir.exists():
         return False
-    if not has_state(run_dir):
+    # A sweep's folder holds one run per variant (<variant>/run.json, <variant>/trainer_state/).
+    runs = [run_dir, *(p for p in run_dir.iterdir() if p.is_dir())]
+    if not any(has_state(run) for run in runs):
         # Leftovers of a run that died before its first checkpoint (a metrics.jsonl, empty folders): start
         # clean.
         shutil.rmtree(run_dir)
@@ -171,6 +174,12 @@ def prepare_run_dir(run_dir: Path, *, restart: bool, log) -> bool:
 
 
 def _is_finished(run_dir: Path) -> bool:
+    """Whether the run (or every variant of a sweep) trained to its last step."""
+    if not (run_dir / "run.json").exists():
+        variants = [
+            p for p in run_dir.iterdir() if (p / "trainer_state").is_dir() or (p / "run.json").exists()
+        ]
+        return bool(variants) and all(_is_finished(v) for v in variants)
     try:
         info = json.loads((run_dir / "run.json").read_text())
         return int(info["steps"]) >= int(info["total_steps"])
