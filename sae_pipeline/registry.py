@@ -12,7 +12,7 @@
         thresholds: {max_fvu: 0.5, max_dead_pct: 50, max_delta_ce: 1.0, max_kl: 1.0}   # blocking checks
         cache: false                # true: train from the cached_activations asset (written once, reused)
         cache_dtype: bfloat16       # storage dtype of that cache: float16, bfloat16 or float32
-        sweep: [k=16,32]            # one-pass sweep: every combination is a variant (same syntax as --sweep)
+        sweep: ["k=16,32"]          # one-pass sweep: every combination is a variant (same syntax as --sweep)
         init_seeds: [0, 1]          # ... and every seed (sparsify's name)
 
 Everything is validated when the file is read, so a typo fails at the sensor tick or at the start of a step
@@ -182,7 +182,7 @@ class ModelEntry(_Strict):
     cache_dtype: CacheDtype = "bfloat16"
     sweep: Annotated[
         tuple[Annotated[str, Field(strict=True)], ...] | None,
-        _must_be("a list of 'field=value,value' strings"),
+        _must_be("a list of 'field=value,value' strings (quote each in YAML)"),
         BeforeValidator(_a_list),
     ] = None
     init_seeds: Annotated[
@@ -227,6 +227,12 @@ class ModelEntry(_Strict):
     @model_validator(mode="after")
     def _sweep_variants(self) -> "ModelEntry":
         """Every variant of the sweep must be valid with the entry's training options (sae_core's check)."""
+        bare = [item for item in self.sweep or () if "=" not in item]
+        if bare:  # YAML's [k=16,32] is two items, 'k=16' and '32'
+            raise _invalid(
+                f"sweep item {bare[0]!r} is not field=value,value: quote each item in YAML, e.g. "
+                'sweep: ["k=16,32"]'
+            )
         if self.sweep or self.init_seeds:
             from sae_core.sweep import check_sweep
 

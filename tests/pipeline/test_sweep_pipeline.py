@@ -74,6 +74,7 @@ def test_a_sweep_folder_resumes_when_a_variant_is_unfinished_and_starts_over_whe
     [
         ({"sweep": "k=4,8"}, "`sweep` must be a list, got 'k=4,8'"),
         ({"sweep": ["q=1"]}, "sweep: --sweep: 'q' cannot be swept; choose from k, "),
+        ({"sweep": ["k=16", "32"]}, "sweep item '32' is not field=value,value: quote each item in YAML"),
         ({"init_seeds": [0, "a"]}, "`init_seeds` must be a list of integers, got [0, 'a']"),
         ({"init_seeds": [1, 1]}, "sweep: --init_seeds repeats a value: [1, 1]"),
         ({"train": {"sweep": ["k=4"]}}, "train.sweep is set by the entry's `sweep`"),
