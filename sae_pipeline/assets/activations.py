@@ -2,11 +2,12 @@
 `python -m sae_core.cache` in ranks of the `launcher` resource, and reused by every training that asks for it.
 
 Only registry entries with `cache: true` have one; for the others the asset ends without a materialization
-(the idiom of an optional asset: `output_required=False`). It is not part of any job: Dagster skips every step
-downstream of an asset that did not materialize in the same run, so putting it in front of `sae_checkpoints`
-in the training job would stop the training of every entry without a cache. Instead `sae_checkpoints` of a
-`cache: true` entry calls `ensure_cache` itself (the same code, the same launcher), and the asset is there to
-write or refresh a cache ahead of training, and to show it: lineage, tokens, disk, whether it was reused.
+(the idiom of an optional asset: `output_required=False`). It is in no job and is not an upstream of
+`sae_checkpoints`: Dagster skips every step downstream of an asset that did not materialize in the same run,
+so in front of `sae_checkpoints` it would stop the training of every entry without a cache (and automation
+would wait for it). Instead `sae_checkpoints` of a `cache: true` entry calls `ensure_cache` itself (the same
+code, the same launcher), and the asset is there to write or refresh a cache ahead of training, and to show
+it: tokens, disk, whether it was reused.
 
     <root>/activations/<model>/stride-<s>/     manifest.json, pipeline.json, <hookpoint>/shard-*.safetensors
 

@@ -44,19 +44,14 @@ class TrainingConfig(dg.Config):
 
 @dg.asset(
     partitions_def=model_stride_partitions,
-    # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping) for the tokenized dataset.
-    deps=[tokenized_dataset, cached_activations],
+    deps=[tokenized_dataset],  # Dagster maps model x stride -> model (MultiToSingleDimensionPartitionMapping)
     group_name="sae",
     kinds={"pytorch"},
     pool=GPU_POOL,
     retry_policy=TRAINING_RETRY_POLICY,
     # A new model's strides are trained once its tokenized dataset exists (the train_new_models sensor);
     # partitions that existed when automation was turned on, and retokenized data, are left to the schedule.
-    # The activation cache, which only `cache: true` entries have, never holds training back: this step
-    # writes it when missing.
-    automation_condition=dg.AutomationCondition.on_missing().ignore(
-        dg.AssetSelection.assets(cached_activations)
-    ),
+    automation_condition=dg.AutomationCondition.on_missing(),
     output_required=False,  # a stride the registry entry leaves out ends without a materialization
     description="SAEs on every stride-th layer, trained by torchrun (sae_core) on the tokenized dataset; "
     "<root>/runs/<model>/stride-<s>/<hookpoint>/{cfg.json,sae.safetensors}, run.json, metrics.jsonl.",

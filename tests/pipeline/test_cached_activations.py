@@ -41,8 +41,8 @@ def test_the_cache_is_written_in_launched_ranks_trained_from_reused_and_rewritte
     cache = root / "activations" / MODEL / "stride-2"
     run_json = root / "runs" / MODEL / "stride-2" / "run.json"
 
-    # One run: the cache asset writes the cache in 2 torchrun ranks, training reads it (no LM forward).
-    first = materialize([cached_activations, sae_checkpoints], PARTITION, trained.instance, resources)
+    # The cache asset writes the cache in 2 torchrun ranks; training reads it (no LM forward).
+    first = materialize([cached_activations], PARTITION, trained.instance, resources)
     assert first.success, failure_text(first)
     meta = metadata_of(first, "cached_activations")
     assert meta["path"] == str(cache) and meta["reused"] is False and meta["reason"] == "no cache yet"
@@ -52,7 +52,9 @@ def test_the_cache_is_written_in_launched_ranks_trained_from_reused_and_rewritte
     assert meta["tokens"] == manifest["tokens"] > 0 and meta["disk_bytes"] > 0
     logs = [r.user_message for r in trained.instance.all_logs(first.run_id) if r.user_message]
     assert any("-m sae_pipeline.cache_entry" in m and "--nproc-per-node 2" in m for m in logs)
-    meta = metadata_of(first, "sae_checkpoints")
+    train = materialize([sae_checkpoints], PARTITION, trained.instance, resources)
+    assert train.success, failure_text(train)
+    meta = metadata_of(train, "sae_checkpoints")
     assert meta["activations"] == str(cache) and meta["cache_reused"] is True and meta["world_size"] == 2
     run = json.loads(run_json.read_text())
     assert run["config"]["activations"] == str(cache) and run["steps"] > 0
