@@ -72,7 +72,9 @@ def train(argv: list[str], pipes: Any | None) -> None:
         if progress is not None:
             progress.flush()
     if pipes is not None:
-        pipes.report_asset_materialization(metadata=run_metadata(run_dir, final))
+        variants = sweep_variants(run_dir)
+        metadata = sweep_metadata(run_dir, variants, final) if variants else run_metadata(run_dir, final)
+        pipes.report_asset_materialization(metadata=metadata)
 
 
 def _parse(argv: list[str], parse_run_config: Any) -> Any:
@@ -116,6 +118,43 @@ def run_metadata(run_dir: Path, final: dict[str, float] | None = None) -> dict[s
             metadata[f"fvu/{h}"] = float(fvu[h])
         if dead[h] is not None:
             metadata[f"dead_pct/{h}"] = float(dead[h])
+    return metadata
+
+
+def sweep_variants(run_dir: Path) -> list[Path]:
+    """The variant folders of a sweep's run folder (each a run with its run.json); [] for one run.
+    (sae_core.sweep.sweep_variants, which this module cannot import: it loads torch.)"""
+    if not run_dir.is_dir() or (run_dir / "run.json").exists():
+        return []
+    return sorted(p for p in run_dir.iterdir() if (p / "run.json").is_file())
+
+
+def sweep_metadata(run_dir: Path, variants: list[Path], final: Any) -> dict[str, Any]:
+    """Materialization metadata of a finished sweep: the shared numbers, and each variant's per hookpoint
+    (`fvu/<variant>/<hookpoint>`), with the worst over all variants."""
+    first = run_metadata(variants[0], (final or {}).get(variants[0].name))
+    metadata = {k: first[k] for k in ("tokens", "steps", "wall_time_s", "world_size", "hookpoints")}
+    metadata["path"] = {"type": "path", "raw_value": str(run_dir)}
+    metadata["variants"] = {"type": "json", "raw_value": [v.name for v in variants]}
+    rows = ["| variant | FVU mean | FVU max | dead % max |", "|---|---|---|---|"]
+    fvu_max, dead_max = [], []
+    for variant in variants:
+        each = run_metadata(variant, (final or {}).get(variant.name))
+        rows.append(
+            f"| `{variant.name}` | {_fmt(each.get('fvu_mean'))} | {_fmt(each.get('fvu_max'))} "
+            f"| {_fmt(each.get('dead_pct_max'))} |"
+        )
+        fvu_max += [each["fvu_max"]] if "fvu_max" in each else []
+        dead_max += [each["dead_pct_max"]] if "dead_pct_max" in each else []
+        for key, value in each.items():
+            if key.startswith(("fvu/", "dead_pct/")):
+                name, hookpoint = key.split("/", 1)
+                metadata[f"{name}/{variant.name}/{hookpoint}"] = value
+    metadata["final_metrics"] = {"type": "md", "raw_value": "\n".join(rows)}
+    if fvu_max:
+        metadata["fvu_max"] = max(fvu_max)
+    if dead_max:
+        metadata["dead_pct_max"] = max(dead_max)
     return metadata
 
 

@@ -10,6 +10,10 @@
         train: {expansion_factor: 8, k: 32, max_tokens: 20000}   # any `python -m sae_core` option
         eval: {max_tokens: 4096}
         thresholds: {max_fvu: 0.5, max_dead_pct: 50, max_delta_ce: 1.0, max_kl: 1.0}   # blocking checks
+        cache: false                # true: train from the cached_activations asset (written once, reused)
+        cache_dtype: bfloat16       # storage dtype of that cache: float16, bfloat16 or float32
+        sweep: ["k=16,32"]          # one-pass sweep: every combination is a variant (same syntax as --sweep)
+        init_seeds: [0, 1]          # ... and every seed (sparsify's name)
 
 Everything is validated when the file is read, so a typo fails at the sensor tick or at the start of a step
 with a message that names the file, the entry and the field, rather than an hour into training. Whether a
@@ -22,7 +26,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -64,9 +68,9 @@ RESERVED_TRAIN_OPTIONS = {
     "shuffle_seed": "the entry's `shuffle_seed`",
     "hf_token": "the HF_TOKEN environment variable (a token must never be written to the registry)",
     # The assets read one SAE per hookpoint from the run folder, trained from the tokenized dataset.
-    "activations": "the pipeline (it trains from the tokenized dataset; no activation cache asset yet)",
-    "sweep": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
-    "init_seeds": "the pipeline (one SAE configuration per entry; one-pass sweeps are a CLI feature)",
+    "activations": "the pipeline (set `cache: true` on the entry to train from the cached_activations asset)",
+    "sweep": "the entry's `sweep` (evaluation and publishing take every variant)",
+    "init_seeds": "the entry's `init_seeds` (evaluation and publishing take every variant)",
 }
 MODEL_HINT = "a Hub id, a local folder, or smollm2-135m"
 
@@ -125,6 +129,9 @@ NonNegativeLimit = Annotated[
     Annotated[float, Field(strict=True, ge=0)] | None, _must_be("a non-negative number or null")
 ]
 PositiveSetting = Annotated[Annotated[int, Field(strict=True, gt=0)] | None, _must_be("a positive integer")]
+CacheDtype = Annotated[
+    Literal["float16", "bfloat16", "float32"], _must_be("one of float16, bfloat16, float32")
+]
 
 
 class _Strict(BaseModel):
@@ -171,6 +178,18 @@ class ModelEntry(_Strict):
     train: Annotated[dict[str, Any], Field(strict=True), _must_be("a dict")] = {}
     eval: EvalSettings = EvalSettings()
     thresholds: Thresholds = Thresholds()
+    cache: Annotated[bool, Field(strict=True), _must_be("true or false")] = False
+    cache_dtype: CacheDtype = "bfloat16"
+    sweep: Annotated[
+        tuple[Annotated[str, Field(strict=True)], ...] | None,
+        _must_be("a list of 'field=value,value' strings (quote each in YAML)"),
+        BeforeValidator(_a_list),
+    ] = None
+    init_seeds: Annotated[
+        tuple[Annotated[int, Field(strict=True)], ...] | None,
+        _must_be("a list of integers"),
+        BeforeValidator(_a_list),
+    ] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -204,6 +223,29 @@ class ModelEntry(_Strict):
     def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         _check_train_options(options)
         return dict(options)
+
+    @model_validator(mode="after")
+    def _sweep_variants(self) -> "ModelEntry":
+        """Every variant of the sweep must be valid with the entry's training options (sae_core's check)."""
+        bare = [item for item in self.sweep or () if "=" not in item]
+        if bare:  # YAML's [k=16,32] is two items, 'k=16' and '32'
+            raise _invalid(
+                f"sweep item {bare[0]!r} is not field=value,value: quote each item in YAML, e.g. "
+                'sweep: ["k=16,32"]'
+            )
+        if self.sweep or self.init_seeds:
+            from sae_core.sweep import check_sweep
+
+            try:
+                check_sweep(_run_config(self.train), self.sweep or (), self.init_seeds or ())
+            except ConfigError as e:
+                raise _invalid(f"sweep: {e}") from None
+        return self
+
+    def sweep_args(self) -> list[str]:
+        """The entry's sweep as `python -m sae_core` flags ([] without one)."""
+        args = ["--sweep", *self.sweep] if self.sweep else []
+        return args + (["--init_seeds", *map(str, self.init_seeds)] if self.init_seeds else [])
 
     def train_args(self) -> list[str]:
         """The entry's training options as `python -m sae_core` flags (the pipeline adds model, data,
@@ -242,10 +284,15 @@ def _check_train_options(options: dict[str, Any]) -> None:
         if key not in sae_fields | run_fields:
             raise _invalid(f"train: {_unknown_key(key, sae_fields | run_fields)}")
     try:
-        sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
-        RunConfig(sae=sae, **{k: v for k, v in options.items() if k in run_fields})
+        _run_config(options)
     except (ConfigError, TypeError) as e:
         raise _invalid(f"train: {e}") from None
+
+
+def _run_config(options: dict[str, Any]) -> RunConfig:
+    sae_fields = {f.name for f in fields(SaeConfig)}
+    sae = SaeConfig(**{k: v for k, v in options.items() if k in sae_fields})
+    return RunConfig(sae=sae, **{k: v for k, v in options.items() if k not in sae_fields})
 
 
 def _unknown_key(key: Any, known: set[str]) -> str:

@@ -10,6 +10,7 @@ from sae_core.errors import SaeCoreError
 from sae_core.utils import replace_folder, staging_folder
 
 from ..partitions import ModelStride, PartitionKeyError, parse_model_stride
+from ..rank_entry import sweep_variants
 from ..registry import ModelEntry, RegistryError
 from ..resources import ArtefactStore, ModelRegistry
 
@@ -65,9 +66,10 @@ def model_and_stride(
 
 
 def trained_run_dir(artefacts: ArtefactStore, key: ModelStride) -> Path:
-    """The partition's run folder; a non-retried failure when no training has completed there."""
+    """The partition's run folder (one run, or a sweep's folder of variant runs); a non-retried failure when
+    no training has completed there."""
     run_dir = artefacts.run_dir(key.model, key.stride)
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / "run.json").is_file() and not sweep_variants(run_dir):
         raise dg.Failure(
             description=f"no trained SAEs in {run_dir}: materialize sae_checkpoints for this partition first",
             allow_retries=False,

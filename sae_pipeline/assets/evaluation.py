@@ -4,6 +4,7 @@ The evaluation runs in ranks of the `launcher` resource (sae_pipeline.eval_entry
 rank 0 sends the report back through Pipes, and the step turns it into metadata and check results.
 """
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from pydantic import Field
 from ..checks import quality_check_results, quality_check_specs
 from ..eval_entry import REPORT_MESSAGE_KEYS
 from ..launcher import PipesLauncher
-from ..partitions import model_stride_partitions
+from ..partitions import ModelStride, model_stride_partitions
+from ..rank_entry import sweep_variants
+from ..registry import ModelEntry
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..versions import EVALUATION_CODE_VERSION
 from .common import fail_step_on_bad_input, model_and_stride, staging_dir, swap_in, trained_run_dir
@@ -56,27 +59,20 @@ def sae_evaluation(
         launcher.check()
     target = artefacts.eval_dir(key.model, key.stride)
     staging = staging_dir(target)
+    variants = sweep_variants(run_dir)
     try:
         # `python -m sae_core.evaluate` on `eval_nproc` ranks of the launcher, on whatever devices they have:
         # the step itself never loads the model. Bad input fails the launch (not retried), quoting the error.
-        invocation = launcher.run(
-            context=context,
-            module=launcher.eval_entry_module,
-            args=[
-                entry.model,
-                str(run_dir),
-                "--max_tokens",
-                str(config.max_tokens or entry.eval.max_tokens),
-                "--batch_size",
-                str(config.batch_size or entry.eval.batch_size),
-                "--out",
-                str(staging),
-            ],
-            nproc=launcher.eval_nproc,
-            what="evaluation",
-            extras={"model": key.model, "stride": key.stride},
-        )
-        report, markdown = _reported(invocation)
+        if variants:  # a sweep: every variant, each into <eval>/<variant>/, and their union at the top
+            parts = {
+                v.name: _evaluate(context, launcher, entry, config, key, v, staging / v.name)
+                for v in variants
+            }
+            report, markdown = _sweep_report(parts)
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (staging / "report.md").write_text(markdown + "\n")
+        else:
+            report, markdown = _evaluate(context, launcher, entry, config, key, run_dir, staging)
         swap_in(staging, target)  # publishing never sees half a report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -86,6 +82,50 @@ def sae_evaluation(
         metadata=evaluation_metadata(report, target, markdown),
         check_results=quality_check_results(report, entry.thresholds),
     )
+
+
+def _evaluate(
+    context: dg.AssetExecutionContext,
+    launcher: PipesLauncher,
+    entry: ModelEntry,
+    config: EvaluationConfig,
+    key: ModelStride,
+    run_dir: Path,
+    out: Path,
+) -> tuple[dict[str, Any], str]:
+    """One run folder evaluated in launched ranks into `out`: report.json's content and report.md's."""
+    invocation = launcher.run(
+        context=context,
+        module=launcher.eval_entry_module,
+        args=[
+            entry.model,
+            str(run_dir),
+            "--max_tokens",
+            str(config.max_tokens or entry.eval.max_tokens),
+            "--batch_size",
+            str(config.batch_size or entry.eval.batch_size),
+            "--out",
+            str(out),
+        ],
+        nproc=launcher.eval_nproc,
+        what="evaluation",
+        extras={"model": key.model, "stride": key.stride},
+    )
+    return _reported(invocation)
+
+
+def _sweep_report(parts: dict[str, tuple[dict[str, Any], str]]) -> tuple[dict[str, Any], str]:
+    """The variants' reports as one: a hookpoint per variant and hookpoint (`<variant>/<hookpoint>`), so the
+    quality checks judge the worst SAE of every variant and name it."""
+    first = next(iter(parts.values()))[0]
+    report = {
+        "settings": {**first.get("settings", {}), "variants": list(parts)},
+        "hookpoints": {
+            f"{v}/{h}": m for v, (r, _) in parts.items() for h, m in r.get("hookpoints", {}).items()
+        },
+    }
+    markdown = "\n\n".join(f"## {v}\n\n{md}" for v, (_, md) in parts.items())
+    return report, markdown
 
 
 def _reported(invocation: dg.PipesClientCompletedInvocation) -> tuple[dict[str, Any], str]:
@@ -116,8 +156,9 @@ def evaluation_metadata(report: dict[str, Any], folder: Path, table: str) -> dic
             metadata[f"{metric}_worst"] = float(worst)
     # The plots stay files in the evaluation folder: their paths go into the event log, not the images (a few
     # hundred kB of base64 per materialization would bloat every query of the asset's history).
-    for plot in sorted(folder.glob("*.png")):
-        metadata[f"plot/{plot.stem}"] = dg.MetadataValue.path(str(plot))
+    for plot in sorted([*folder.glob("*.png"), *folder.glob("*/*.png")]):  # a sweep: <variant>/*.png
+        name = plot.stem if plot.parent == folder else f"{plot.parent.name}/{plot.stem}"
+        metadata[f"plot/{name}"] = dg.MetadataValue.path(str(plot))
     return metadata
 
 

@@ -4,12 +4,14 @@ folder."""
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from ..checks import failed_checks, quality_check_results
-from ..partitions import model_stride_partitions
+from ..partitions import ModelStride, model_stride_partitions
+from ..rank_entry import sweep_variants
 from ..resources import ArtefactStore, HubPublisher, ModelRegistry
 from ..retries import PUBLISHING_RETRY_POLICY
 from ..versions import PUBLISHING_CODE_VERSION
@@ -69,6 +71,75 @@ def published_saes(
     # ValueError: the hub resource's repo_template, which no retry can fix.
     with fail_step_on_bad_input("hub resource", also=(ValueError,)):
         repo_id = config.repo_id or hub.repo_id(key.model, key.stride)
+    # A sweep publishes every variant to a repo (or folder) of its own, `<repo>-<variant>`: one repo per SAE
+    # configuration, as EleutherAI publishes them, so every loader finds the hookpoint folders at the root.
+    variants = sweep_variants(run_dir)
+    local = artefacts.publish_dir(key.model, key.stride)
+    targets = [
+        (v, f"{repo_id}-{v.name}" if repo_id else None, local / v.name, eval_dir / v.name) for v in variants
+    ] or [(run_dir, repo_id, local, eval_dir)]
+    results = [
+        _publish_one(publish, context, hub, key, sae_dir, repo, folder, evals)
+        for sae_dir, repo, folder, evals in targets
+    ]
+    pruned = prune_previous_trainer_state(run_dir)
+    if pruned is not None:
+        context.log.info(f"removed {pruned}: the new run is published, the old run's optimizer state is done")
+    if variants:
+        metadata = _sweep_metadata(local, variants, results)
+    else:
+        metadata = _published_metadata(results[0])
+    if pruned is not None:
+        metadata["pruned"] = dg.MetadataValue.path(str(pruned))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _published_metadata(result: Any) -> dict[str, object]:
+    metadata: dict[str, object] = {
+        "revision": result.revision,
+        "url": dg.MetadataValue.url(result.url),
+        "created_commit": result.created_commit,
+    }
+    if result.repo_id:
+        metadata["repo"] = result.repo_id
+    else:
+        metadata["path"] = dg.MetadataValue.path(str(result.local_dir))
+        metadata["card"] = dg.MetadataValue.path(str(result.local_dir / "README.md"))
+    return metadata
+
+
+def _sweep_metadata(local: Path, variants: list[Path], results: list[Any]) -> dict[str, object]:
+    """A sweep's publication: one row per variant (repo or folder, revision, new commit or not)."""
+    rows = [
+        {
+            "variant": v.name,
+            "where": r.repo_id or str(r.local_dir),
+            "url": r.url,
+            "revision": r.revision,
+            "created_commit": r.created_commit,
+        }
+        for v, r in zip(variants, results, strict=True)
+    ]
+    metadata: dict[str, object] = {
+        "variants": dg.MetadataValue.json(rows),
+        "created_commit": any(r.created_commit for r in results),
+    }
+    if not results[0].repo_id:
+        metadata["path"] = dg.MetadataValue.path(str(local))
+    return metadata
+
+
+def _publish_one(
+    publish: Any,
+    context: dg.AssetExecutionContext,
+    hub: HubPublisher,
+    key: ModelStride,
+    run_dir: Path,
+    repo_id: str | None,
+    local_dir: Path,
+    eval_dir: Path,
+) -> Any:
+    """One run folder published (sae_core.hub.publish); a failure says whether a retry may help."""
     # sae_core.hub's messages are one line and never hold the token. Bad input (HubError, a ValueError such as
     # an invalid repo id) is not retried; an OSError that may pass (no connection, a 5xx, rate limiting) is,
     # under the step's retry policy: the upload is one commit, so a retry never publishes half a run.
@@ -83,7 +154,7 @@ def published_saes(
                 commit_message=f"SAEs for {key.model}, stride {key.stride} "
                 f"(Dagster run {context.run.run_id})",
                 eval_dir=eval_dir,
-                local_dir=None if repo_id else artefacts.publish_dir(key.model, key.stride),
+                local_dir=None if repo_id else local_dir,
             )
     except OSError as error:
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -91,22 +162,7 @@ def published_saes(
             description=f"publishing {run_dir} failed: {message}", allow_retries=is_transient(error)
         ) from None
     context.log.info(result.describe())
-    pruned = prune_previous_trainer_state(run_dir)
-    if pruned is not None:
-        context.log.info(f"removed {pruned}: the new run is published, the old run's optimizer state is done")
-    metadata: dict[str, object] = {
-        "revision": result.revision,
-        "url": dg.MetadataValue.url(result.url),
-        "created_commit": result.created_commit,
-    }
-    if pruned is not None:
-        metadata["pruned"] = dg.MetadataValue.path(str(pruned))
-    if result.repo_id:
-        metadata["repo"] = result.repo_id
-    else:
-        metadata["path"] = dg.MetadataValue.path(str(result.local_dir))
-        metadata["card"] = dg.MetadataValue.path(str(result.local_dir / "README.md"))
-    return dg.MaterializeResult(metadata=metadata)
+    return result
 
 
 def is_transient(error: OSError) -> bool:
@@ -122,10 +178,14 @@ def is_transient(error: OSError) -> bool:
 
 def prune_previous_trainer_state(run_dir: Path) -> Path | None:
     """Delete the trainer state (optimizer moments, a few times the SAEs' size) of the run this partition's
-    retraining replaced, `stride-<s>.previous/trainer_state`, once the new run is published; its SAEs stay.
-    Returns the folder removed, if there was one."""
-    state = run_dir.with_name(run_dir.name + ".previous") / "trainer_state"
-    if not state.is_dir():
-        return None
-    shutil.rmtree(state)
-    return state
+    retraining replaced, `stride-<s>.previous/trainer_state` (a sweep's: `<variant>/trainer_state`), once the
+    new run is published; its SAEs stay. Returns the folder removed (a sweep's: its folder), if any."""
+    previous = run_dir.with_name(run_dir.name + ".previous")
+    state = previous / "trainer_state"
+    if state.is_dir():
+        shutil.rmtree(state)
+        return state
+    variant_states = [p for p in previous.glob("*/trainer_state") if p.is_dir()]
+    for folder in variant_states:
+        shutil.rmtree(folder)
+    return previous if variant_states else None

@@ -10,8 +10,13 @@ for failures that may pass (a rank killed, a collective timeout: sae_pipeline.re
 slot of the `gpu` concurrency pool while it runs. A finished run is kept as `stride-<s>.previous`
 and training starts over (the retraining schedule); `restart: true` in the run config also discards an
 unfinished one.
+
+An entry with `cache: true` trains from its partition's activation cache (`--activations`, see
+assets/activations.py), reused when it matches and written first when it does not; an unfinished run is not
+resumed on a cache that was written again (other activations).
 """
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +29,7 @@ from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..retries import TRAINING_RETRY_POLICY
 from ..versions import TRAINING_CODE_VERSION, checkpoint_data_version, with_data_version
+from .activations import cache_dir, cached_activations, ensure_cache
 from .common import fail_step_on_bad_input, partition_of, registry_entry
 from .tokenized import tokenized_dataset
 
@@ -79,8 +85,21 @@ def sae_checkpoints(
     with fail_step_on_bad_input("launcher resource", also=(ValueError,)):
         launcher.check()
     run_dir = artefacts.run_dir(key.model, key.stride)
-    with artefacts.exclusive(run_dir):
-        resume = prepare_run_dir(run_dir, restart=config.restart, log=context.log)
+    with artefacts.exclusive(run_dir), contextlib.ExitStack() as holding:
+        cache = None
+        if entry.cache:
+            # Held while training reads it: a cached_activations materialization cannot swap it meanwhile.
+            holding.enter_context(artefacts.exclusive(cache_dir(artefacts, key.model, key.stride)))
+            max_tokens = config.max_tokens or entry.train.get("max_tokens")
+            cache = ensure_cache(context, entry, key, artefacts, launcher, max_tokens)
+            if not cache.reused:
+                context.log_event(
+                    dg.AssetMaterialization(
+                        cached_activations.key, partition=context.partition_key, metadata=cache.metadata()
+                    )
+                )
+        fresh_cache = cache is not None and not cache.reused
+        resume = prepare_run_dir(run_dir, restart=config.restart or fresh_cache, log=context.log)
         args = [
             entry.model,
             str(data),
@@ -94,6 +113,7 @@ def sae_checkpoints(
             "--shuffle_seed",
             "none",
             *entry.train_args(),
+            *entry.sweep_args(),  # a sweep: every variant in one pass, each in <run_dir>/<variant>/
             # A repeated flag: argparse keeps the last value, so the run config wins over the registry.
             *(["--max_tokens", str(config.max_tokens)] if config.max_tokens else []),
             "--save_dir",
@@ -101,6 +121,7 @@ def sae_checkpoints(
             "--run_name",
             run_dir.name,
             *(["--resume"] if resume else []),
+            *(["--activations", str(cache.path)] if cache is not None else []),
         ]
         invocation = launcher.run(
             context=context,
@@ -111,6 +132,7 @@ def sae_checkpoints(
                 "resumed": resume,
                 "nproc_per_node": launcher.nproc_per_node,
                 "nnodes": launcher.nnodes,
+                **({"activations": str(cache.path), "cache_reused": cache.reused} if cache else {}),
             },
         )
         # Only what rank 0 reported: an implicit materialization would hide a rank 0 that said nothing.
@@ -131,7 +153,9 @@ def prepare_run_dir(run_dir: Path, *, restart: bool, log) -> bool:
 
     if not run_dir.exists():
         return False
-    if not has_state(run_dir):
+    # A sweep's folder holds one run per variant (<variant>/run.json, <variant>/trainer_state/).
+    runs = [run_dir, *(p for p in run_dir.iterdir() if p.is_dir())]
+    if not any(has_state(run) for run in runs):
         # Leftovers of a run that died before its first checkpoint (a metrics.jsonl, empty folders): start
         # clean.
         shutil.rmtree(run_dir)
@@ -149,6 +173,12 @@ def prepare_run_dir(run_dir: Path, *, restart: bool, log) -> bool:
 
 
 def _is_finished(run_dir: Path) -> bool:
+    """Whether the run (or every variant of a sweep) trained to its last step."""
+    if not (run_dir / "run.json").exists():
+        variants = [
+            p for p in run_dir.iterdir() if (p / "trainer_state").is_dir() or (p / "run.json").exists()
+        ]
+        return bool(variants) and all(_is_finished(v) for v in variants)
     try:
         info = json.loads((run_dir / "run.json").read_text())
         return int(info["steps"]) >= int(info["total_steps"])

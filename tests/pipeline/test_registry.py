@@ -58,10 +58,7 @@ def test_model_keys_are_derived_from_hub_ids_and_paths():
         ({"train": {"save_dir": "/elsewhere"}}, "train.save_dir is set by the artefact store"),
         ({"train": {"hf_token": "hf_x"}}, "HF_TOKEN"),
         ({"train": {"layer_stride": 2}}, "stride partition"),
-        (
-            {"train": {"sweep": ["k=16,32"]}},
-            "train.sweep is set by the pipeline (one SAE configuration per entry",
-        ),
+        ({"train": {"sweep": ["k=16,32"]}}, "train.sweep is set by the entry's `sweep`"),
         ({"train": {"activations": "/cache"}}, "train.activations is set by the pipeline"),
         ({"train": {"k": 0}}, "k must be a positive integer"),
         ({"train": {"expansion_factr": 4}}, "did you mean 'expansion_factor'?"),
