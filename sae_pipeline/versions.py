@@ -25,6 +25,7 @@ TRAINING_CODE_VERSION = "1"
 EVALUATION_CODE_VERSION = "1"
 PUBLISHING_CODE_VERSION = "1"
 DASHBOARDS_CODE_VERSION = "1"
+CACHE_CODE_VERSION = "1"
 
 # The files that make a trained SAE: another file in the run folder (metrics, trainer state) is not its data.
 _SAE_FILES = ("cfg.json", "sae.safetensors")
@@ -43,13 +44,19 @@ def tokenized_data_version(info: Mapping[str, Any]) -> dg.DataVersion:
 def checkpoint_data_version(run_dir: Path) -> dg.DataVersion:
     """The data version of a run folder: a hash over the names and bytes of its hookpoints' SAE files."""
     digest = hashlib.sha256()
-    for path in sorted(p for name in _SAE_FILES for p in run_dir.glob(f"*/{name}")):
+    # <hookpoint>/ files, or <variant>/<hookpoint>/ in a sweep's folder; never trainer state or staging.
+    files = (p for name in _SAE_FILES for p in run_dir.rglob(name))
+    for path in sorted(p for p in files if not _is_aside(p.relative_to(run_dir))):
         digest.update(str(path.relative_to(run_dir)).encode() + b"\0")
         with open(path, "rb") as file:
             while chunk := file.read(_CHUNK):
                 digest.update(chunk)
         digest.update(b"\0")
     return dg.DataVersion(digest.hexdigest()[:_HEX])
+
+
+def _is_aside(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "trainer_state" for part in relative.parts)
 
 
 def with_data_version(

@@ -34,6 +34,7 @@ from ..partitions import ModelStride, check_model_key, model_stride_partitions
 from ..registry import ModelEntry
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..retries import TRAINING_RETRY_POLICY
+from ..versions import CACHE_CODE_VERSION
 from .common import fail_step_on_bad_input, partition_of, registry_entry, swap_in
 from .tokenized import PIPELINE_INFO, tokenized_dataset
 
@@ -217,6 +218,7 @@ def ensure_cache(
     pool=GPU_POOL,  # the launched ranks run the LM
     retry_policy=TRAINING_RETRY_POLICY,
     output_required=False,  # entries without `cache: true` end without a materialization
+    code_version=CACHE_CODE_VERSION,
     description="The LM's activations at every stride-th layer (python -m sae_core.cache in ranks of the "
     "launcher), for registry entries with `cache: true`; reused while its settings match. "
     "<root>/activations/<model>/stride-<s>/{manifest.json,<hookpoint>/shard-*.safetensors}.",

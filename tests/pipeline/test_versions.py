@@ -83,3 +83,19 @@ def test_retokenizing_other_data_marks_the_trained_partitions_stale_and_the_same
             StaleStatus.STALE,
             [(AssetKeyPartitionKey(key, MODEL), "has a new data version")],
         )
+
+
+def test_a_sweeps_checkpoint_version_covers_its_variants_sae_files_and_nothing_else(tmp_path):
+    empty = checkpoint_data_version(tmp_path).value
+    sae = tmp_path / "k=16" / "layers.0"
+    sae.mkdir(parents=True)
+    (sae / "cfg.json").write_text("{}")
+    (sae / "sae.safetensors").write_bytes(b"weights")
+    version = checkpoint_data_version(tmp_path).value
+    assert version != empty
+    for aside in (tmp_path / "trainer_state" / "layers.0", tmp_path / ".k=16.tmp-x" / "layers.0"):
+        aside.mkdir(parents=True)
+        (aside / "sae.safetensors").write_bytes(b"other")
+    assert checkpoint_data_version(tmp_path).value == version
+    (sae / "sae.safetensors").write_bytes(b"retrained")
+    assert checkpoint_data_version(tmp_path).value != version
