@@ -4,6 +4,7 @@ Materialised on request (the UI's Materialize, or a job selecting it), not by au
 looking at the SAEs, and nothing downstream waits for it.
 """
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,32 @@ def latent_dashboards(
     artefacts: ArtefactStore,
 ) -> dg.MaterializeResult:
     from sae_core.dashboard import build_dashboards
+    from sae_core.sweep import sweep_variants
+    from sae_core.utils import atomic_write_bytes
 
     key, entry = model_and_stride(context, registry)
     run_dir = trained_run_dir(artefacts, key)
     target = artefacts.dashboard_dir(key.model, key.stride)
-    with fail_step_on_bad_input(f"dashboards of {run_dir} failed", also=(OSError,)):
-        records = build_dashboards(
-            entry.model,
-            str(run_dir),
-            latents=config.latents,
-            top_firing=None if config.latents else config.top_firing,
-            max_tokens=config.max_tokens or entry.eval.max_tokens,
-            out_dir=target,  # replaced as a whole once complete
-            overwrite=True,
+    # A sweep's folder: one site per variant, <target>/<variant>/, and an index page linking them.
+    variants = sweep_variants(run_dir)
+    records: dict[str, list[dict[str, Any]]] = {}
+    for folder in variants or [run_dir]:
+        out = target / folder.name if variants else target
+        with fail_step_on_bad_input(f"dashboards of {folder} failed", also=(OSError,)):
+            built = build_dashboards(
+                entry.model,
+                str(folder),
+                latents=config.latents,
+                top_firing=None if config.latents else config.top_firing,
+                max_tokens=config.max_tokens or entry.eval.max_tokens,
+                out_dir=out,  # replaced as a whole once complete
+                overwrite=True,
+            )
+        records.update({f"{folder.name}/{h}" if variants else h: r for h, r in built.items()})
+    if variants:
+        links = "".join(f'<li><a href="{v.name}/index.html">{html.escape(v.name)}</a></li>' for v in variants)
+        atomic_write_bytes(
+            target / "index.html", f"<!doctype html><title>sweep variants</title><ul>{links}</ul>\n".encode()
         )
     n = sum(len(r) for r in records.values())
     context.log.info(f"dashboards of {n} latents: {target / 'index.html'}")

@@ -8,7 +8,7 @@ import shutil
 import dagster as dg
 import pytest
 
-from sae_pipeline.assets import published_saes, sae_checkpoints, sae_evaluation
+from sae_pipeline.assets import latent_dashboards, published_saes, sae_checkpoints, sae_evaluation
 from sae_pipeline.assets.training import prepare_run_dir
 from sae_pipeline.registry import RegistryError, parse_entry
 from tests.support.pipeline import MODEL, PARTITION, failure_text, materialize, resources_for, write_registry
@@ -25,7 +25,11 @@ def test_a_sweep_is_trained_in_one_pass_evaluated_and_published_variant_by_varia
     registry = write_registry(tmp_path / "models.yaml", {**trained.entry, "sweep": ["k=4,8"]})
     resources = resources_for(root, registry)
     result = materialize(
-        [sae_checkpoints, sae_evaluation, published_saes], PARTITION, trained.instance, resources
+        [sae_checkpoints, sae_evaluation, published_saes, latent_dashboards],
+        PARTITION,
+        trained.instance,
+        resources,
+        run_config={"ops": {"latent_dashboards": {"config": {"top_firing": 3, "max_tokens": 256}}}},
     )
     assert result.success, failure_text(result)
 
@@ -54,6 +58,13 @@ def test_a_sweep_is_trained_in_one_pass_evaluated_and_published_variant_by_varia
         assert json.loads((folder / variant / "layers.2" / "cfg.json").read_text())["k"] == k
         card = (folder / variant / "README.md").read_text()
         assert "layers.0" in card and (folder / variant / "eval" / "report.json").is_file()
+
+    dashboards = metadata_of(result, "latent_dashboards")
+    site = root / "dashboards" / MODEL / "stride-2"
+    assert dashboards["latents"] == 2 * 2 * 3  # variants x hookpoints x top_firing
+    assert {r.data["hookpoint"] for r in dashboards["preview"].records} == set(rows)
+    assert 'href="k8/index.html"' in (site / "index.html").read_text()
+    assert (site / "k4" / "index.html").is_file() and (site / "k8" / "dashboard.json").is_file()
 
 
 @pytest.mark.parametrize(("finished", "resumes"), [(False, True), (True, False)])
