@@ -91,6 +91,7 @@ def render_model_card(
     license: str = "mit",
     secrets: Sequence[str] = (),
     dashboard: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    sweep: Sequence[Mapping[str, str]] = (),
 ) -> str:
     """Render README.md for a set of SAEs.
 
@@ -99,6 +100,7 @@ def render_model_card(
     report: eval report.json; report_md: report.md, used only when there is no report.json.
     plots: repo-relative paths of plot images (e.g. "eval/fvu.png"). secrets: strings that must never appear.
     dashboard: the summary rows of published latent dashboards (dashboard/dashboard.json), per hookpoint.
+    sweep: when these SAEs are one variant of a one-pass sweep, every variant: {"variant", "location"}.
     """
     run = run or {}
     names = sorted(hookpoints, key=natural_key)
@@ -129,6 +131,8 @@ def render_model_card(
         parts.append("## Plots\n\n" + "".join(f"![{_stem(p)}]({p})\n" for p in plots))
     if dashboard:
         parts.append(_dashboards(dashboard))
+    if sweep:
+        parts.append(_sweep(sweep, repo_id))
     if run.get("config"):
         parts.append(_config_table(run["config"], secrets))
     text = "\n".join(parts)
@@ -254,6 +258,20 @@ def _dashboards(dashboard: Mapping[str, Sequence[Mapping[str, Any]]], shown: int
         "(a static site: download the `dashboard/` folder and open it in a browser; the Hub shows HTML as "
         "source). The same data as JSON: `dashboard/<hookpoint>/<latent>.json`.\n\n"
         + _table(["hookpoint", "latents", "most frequent"], rows)
+    )
+
+
+def _sweep(variants: Sequence[Mapping[str, str]], repo_id: str | None) -> str:
+    rows = []
+    for v in variants:
+        where = v["location"]
+        here = where == repo_id
+        link = f"[{where}](https://huggingface.co/{where})" if hub_id_or_none(where) and not here else where
+        rows.append([v["variant"], f"{link} (this one)" if here else link])
+    return (
+        "## The sweep\n\nThese SAEs are one variant of a sweep trained in one pass over the same tokens "
+        "(`--sweep`/`--init_seeds`; the variant's settings are in its name); each variant is published on "
+        "its own:\n\n" + _table(["variant", "published at"], rows)
     )
 
 

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class _Bundle:
     report_md: str | None = None
     plots: list[str] = field(default_factory=list)
     dashboard: dict[str, list[dict[str, Any]]] | None = None  # dashboard.json's summary rows per hookpoint
+    sweep: list[dict[str, str]] = field(default_factory=list)  # the sweep's variants: {variant, location}
 
     def card(self, repo_id: str | None, license: str, secrets: list[str]) -> bytes:
         return render_model_card(
@@ -90,6 +92,7 @@ class _Bundle:
             report_md=self.report_md,
             plots=self.plots,
             dashboard=self.dashboard,
+            sweep=self.sweep,
             license=license,
             secrets=secrets,
         ).encode()
@@ -183,6 +186,7 @@ def publish(
     local_dir: str | os.PathLike[str] | None = None,
     license: str = "mit",
     dashboard_dir: str | os.PathLike[str] | None = None,
+    sweep: Sequence[Mapping[str, str]] = (),
 ) -> PublishResult:
     """Publish the SAEs of `run_dir` with a model card, to the Hub repo `repo_id` or, if None, to `local_dir`.
 
@@ -198,6 +202,8 @@ def publish(
 
     token: defaults to HF_TOKEN (or the `hf auth login` token).
     endpoint: defaults to HF_ENDPOINT / huggingface.co.
+    sweep: when run_dir is one variant of a sweep, every variant as {"variant", "location"} (a repo id or a
+    folder): the card lists them, so a reader of one finds the others.
     """
     run_dir = Path(run_dir)
     bundle = _gather(
@@ -205,6 +211,7 @@ def publish(
         Path(eval_dir) if eval_dir is not None else None,
         Path(dashboard_dir) if dashboard_dir is not None else None,
     )
+    bundle.sweep = [{"variant": str(v["variant"]), "location": str(v["location"])} for v in sweep]
     if repo_id is None:
         if local_dir is None:
             raise HubError("nowhere to publish: pass a Hub repo_id, or local_dir to write a folder")

@@ -78,8 +78,10 @@ def published_saes(
     targets = [
         (v, f"{repo_id}-{v.name}" if repo_id else None, local / v.name, eval_dir / v.name) for v in variants
     ] or [(run_dir, repo_id, local, eval_dir)]
+    # Each variant's card lists where every variant went.
+    sweep = [{"variant": v.name, "location": repo or str(out)} for v, repo, out, _ in targets if variants]
     results = [
-        _publish_one(publish, context, hub, key, sae_dir, repo, folder, evals)
+        _publish_one(publish, context, hub, key, sae_dir, repo, folder, evals, sweep)
         for sae_dir, repo, folder, evals in targets
     ]
     pruned = prune_previous_trainer_state(run_dir)
@@ -138,6 +140,7 @@ def _publish_one(
     repo_id: str | None,
     local_dir: Path,
     eval_dir: Path,
+    sweep: list[dict[str, str]],
 ) -> Any:
     """One run folder published (sae_core.hub.publish); a failure says whether a retry may help."""
     # sae_core.hub's messages are one line and never hold the token. Bad input (HubError, a ValueError such as
@@ -155,6 +158,7 @@ def _publish_one(
                 f"(Dagster run {context.run.run_id})",
                 eval_dir=eval_dir,
                 local_dir=None if repo_id else local_dir,
+                sweep=sweep,
             )
     except OSError as error:
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -630,6 +630,15 @@ def test_card_without_report_or_hub_ids_says_less():
     }
 
 
+def test_a_sweep_variants_card_links_the_other_variants_and_marks_its_own():
+    sweep = [{"variant": "k4", "location": "org/sae-k4"}, {"variant": "k8", "location": "org/sae-k8"}]
+    hookpoints = {"layers.1": {"d_in": 16, "num_latents": 64, "k": 4}}
+    card = render_model_card(repo_id="org/sae-k4", hookpoints=hookpoints, sweep=sweep)
+    assert "## The sweep" in card and "| k4 | org/sae-k4 (this one) |" in card
+    assert "| k8 | [org/sae-k8](https://huggingface.co/org/sae-k8) |" in card
+    assert "## The sweep" not in render_model_card(repo_id="org/sae-k4", hookpoints=hookpoints)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The command line
 

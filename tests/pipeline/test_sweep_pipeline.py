@@ -58,6 +58,8 @@ def test_a_sweep_is_trained_in_one_pass_evaluated_and_published_variant_by_varia
         assert json.loads((folder / variant / "layers.2" / "cfg.json").read_text())["k"] == k
         card = (folder / variant / "README.md").read_text()
         assert "layers.0" in card and (folder / variant / "eval" / "report.json").is_file()
+        assert "## The sweep" in card and f"{folder / variant} (this one)" in card
+        assert str(folder / ("k8" if variant == "k4" else "k4")) in card  # and where the other one is
 
     dashboards = metadata_of(result, "latent_dashboards")
     site = root / "dashboards" / MODEL / "stride-2"
