@@ -43,20 +43,24 @@ def tokenized_data_version(info: Mapping[str, Any]) -> dg.DataVersion:
 
 def checkpoint_data_version(run_dir: Path) -> dg.DataVersion:
     """The data version of a run folder: a hash over the names and bytes of its hookpoints' SAE files."""
+    from sae_core.models import list_hookpoints
+    from sae_core.sweep import sweep_variants
+
     digest = hashlib.sha256()
-    # <hookpoint>/ files, or <variant>/<hookpoint>/ in a sweep's folder; never trainer state or staging.
-    files = (p for name in _SAE_FILES for p in run_dir.rglob(name))
-    for path in sorted(p for p in files if not _is_aside(p.relative_to(run_dir))):
-        digest.update(str(path.relative_to(run_dir)).encode() + b"\0")
-        with open(path, "rb") as file:
-            while chunk := file.read(_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
+    # The hookpoint folders sae_core loads (of every variant, in a sweep's folder): never trainer state, best/
+    # copies or hidden staging folders.
+    for folder in sweep_variants(run_dir) or [run_dir]:
+        for hookpoint in list_hookpoints(folder):
+            for name in _SAE_FILES:
+                path = folder / hookpoint / name
+                if not path.is_file():
+                    continue
+                digest.update(str(path.relative_to(run_dir)).encode() + b"\0")
+                with open(path, "rb") as file:
+                    while chunk := file.read(_CHUNK):
+                        digest.update(chunk)
+                digest.update(b"\0")
     return dg.DataVersion(digest.hexdigest()[:_HEX])
-
-
-def _is_aside(relative: Path) -> bool:
-    return any(part.startswith(".") or part == "trainer_state" for part in relative.parts)
 
 
 def with_data_version(

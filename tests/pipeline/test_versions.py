@@ -89,12 +89,17 @@ def test_a_sweeps_checkpoint_version_covers_its_variants_sae_files_and_nothing_e
     empty = checkpoint_data_version(tmp_path).value
     sae = tmp_path / "k=16" / "layers.0"
     sae.mkdir(parents=True)
+    (tmp_path / "k=16" / "run.json").write_text("{}")  # what makes a folder a sweep's variant
     (sae / "cfg.json").write_text("{}")
     (sae / "sae.safetensors").write_bytes(b"weights")
     version = checkpoint_data_version(tmp_path).value
     assert version != empty
-    for aside in (tmp_path / "trainer_state" / "layers.0", tmp_path / ".k=16.tmp-x" / "layers.0"):
+    variant = tmp_path / "k=16"
+    (variant / "trainer_state").mkdir()
+    (variant / "trainer_state" / "rank0-step10.pt").write_bytes(b"optimizer state")
+    for aside in (variant / "best" / "layers.0", variant / ".layers.0.tmp-x"):
         aside.mkdir(parents=True)
+        (aside / "cfg.json").write_text("{}")
         (aside / "sae.safetensors").write_bytes(b"other")
     assert checkpoint_data_version(tmp_path).value == version
     (sae / "sae.safetensors").write_bytes(b"retrained")
