@@ -72,6 +72,8 @@ def train(argv: list[str], pipes: Any | None) -> None:
         if progress is not None:
             progress.flush()
     if pipes is not None:
+        from sae_core.sweep import sweep_variants  # sae_core is loaded by now: no cost
+
         variants = sweep_variants(run_dir)
         metadata = sweep_metadata(run_dir, variants, final) if variants else run_metadata(run_dir, final)
         pipes.report_asset_materialization(metadata=metadata)
@@ -119,14 +121,6 @@ def run_metadata(run_dir: Path, final: dict[str, float] | None = None) -> dict[s
         if dead[h] is not None:
             metadata[f"dead_pct/{h}"] = float(dead[h])
     return metadata
-
-
-def sweep_variants(run_dir: Path) -> list[Path]:
-    """The variant folders of a sweep's run folder (each a run with its run.json); [] for one run.
-    (sae_core.sweep.sweep_variants, which this module cannot import: it loads torch.)"""
-    if not run_dir.is_dir() or (run_dir / "run.json").exists():
-        return []
-    return sorted(p for p in run_dir.iterdir() if (p / "run.json").is_file())
 
 
 def sweep_metadata(run_dir: Path, variants: list[Path], final: Any) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from pathlib import Path
 import dagster as dg
 
 from sae_core.errors import SaeCoreError
+from sae_core.sweep import sweep_variants
 from sae_core.utils import replace_folder, staging_folder
 
 from ..partitions import ModelStride, PartitionKeyError, parse_model_stride
-from ..rank_entry import sweep_variants
 from ..registry import ModelEntry, RegistryError
 from ..resources import ArtefactStore, ModelRegistry
 

@@ -11,6 +11,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from sae_core.sweep import sweep_variants
+
 from ..partitions import model_stride_partitions
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..versions import DASHBOARDS_CODE_VERSION
@@ -49,7 +51,6 @@ def latent_dashboards(
     artefacts: ArtefactStore,
 ) -> dg.MaterializeResult:
     from sae_core.dashboard import build_dashboards
-    from sae_core.sweep import sweep_variants
     from sae_core.utils import atomic_write_bytes
 
     key, entry = model_and_stride(context, registry)
@@ -72,7 +73,8 @@ def latent_dashboards(
             )
         records.update({f"{folder.name}/{h}" if variants else h: r for h, r in built.items()})
     if variants:
-        links = "".join(f'<li><a href="{v.name}/index.html">{html.escape(v.name)}</a></li>' for v in variants)
+        names = [html.escape(v.name) for v in variants]
+        links = "".join(f'<li><a href="{n}/index.html">{n}</a></li>' for n in names)
         atomic_write_bytes(
             target / "index.html", f"<!doctype html><title>sweep variants</title><ul>{links}</ul>\n".encode()
         )

@@ -12,11 +12,12 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from sae_core.sweep import sweep_variants
+
 from ..checks import quality_check_results, quality_check_specs
 from ..eval_entry import REPORT_MESSAGE_KEYS
 from ..launcher import PipesLauncher
 from ..partitions import ModelStride, model_stride_partitions
-from ..rank_entry import sweep_variants
 from ..registry import ModelEntry
 from ..resources import GPU_POOL, ArtefactStore, ModelRegistry
 from ..versions import EVALUATION_CODE_VERSION

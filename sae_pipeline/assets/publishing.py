@@ -9,9 +9,10 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from sae_core.sweep import sweep_variants
+
 from ..checks import failed_checks, quality_check_results
 from ..partitions import ModelStride, model_stride_partitions
-from ..rank_entry import sweep_variants
 from ..resources import ArtefactStore, HubPublisher, ModelRegistry
 from ..retries import PUBLISHING_RETRY_POLICY
 from ..versions import PUBLISHING_CODE_VERSION
