@@ -2,16 +2,19 @@
 
 from .config import SaeConfig, TrainConfig
 from .errors import ConfigError, SaeCoreError, SaeLoadError
-from .sae import ForwardOutput, Sae
 from .version import __version__
+
+# Imported when first asked for (`from sae_core import Sae` works as usual): torch takes seconds to import,
+# the trainer pulls in transformers and datasets, and the pipeline's Dagster processes import sae_core.config
+# and sae_core.errors without needing either.
+_LAZY = {"Sae": ".sae", "ForwardOutput": ".sae", "SaeTrainer": ".trainer"}
 
 
 def __getattr__(name: str):
-    # The trainer pulls in transformers/datasets: import it only when asked for.
-    if name == "SaeTrainer":
-        from .trainer import SaeTrainer
+    if name in _LAZY:
+        import importlib
 
-        return SaeTrainer
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'sae_core' has no attribute {name!r}")
 
 

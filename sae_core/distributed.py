@@ -6,10 +6,7 @@ ranks ask the kernel to kill them when their parent (torchrun) dies, so a failur
 waiting forever.
 """
 
-import ctypes
 import os
-import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,21 +16,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import ConfigError
+from .parent_death import die_with_parent
 
 DEFAULT_TIMEOUT_S = 600
-_PR_SET_PDEATHSIG = 1
-
-
-def _find_prctl() -> Callable[..., int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        return None
-
-
-# Looked up once, at import: die_with_parent also runs in a forked child before exec, where loading a library
-# could deadlock on a lock another thread of the parent held.
-_PRCTL = _find_prctl()
 
 
 @dataclass(frozen=True)
@@ -87,20 +72,6 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
         timeout = timedelta(seconds=float(os.environ.get("SAE_CORE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         dist.init_process_group(backend, timeout=timeout, device_id=dev if use_cuda else None)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-
-
-def die_with_parent(parent: int | None = None, signum: int = signal.SIGTERM) -> bool:
-    """Ask the kernel to send this process `signum` when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG;
-    a no-op on systems without prctl). Returns whether the parent is still alive.
-
-    The signal only covers a death after this call, so a caller that may already be orphaned checks the
-    result. `parent` is the pid the caller expects (recorded before a fork, or before slow imports); without
-    it, having been re-parented to init (pid 1) means the parent is gone.
-    """
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signum)
-    ppid = os.getppid()
-    return ppid == parent if parent is not None else ppid != 1
 
 
 def all_reduce_sum(t: Tensor, ctx: DistContext) -> Tensor:

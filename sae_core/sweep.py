@@ -18,11 +18,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .activations import Batch
 from .config import SaeConfig, TrainConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # activations pulls in datasets and torch; the pipeline imports this module without them
+    from .activations import Batch
 
 # Field -> how its text value is read. SaeConfig fields and the training settings that do not change which
 # tokens a step sees.
@@ -107,9 +109,9 @@ class SharedBatches:
 
     def __init__(self, source: Any, keep: int):
         self.source, self.keep = source, keep
-        self.batches: dict[int, Batch] = {}
+        self.batches: dict[int, "Batch"] = {}
 
-    def batch(self, index: int) -> Batch:
+    def batch(self, index: int) -> "Batch":
         if index not in self.batches:
             while len(self.batches) >= self.keep:
                 del self.batches[min(self.batches)]  # the oldest first, before computing the new one

@@ -36,7 +36,7 @@ def main(
     """Run `train_fn(argv, pipes)` as a rank: `train` below by default (tests pass a cheap stand-in)."""
     train_fn = train_fn or train
     # Imported here, not at the top: it loads torch, and the module docstring promises a light import.
-    from sae_core.distributed import die_with_parent
+    from sae_core.parent_death import die_with_parent
 
     # SIGTERM this rank when torchrun dies, even when torchrun is SIGKILLed. Had it died already (during the
     # imports), this rank would now be a child of init.

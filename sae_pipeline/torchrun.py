@@ -37,7 +37,7 @@ import dagster as dg
 import psutil
 from pydantic import Field
 
-from sae_core.distributed import die_with_parent
+from sae_core.parent_death import die_with_parent
 
 from .launcher import PipesLauncher
 from .retries import diagnose_launch_failure
