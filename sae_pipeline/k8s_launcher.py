@@ -17,8 +17,8 @@ per-launch folder on the shared artefact volume (`<artefact root>/.launches/<run
 step reads once the pod has ended, and removes. `pod_failure`, a pure function of the pod as it was when the
 wait ended, the rank errors and the end of its log, makes the same dg.Failure(allow_retries=...) as
 TorchrunLauncher's: an eviction or other disruption (preemption, node drain), an OOM-killed container, a
-signal (exit code 128 + n), a vanished rank, a collective timeout, a pod still running when
-`pod_wait_timeout_s` ran out, or a pod never scheduled are retryable; a rank's own exception, or a container
+signal (exit code 128 + n), a vanished rank, a collective timeout, a pod stopped at its `max_runtime_s`, a pod
+never scheduled, or one dagster-k8s stopped waiting for are retryable; a rank's own exception, or a container
 that never started (a wrong image, a missing Secret), is not.
 """
 
@@ -127,8 +127,10 @@ class K8sLauncher(PipesLauncher):
     termination_grace_s: int = Field(
         default=60, gt=30, description="Grace period of a deleted pod (> torchrun's own 30 s)."
     )
-    pod_wait_timeout_s: float = Field(
-        default=86400.0, ge=0, description="Longest a pod may run once started (0: no limit)."
+    max_runtime_s: int | None = Field(
+        default=None,
+        gt=0,
+        description="Kubernetes stops a pod running longer, e.g. a hung collective (activeDeadlineSeconds).",
     )
     poll_interval_s: float = Field(default=10.0, gt=0, description="Seconds between pod status polls.")
     load_incluster_config: bool | None = Field(
@@ -179,6 +181,9 @@ class K8sLauncher(PipesLauncher):
         )
         env = {**rank_env(self.threads(nproc, training=module == self.entry_module), self.extra_env)}
         env[RANK_ERRORS_ENV] = launch_dir
+        # The time limit is the pod's own: dagster-k8s follows the log until the container ends, so its wait
+        # timeout only starts counting after that.
+        deadline = {"activeDeadlineSeconds": self.max_runtime_s} if self.max_runtime_s else {}
         manifest = torchrun_pod_manifest(
             image=self.image,
             command=command,
@@ -198,7 +203,7 @@ class K8sLauncher(PipesLauncher):
             service_account=self.service_account,
             owner=owner,
             container_overrides=self.container_overrides,
-            pod_overrides=self.pod_overrides,
+            pod_overrides={**deadline, **self.pod_overrides},
         )
         manifest["metadata"]["labels"][LAUNCH_LABEL] = label_value(Path(launch_dir).name)
         return manifest
@@ -287,7 +292,6 @@ class K8sLauncher(PipesLauncher):
                 namespace=namespace,
                 base_pod_meta=manifest["metadata"],
                 base_pod_spec=manifest["spec"],
-                pod_wait_timeout=self.pod_wait_timeout_s,
             )
         except Exception as error:
             if not client.ended:  # no pod outcome to look at: the API refused the pod, or something else
@@ -301,7 +305,6 @@ class K8sLauncher(PipesLauncher):
                 client.log_tail,
                 command,
                 what,
-                wait_timeout_s=self.pod_wait_timeout_s,
             ) from error
         finally:
             shutil.rmtree(launch_dir, ignore_errors=True)
@@ -334,21 +337,29 @@ def _pod_outcome_client_class() -> type:
                 with super().consume_pod_logs(context, client, namespace, pod_name, **kwargs):
                     yield
             except DagsterK8sError:
-                self.ended = True
-                self.pod, self.log_tail = _last_look(client, namespace, pod_name)
+                try:
+                    self.pod, self.log_tail = _last_look(client, namespace, pod_name)
+                    self.ended = True
+                except Exception:  # the API is out of reach too: the step fails with dagster-k8s's error
+                    context.log.warning(
+                        f"could not read pod {namespace}/{pod_name} after it failed", exc_info=True
+                    )
                 raise
 
     return PodOutcomeClient
 
 
 def _last_look(client: Any, namespace: str, pod_name: str) -> tuple[Any, list[str]]:
-    """The pod (None if it is gone) and the last lines of its log, but not Pipes messages."""
+    """The pod (None if it is gone) and the last lines of its log, but not Pipes messages; raises when the
+    API cannot say."""
     from kubernetes.client import ApiException
 
     try:
         pod = client.core_api.read_namespaced_pod(pod_name, namespace)
-    except ApiException:
-        return None, []
+    except ApiException as error:
+        if error.status == 404:
+            return None, []
+        raise
     try:
         logs = client.retrieve_pod_logs(pod_name, namespace, container_name=CONTAINER_NAME, tail_lines=200)
     except ApiException:
@@ -365,13 +376,11 @@ def pod_failure(
     log_tail: Sequence[str],
     command: Sequence[str],
     what: str = "training",
-    *,
-    wait_timeout_s: float | None = None,
 ) -> dg.Failure:
     """The step failure of a launch whose pod did not succeed: `pod` is the kubernetes V1Pod as it was when
     the wait for it ended (None: it was gone), `errors` the ranks' recorded tracebacks (earliest first),
     `log_tail` the end of the pod's log. The same dg.Failure as TorchrunLauncher's for the same cause."""
-    returncode, ended, diagnosis = pod_outcome(pod, wait_timeout_s)
+    returncode, ended, diagnosis = pod_outcome(pod)
     return launch_failure(returncode, command, errors, log_tail, what, ended=ended, diagnosis=diagnosis)
 
 
@@ -393,7 +402,7 @@ def api_failure(error: BaseException) -> dg.Failure | None:
     )
 
 
-def pod_outcome(pod: Any, wait_timeout_s: float | None = None) -> tuple[int | None, str, Diagnosis | None]:
+def pod_outcome(pod: Any) -> tuple[int | None, str, Diagnosis | None]:
     """(torchrun's returncode as subprocess would give it, or None; how the pod ended, in words; a diagnosis
     when the pod says more than the returncode and the rank errors can, else None)."""
     if pod is None:
@@ -445,8 +454,8 @@ def pod_outcome(pod: Any, wait_timeout_s: float | None = None) -> tuple[int | No
     if unschedulable is not None:
         why = f"the pod was never scheduled ({unschedulable.reason}: {_one_line(unschedulable.message)})"
         return None, f"the pod stayed {status.phase}", Diagnosis(True, why)
-    limit = f" within pod_wait_timeout_s={wait_timeout_s:.0f} s" if wait_timeout_s else ""
-    why = f"the pod did not end{limit} (a hung collective, or a slow node); a retry resumes the checkpoint"
+    # dagster-k8s gave up waiting (for a pod to start, or for a container to end after its log did).
+    why = f"the pod had not ended when dagster-k8s stopped waiting for it (phase {status.phase})"
     return None, f"the pod was still {status.phase}", Diagnosis(True, why)
 
 

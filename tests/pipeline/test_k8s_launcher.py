@@ -60,6 +60,7 @@ def gpu_launcher(**settings) -> K8sLauncher:
                 "resources": {"limits": {GPU_RESOURCE: 4, "cpu": "32", "memory": "200Gi"}}
             },
             "pod_overrides": {"nodeSelector": {"gpu": "h100"}},
+            "max_runtime_s": 7200,
             **settings,
         }
     )
@@ -141,6 +142,7 @@ def test_the_pod_runs_the_torchrun_command_on_its_gpus_with_the_pipes_environmen
     assert labels[LAUNCH_LABEL] == launch.launch_dir.name
     assert pod.metadata.namespace == "sae" and pod.spec.service_account_name == "sae-pipeline"
     assert pod.spec.node_selector == {"gpu": "h100"} and pod.spec.restart_policy == "Never"
+    assert pod.spec.active_deadline_seconds == 7200  # max_runtime_s: Kubernetes stops a hung launch
     assert pod.metadata.owner_references is None and "not in a run pod" in launch.no_owner
     assert TOKEN not in json.dumps(k8s.ApiClient().sanitize_for_serialization(pod))
 
@@ -156,6 +158,35 @@ def test_the_pod_is_owned_by_the_run_pod_only_in_the_run_pods_namespace(monkeypa
     # Kubernetes would take an owner in another namespace for a missing one and delete the pod at once.
     owner, why = gpu_launcher(namespace="gpu-jobs").owner("gpu-jobs")
     assert owner is None and why == "the run pod is in namespace 'sae', the training pod in 'gpu-jobs'"
+
+
+def test_the_launcher_takes_its_settings_from_run_config_as_in_the_launchpad():
+    seen = {}
+
+    @dg.asset
+    def launched(launcher: K8sLauncher):
+        seen["manifest"] = launcher.pod_manifest(
+            module=launcher.entry_module, args=[], nproc=2, run_id="r", step_key="s", launch_dir="/x/y"
+        )
+
+    config = {
+        "image": "img",
+        "artefact_root": ROOT,
+        "nproc_per_node": 2,
+        "container_overrides": {"resources": {"limits": {GPU_RESOURCE: 2, "cpu": "16"}}},
+        "pod_overrides": {"tolerations": [{"key": GPU_RESOURCE, "operator": "Exists"}]},
+        "max_runtime_s": 3600,
+    }
+    result = dg.materialize(
+        [launched],
+        resources={"launcher": K8sLauncher.configure_at_launch()},
+        run_config={"resources": {"launcher": {"config": config}}},
+    )
+    assert result.success
+    spec = seen["manifest"]["spec"]
+    assert spec["containers"][0]["resources"]["limits"] == {GPU_RESOURCE: 2, "cpu": "16"}
+    assert spec["tolerations"] == [{"key": GPU_RESOURCE, "operator": "Exists"}]
+    assert spec["activeDeadlineSeconds"] == 3600
 
 
 def test_evaluation_gets_its_own_rank_count_and_the_cpus_its_ranks_share():
@@ -329,12 +360,19 @@ def test_kubernetes_reasons_decide_over_the_exit_code():
     assert not pod_failure(no_secret, [], [], COMMAND).allow_retries
 
 
-def test_a_pod_still_running_unscheduled_or_gone_when_the_wait_ended_is_retryable():
-    hung = pod_failure(pod("Running", running=True), [], ["step 40 ..."], COMMAND, wait_timeout_s=7200)
+def test_a_pod_stopped_at_its_deadline_unscheduled_still_running_or_gone_is_retryable():
+    deadline = pod(
+        reason="DeadlineExceeded", message="Pod was active on the node longer than the specified deadline"
+    )
+    assert verdict(pod_failure(deadline, [], ["step 40 ..."], COMMAND)) == (
+        True,
+        "Kubernetes stopped the pod (DeadlineExceeded: Pod was active on the node longer than the specified "
+        "deadline)",
+    )
+    hung = pod_failure(pod("Running", running=True), [], ["step 40 ..."], COMMAND)
     assert verdict(hung) == (
         True,
-        "the pod did not end within pod_wait_timeout_s=7200 s (a hung collective, or a slow node); a retry "
-        "resumes the checkpoint",
+        "the pod had not ended when dagster-k8s stopped waiting for it (phase Running)",
     )
     assert hung.metadata["exit_code"].value == "unknown" and "step 40 ..." in hung.description
     pending = pod(
