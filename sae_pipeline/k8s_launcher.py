@@ -179,7 +179,7 @@ class K8sLauncher(PipesLauncher):
         command = torchrun_command(
             self.python_executable, nproc, module, args, single_node_rendezvous(self.master_port)
         )
-        env = {**rank_env(self.threads(nproc, training=module == self.entry_module), self.extra_env)}
+        env = rank_env(self.threads(nproc, training=module == self.entry_module), self.extra_env)
         env[RANK_ERRORS_ENV] = launch_dir
         # The time limit is the pod's own: dagster-k8s follows the log until the container ends, so its wait
         # timeout only starts counting after that.

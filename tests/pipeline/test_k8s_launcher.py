@@ -22,6 +22,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster_k8s.pipes import PipesK8sPodLogsMessageReader
 from dagster_pipes import decode_env_var
 from kubernetes import client as k8s
 
@@ -440,6 +441,7 @@ def run_the_container(context, session, pipes, launcher: K8sLauncher):
     process = subprocess.Popen(
         container.command, env={**image, **env}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
+    assert isinstance(pipes.message_reader, PipesK8sPodLogsMessageReader)  # PipesK8sClient's default reader
     log = ContainerLog(process)
     try:
         pipes.message_reader.consume_pod_logs(
