@@ -1,10 +1,9 @@
-"""Kubernetes, first stage: the pod that runs one launch (torchrun on N GPUs of one node), as a pure function.
+"""Kubernetes: the pod that runs one launch (torchrun on N GPUs of one node), as a pure function.
 
 `torchrun_pod_manifest` builds the Pod manifest (camelCase, as `kubectl apply` takes it) for a single-node
-multi-GPU launch; `check_gpu_limits` refuses a manifest whose container gets fewer GPUs than ranks. A launcher
-backend on a cluster (dagster-k8s's `PipesK8sClient`: `base_pod_meta=manifest["metadata"]`,
-`base_pod_spec=manifest["spec"]`) starts it; that backend is not written yet, since it can only be tested on
-a cluster. What the pod holds, and why:
+multi-GPU launch; `check_gpu_limits` refuses a manifest whose container gets fewer GPUs than ranks. The
+launcher backend sae_pipeline.k8s_launcher.K8sLauncher starts it through dagster-k8s's `PipesK8sClient`
+(`base_pod_meta=manifest["metadata"]`, `base_pod_spec=manifest["spec"]`). What the pod holds, and why:
 
 - `resources.limits["nvidia.com/gpu"] = nproc` (and the same request): one rank per GPU, all on this node.
 - the artefact root, a shared volume (a ReadWriteMany PersistentVolumeClaim), mounted at the same path as in

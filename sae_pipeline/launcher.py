@@ -6,9 +6,10 @@ resource to run a module on N ranks inside a Pipes session, and reads back what 
 Dagster's own workers never need a GPU, and where the ranks run is the launcher's business:
 
 - `TorchrunLauncher` (sae_pipeline.torchrun): torchrun on this machine, as a child of the step.
-- another backend (a Kubernetes pod, a Slurm job, ...): subclass `PipesLauncher`, implement `run` (and
-  `check` for settings it refuses), and give it as the `launcher` resource. sae_pipeline.k8s builds the pod
-  of a Kubernetes one.
+- `K8sLauncher` (sae_pipeline.k8s_launcher): one Kubernetes pod per launch, through dagster-k8s's
+  PipesK8sClient (the pod from sae_pipeline.k8s).
+- another backend (a Slurm job, ...): subclass `PipesLauncher`, implement `run` (and `check` for settings it
+  refuses), and give it as the `launcher` resource.
 
 What every backend owes the steps: each rank runs `python -m <module> <args>` with `extra_env`; rank 0 opens
 the Pipes session; a launch that fails raises dg.Failure saying which rank failed and whether a retry may help

@@ -1,5 +1,6 @@
-"""Resources: where artefacts live, which models exist, where SAEs are published; the launcher of the ranks
-(TorchrunLauncher, a PipesClient: sae_pipeline.torchrun) is re-exported here.
+"""Resources: where artefacts live, which models exist, where SAEs are published; the launchers of the ranks
+(PipesClients: TorchrunLauncher, sae_pipeline.torchrun; K8sLauncher, sae_pipeline.k8s_launcher) are
+re-exported here.
 
 Every artefact path is built here, from validated partition keys, under one root:
 
@@ -20,11 +21,12 @@ import dagster as dg
 from filelock import FileLock, Timeout
 from pydantic import Field
 
+from .k8s_launcher import K8sLauncher
 from .partitions import check_model_key
 from .registry import ModelEntry, Registry, load_registry, registry_path
 from .torchrun import TorchrunLauncher
 
-__all__ = ["GPU_POOL", "ArtefactStore", "HubPublisher", "ModelRegistry", "TorchrunLauncher"]
+__all__ = ["GPU_POOL", "ArtefactStore", "HubPublisher", "K8sLauncher", "ModelRegistry", "TorchrunLauncher"]
 
 ROOT_ENV = "SAE_PIPELINE_ROOT"
 # The concurrency pool of the steps that need the GPUs (training, evaluation). Its size is the instance's:

@@ -40,7 +40,7 @@ from pydantic import Field
 from sae_core.parent_death import die_with_parent
 
 from .launcher import PipesLauncher
-from .retries import diagnose_launch_failure
+from .retries import Diagnosis, diagnose_launch_failure
 
 RANK_ERRORS_ENV = "SAE_PIPELINE_RANK_ERRORS"
 _STDERR_TAIL_LINES = 40
@@ -90,11 +90,8 @@ class TorchrunLauncher(PipesLauncher):
         (default: nproc_per_node). Only training joins a multi-node rendezvous; other modules (evaluation)
         run on this node alone."""
         self.check()
-        nproc = nproc or self.nproc_per_node
-        cmd = [self.python_executable, "-m", "torch.distributed.run"]  # torchrun, with this Python
-        cmd += ["--nproc-per-node", str(nproc)]
         if module in (None, self.entry_module) and (self.nnodes > 1 or self.rdzv_endpoint):
-            cmd += [
+            rendezvous = [
                 "--nnodes",
                 str(self.nnodes),
                 "--rdzv-backend",
@@ -103,21 +100,26 @@ class TorchrunLauncher(PipesLauncher):
                 self.rdzv_id or run_id,
             ]
             if self.rdzv_endpoint:
-                cmd += ["--rdzv-endpoint", self.rdzv_endpoint]
+                rendezvous += ["--rdzv-endpoint", self.rdzv_endpoint]
             if self.node_rank is not None:
-                cmd += ["--node-rank", str(self.node_rank)]
+                rendezvous += ["--node-rank", str(self.node_rank)]
         else:
             # --standalone would pick a port too, but through a c10d store that prints a warning per rank;
             # a free port chosen here keeps two runs on one machine apart just as well.
-            cmd += ["--nnodes", "1", "--master-port", str(self.master_port or _free_port())]
-        return [*cmd, "-m", module or self.entry_module, *train_args]
+            rendezvous = single_node_rendezvous(self.master_port or _free_port())
+        return torchrun_command(
+            self.python_executable,
+            nproc or self.nproc_per_node,
+            module or self.entry_module,
+            train_args,
+            rendezvous,
+        )
 
     def env(self, nproc: int | None = None, *, training: bool = True) -> dict[str, str]:
         # omp_num_threads is sized for the training ranks; an evaluation on fewer ranks takes the cores they
         # leave (one rank on a 2-core machine: 2 threads, not the 1 each of 2 training ranks gets).
         fair = max(1, (os.cpu_count() or 1) // (nproc or self.nproc_per_node))
-        threads = (self.omp_num_threads if training else None) or fair
-        return {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
+        return rank_env((self.omp_num_threads if training else None) or fair, self.extra_env)
 
     def run(  # type: ignore[override]
         self,
@@ -149,6 +151,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_command(
+    python_executable: str, nproc: int, module: str, args: Sequence[str], rendezvous: Sequence[str]
+) -> list[str]:
+    """`python -m torch.distributed.run --nproc-per-node <nproc> <rendezvous> -m <module> <args>`: torchrun
+    with a given Python, the command line of every launcher backend."""
+    torchrun = [python_executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    return [*torchrun, *rendezvous, "-m", module, *args]
+
+
+def single_node_rendezvous(master_port: int) -> list[str]:
+    """The torchrun options of a launch on one node, its rendezvous on `master_port`."""
+    return ["--nnodes", "1", "--master-port", str(master_port)]
+
+
+def rank_env(omp_num_threads: int | None, extra_env: Mapping[str, str]) -> dict[str, str]:
+    """The environment every rank gets on top of its machine's: OMP threads (left to torchrun when None: it
+    sets 1 per rank), no tokenizer threads (a rank forks data workers), then the user's extra_env."""
+    env = {"OMP_NUM_THREADS": str(omp_num_threads)} if omp_num_threads else {}
+    return {**env, "TOKENIZERS_PARALLELISM": "false", **extra_env}
 
 
 def _run_in_pipes_session(
@@ -345,23 +368,43 @@ def rank_errors(error_dir: Path) -> list[tuple[int, str]]:
 def _launch_failure(
     returncode: int, command: Sequence[str], error_dir: Path, stderr_tail: list[str], what: str = "training"
 ) -> dg.Failure:
-    errors = rank_errors(error_dir)
-    diagnosis = diagnose_launch_failure(returncode, errors, stderr_tail)
-    how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+    return launch_failure(returncode, command, rank_errors(error_dir), stderr_tail, what)
+
+
+def launch_failure(
+    returncode: int | None,
+    command: Sequence[str],
+    errors: Sequence[tuple[int, str]],
+    stderr_tail: Sequence[str],
+    what: str = "training",
+    *,
+    ended: str | None = None,
+    diagnosis: Diagnosis | None = None,
+) -> dg.Failure:
+    """The step failure of a launch whose torchrun ended with `returncode` (negative: killed by that signal),
+    given the ranks' recorded `errors` (earliest first) and the end of its output. A backend that knows more
+    (a pod's OOMKilled, an eviction) passes its own `diagnosis` and says how the launch `ended`; it may not
+    know the returncode (None: the pod was evicted before its container ended)."""
+    if diagnosis is None or ended is None:
+        if returncode is None:
+            raise ValueError("launch_failure: without a returncode, pass the diagnosis and how it ended")
+        diagnosis = diagnosis or diagnose_launch_failure(returncode, errors, stderr_tail)
+        how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        ended = ended or f"torchrun ended with {how}"
     if errors:
         rank, text = errors[0]
         others = [r for r, _ in errors[1:]]
         also = f" (ranks {others} failed after it)" if others else ""
-        description = f"{what} failed: rank {rank} raised{also}; torchrun ended with {how}.\n\n"
+        description = f"{what} failed: rank {rank} raised{also}; {ended}.\n\n"
         description += text.rstrip()
     else:
         rank, text = None, "\n".join(stderr_tail)
-        description = f"torchrun ended with {how} before any rank reported an error; its last output:\n\n"
+        description = f"{ended} before any rank reported an error; its last output:\n\n"
         description += text
     retry = "retryable" if diagnosis.retryable else "not retried"
     description = f"{diagnosis.reason} ({retry}).\n{description}"
     metadata: dict[str, Any] = {
-        "exit_code": returncode,
+        "exit_code": returncode if returncode is not None else "unknown",
         "failed_rank": rank if rank is not None else "unknown",
         "retryable": diagnosis.retryable,
         "diagnosis": diagnosis.reason,
