@@ -193,6 +193,56 @@ def test_topk_encode_forward_and_backward_match_torch(compute_dtype):
         torch.testing.assert_close(got[name], ref[name], **TOL[torch.float32], msg=name)
 
 
+def encode_decode_results(fused: bool, leaves, k, dead, k_aux, compute_dtype, weights):
+    """Outputs and gradients of encode + decode (+ AuxK's decode) under a loss weighing each output and each
+    latent's activation by its index (so that the order of the selections does not matter)."""
+    x, w_enc, b_enc, w_dec = (t.detach().clone().requires_grad_() for t in leaves)
+    up, up_aux, per_latent, per_aux_latent = weights
+    if fused:
+        step = tk.encode_decode(x, w_enc, b_enc, w_dec, k, dead, k_aux, compute_dtype)
+        out, acts, idx, aux_out, aux_acts, aux_idx = step
+    else:
+        enc = kernels.topk_encode(x, w_enc, b_enc, k, dead.nonzero().squeeze(1), k_aux, compute_dtype)
+        acts, idx, aux_acts, aux_idx = enc
+        out = kernels.sparse_decode(acts, idx, w_dec)
+        aux_out = kernels.sparse_decode(aux_acts, aux_idx, w_dec) if aux_idx.shape[1] else None
+    loss = (out * up).sum() + (acts * per_latent[idx]).sum() + (aux_acts * per_aux_latent[aux_idx]).sum()
+    if aux_out is not None:
+        loss = loss + (aux_out * up_aux).sum()
+    loss.backward()
+    if aux_out is None:  # the torch path has no AuxK slot without dead latents: the same as a zero output
+        aux_out = torch.zeros_like(out)
+    return {
+        "out": out,
+        "aux_out": aux_out,
+        **{f"grad_{i}": t.grad for i, t in enumerate((x, w_enc, b_enc, w_dec))},
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "compute_dtype, n_dead, d_out",
+    [(None, 20, 19), (None, 0, 19), (None, 3, 11), (torch.bfloat16, 20, 19)],
+    ids=["fp32", "fp32-no-dead", "fp32-few-dead-transcoder", "bf16"],
+)
+def test_fused_backward_matches_torch_encode_then_decode(compute_dtype, n_dead, d_out):
+    """One fused backward (both weight gradients from one sort, the input gradient, the latents' gradients)
+    against the torch encoder and decoder: AuxK with more dead latents than k_aux, none, and fewer than k_aux
+    (the Triton AuxK slots beyond them hold 0); a transcoder's output width; uneven tiles everywhere."""
+    g = generator(7)
+    n, d, m, k, k_aux = 5, 19, 37, 4, 6
+    leaves = (randn(n, d, g=g), randn(m, d, g=g), randn(m, g=g), randn(m, d_out, g=g))
+    dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    dead[torch.randperm(m, generator=g).to(DEVICE)[:n_dead]] = True
+    weights = (randn(n, d_out, g=g), randn(n, d_out, g=g), randn(m, g=g), randn(m, g=g))
+    ref = encode_decode_results(False, leaves, k, dead, k_aux, compute_dtype, weights)
+    got = encode_decode_results(True, leaves, k, dead, k_aux, compute_dtype, weights)
+    for name, want in ref.items():
+        assert got[name].dtype == want.dtype, name
+        torch.testing.assert_close(got[name], want, **TOL[torch.float32], msg=name)
+    assert (got["aux_out"].abs().sum() > 0) == (n_dead > 0)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n_dead", [0, 3])
 def test_sae_step_with_triton_kernels_matches_torch(n_dead, monkeypatch):
