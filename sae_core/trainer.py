@@ -52,6 +52,7 @@ from .distributed import (
 from .e2e import AuxGradients, EndToEndLoss
 from .errors import CheckpointError, ConfigError
 from .finetune import start_from
+from .fused_optim import fused_decoder_kernels, step_with_fused_decoder
 from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
 from .kernels import encoder_compute_dtype
 from .latent_shards import (
@@ -600,11 +601,15 @@ class SaeTrainer:
             # 0 up to rounding; Adam would turn that rounding into a full step whose sign depends on the
             # order of the sums (rank count, accumulation).
             sae.b_dec.grad.zero_()
-        if sae.unit_norm_decoder:
-            sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizers[hookpoint].step()
+        fused = fused_decoder_kernels(sae, self.optimizers[hookpoint])  # --kernels triton (fused_optim.py)
+        if fused is not None:  # the decoder's radial removal, update and renormalisation in one pass
+            step_with_fused_decoder(self.optimizers[hookpoint], sae.W_dec, fused)
+        else:
+            if sae.unit_norm_decoder:
+                sae.remove_gradient_parallel_to_decoder_directions()
+            self.optimizers[hookpoint].step()
         self.optimizers[hookpoint].zero_grad()
-        if sae.unit_norm_decoder:
+        if sae.unit_norm_decoder and fused is None:
             sae.set_decoder_norm_to_unit_norm()
         counters = self.tokens_since_fired[hookpoint]
         counters += n_tokens

@@ -26,8 +26,9 @@ weight rows and the dense [N, d] inputs once, in fp32 registers, without any N x
   gradient (gather-sum over W_enc) and, from one sort of the N*(k + k_aux) selected pairs, both weight
   gradients and the encoder bias gradient in one kernel (`dual_segment_sum`): each program owns one latent
   and reads each of its pairs' input row and output gradient row once.
-- the decoder's step in one pass per row: radial-gradient removal, ScheduleFreeAdam's update, renormalisation
-  (`decoder_schedule_free_step`; tested, not yet called by the trainer).
+- the decoder's step in one pass per row: radial-gradient removal, the optimizer's update (ScheduleFreeAdam's:
+  `decoder_schedule_free_step`; torch's Adam's: `decoder_adam_step`), renormalisation; the trainer runs it
+  with --kernels triton (sae_core/fused_optim.py).
 
 Kernels accumulate in fp32 whatever the tensors' dtype. On CPU tensors they run only under Triton's
 interpreter (TRITON_INTERPRET=1 set before triton is first imported in the process), which is how CI checks
@@ -494,8 +495,8 @@ def decoder_schedule_free_step(
     """One pass per decoder row of what the trainer does in three: remove the radial part of the gradient,
     take optim.ScheduleFreeAdam's step (c and bias2: that step's averaging weight and second-moment bias
     correction), renormalise the row; y, z and exp_avg_sq are updated in place, grad is left as it is.
-    fp32 rows of at most a few thousand columns (one row per program). Not wired into the trainer yet: it is
-    measured against the three torch passes first (issue 17)."""
+    fp32 rows of at most a few thousand columns (one row per program). The trainer calls it through
+    fused_optim.step_with_fused_decoder with --kernels triton."""
     check_device(y)
     if y.dtype != torch.float32 or not all(t.is_contiguous() for t in (y, grad, z, exp_avg_sq)):
         raise ConfigError("decoder_schedule_free_step takes contiguous float32 tensors")
@@ -515,6 +516,67 @@ def decoder_schedule_free_step(
         torch.finfo(y.dtype).eps,
         BLOCK_D=_pow2(d),
     )
+
+
+@triton.jit
+def _decoder_adam_kernel(
+    y_ptr, g_ptr, m_ptr, v_ptr, step_ptr, D, lr, beta1, beta2, eps, norm_eps, BLOCK_D: tl.constexpr
+):
+    offsets = tl.program_id(0).to(tl.int64) * D + tl.arange(0, BLOCK_D)
+    inside = tl.arange(0, BLOCK_D) < D
+    y = tl.load(y_ptr + offsets, mask=inside, other=0.0)
+    g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+    m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
+    # Adam's step count lives on the device (torch's fused Adam keeps it there): read, not synchronised.
+    t = tl.load(step_ptr).to(tl.float32) + 1.0
+    g -= tl.sum(g * y) * y  # the radial part of the gradient (the row is at unit norm)
+    m = m * beta1 + (1 - beta1) * g
+    v = v * beta2 + (1 - beta2) * g * g
+    bias1 = 1 - tl.exp(t * tl.log(beta1))
+    bias2 = 1 - tl.exp(t * tl.log(beta2))
+    y -= (lr / bias1) * m / (tl.sqrt(v) / tl.sqrt(bias2) + eps)
+    y = y / (tl.sqrt(tl.sum(y * y)) + norm_eps)
+    tl.store(y_ptr + offsets, y, mask=inside)
+    tl.store(m_ptr + offsets, m, mask=inside)
+    tl.store(v_ptr + offsets, v, mask=inside)
+
+
+@torch.no_grad()
+def decoder_adam_step(
+    y: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """torch.optim.Adam's step (no weight decay) for the decoder in one pass per row, with the radial-gradient
+    removal before it and the renormalisation after it; y, exp_avg and exp_avg_sq are updated in place and
+    `step` (Adam's step count, a one-element tensor on any device) is incremented."""
+    check_device(y)
+    if y.dtype != torch.float32 or not all(t.is_contiguous() for t in (y, grad, exp_avg, exp_avg_sq)):
+        raise ConfigError("decoder_adam_step takes contiguous float32 tensors")
+    rows, d = y.shape
+    _decoder_adam_kernel[(rows,)](
+        y,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step.to(y.device),
+        d,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        torch.finfo(y.dtype).eps,
+        BLOCK_D=_pow2(d),
+    )
+    step += 1
 
 
 # ------------------------------------------------------------------------------------------------ autograd

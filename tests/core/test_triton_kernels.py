@@ -21,12 +21,14 @@ if not ON_GPU and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # left set: triton's lazily imported parts assert it stays so
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' on Linux)")
 
-from sae_core import Sae, SaeConfig, TrainConfig, kernels  # noqa: E402
+from sae_core import Sae, SaeConfig, SaeTrainer, TrainConfig, kernels  # noqa: E402
 from sae_core import triton_kernels as tk  # noqa: E402
 from sae_core.errors import ConfigError  # noqa: E402
-from sae_core.optim import ScheduleFreeAdam  # noqa: E402
+from sae_core.fused_optim import fused_decoder_kernels, step_with_fused_decoder  # noqa: E402
+from sae_core.optim import SaeOptimizer, ScheduleFreeAdam  # noqa: E402
 from sae_core.run import parse_run_config  # noqa: E402
-from tests.support.tiny import child_env  # noqa: E402
+from tests.support.tiny import child_env, tiny_model  # noqa: E402
+from tests.support.training import Tok, params, token_data  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # False where triton was imported before this module without the interpreter (then only the fresh-process
@@ -306,6 +308,77 @@ def test_fused_decoder_step_matches_radial_removal_schedule_free_adam_and_renorm
         torch.testing.assert_close(y, w.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(z, opt.state[w]["z"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v, opt.state[w]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+def unit_rows(m, d, g):
+    w = randn(m, d, g=g)
+    return w / w.norm(dim=1, keepdim=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("optimizer", ["schedule_free_adam", "adam"])
+def test_step_with_fused_decoder_matches_the_torch_optimizer_step(optimizer):
+    """fused_optim.step_with_fused_decoder against what the trainer's torch path does (radial removal, the
+    optimizer's step, renormalisation) over three steps; the other parameters take the torch step; the state
+    keeps torch's layout."""
+    g = generator(8)
+    m, d = 6, 19
+    start = {"W_dec": unit_rows(m, d, g), "b_dec": randn(d, g=g)}
+    grads = [{name: randn(*t.shape, g=g) for name, t in start.items()} for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        sae = torch.nn.Module()
+        sae.W_dec, sae.b_dec = (torch.nn.Parameter(start[name].clone()) for name in ("W_dec", "b_dec"))
+        sae.unit_norm_decoder, sae.cfg = True, SaeConfig(kernels="triton" if fused else "torch")
+        opt = SaeOptimizer(optimizer, sae, lr=0.05)
+        assert (fused_decoder_kernels(sae, opt) is not None) == fused
+        for step_grads in grads:
+            for name, grad in step_grads.items():
+                getattr(sae, name).grad = grad.clone()
+            if fused:
+                step_with_fused_decoder(opt, sae.W_dec, tk)
+            else:
+                sae.W_dec.grad -= (sae.W_dec.grad * sae.W_dec).sum(1, keepdim=True) * sae.W_dec.detach()
+                opt.step()
+                with torch.no_grad():
+                    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+            opt.zero_grad()
+        results.append((sae, opt.state_dict()))
+    (ref, ref_state), (got, got_state) = results
+    for name in ("W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+    for i, state in ref_state["state"].items():
+        assert got_state["state"][i].keys() == state.keys()
+        for key, value in state.items():
+            torch.testing.assert_close(got_state["state"][i][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@needs_kernels
+def test_training_with_triton_kernels_gives_the_torch_weights(tmp_path, monkeypatch):
+    """Three trainer steps on a tiny model (schedule-free Adam, the default; AuxK on from the second step)
+    with --kernels triton (the fused encode/decode backward and the fused decoder step) end at the weights
+    --kernels torch reaches (Adam's: test_step_with_fused_decoder_matches_the_torch_optimizer_step).
+    """
+    for name, size in {"tokens": 16, "d": 32, "slots": 8, "entries": 16, "latents": 128}.items():
+        monkeypatch.setitem(tk.BLOCKS, name, size)  # the interpreter's cost is per program: few, large tiles
+    weights, metrics = [], []
+    for kernels_setting in ("torch", "triton"):
+        cfg = TrainConfig(
+            SaeConfig(expansion_factor=4, k=4, kernels=kernels_setting),
+            batch_size=2,
+            lr_warmup_steps=1,
+            save_dir=str(tmp_path),
+            run_name=kernels_setting,
+        )
+        data = token_data(n_seq=16, seq_len=8)  # 14 tokens a step (BOS excluded): 42 top-k programs in all
+        trainer = SaeTrainer(cfg, data, tiny_model(n_layers=1), tokenizer=Tok(), progress=False)
+        metrics.append(trainer.fit(max_steps=3))
+        weights.append(params(trainer))
+    assert metrics[1]["auxk/layers.0"] > 0 and metrics[1]["skipped_steps"] == 0
+    torch.testing.assert_close(metrics[1]["fvu/layers.0"], metrics[0]["fvu/layers.0"], rtol=1e-5, atol=0)
+    assert weights[0].keys() == weights[1].keys()
+    for name, ref in weights[0].items():
+        torch.testing.assert_close(weights[1][name], ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ errors
