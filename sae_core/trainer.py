@@ -73,6 +73,7 @@ from .models import (
     transcoder_widths,
 )
 from .optim import SaeOptimizer, decays, default_lr, lr_at, warmup_steps
+from .precision import tf32_matmuls
 from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
@@ -311,7 +312,8 @@ class SaeTrainer:
         started, wall_time_at_start = time.perf_counter(), self.wall_time
         metrics: dict[str, float] = {}
         while self.step < stop_at:
-            done = self._train_step()
+            with tf32_matmuls(self.cfg.tf32, self.ctx.device):  # CUDA only; the process's setting after
+                done = self._train_step()
             metrics = done.metrics
             self.step += 1
             self.tokens_seen += done.tokens
