@@ -371,7 +371,8 @@ def test_training_with_triton_kernels_gives_the_torch_weights(tmp_path, monkeypa
             run_name=kernels_setting,
         )
         data = token_data(n_seq=16, seq_len=8)  # 14 tokens a step (BOS excluded): 42 top-k programs in all
-        trainer = SaeTrainer(cfg, data, tiny_model(n_layers=1), tokenizer=Tok(), progress=False)
+        model = tiny_model(n_layers=1).to(DEVICE)  # the trainer follows the model's device
+        trainer = SaeTrainer(cfg, data, model, tokenizer=Tok(), progress=False)
         metrics.append(trainer.fit(max_steps=3))
         weights.append(params(trainer))
     assert metrics[1]["auxk/layers.0"] > 0 and metrics[1]["skipped_steps"] == 0
