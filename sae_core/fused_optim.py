@@ -5,7 +5,7 @@ radial part, the optimizer's step, renormalise the rows. With --kernels triton a
 has a kernel (schedule_free_adam, the default, and adam), the trainer runs the torch optimizer on every other
 parameter and one kernel on W_dec (triton_kernels.decoder_schedule_free_step / decoder_adam_step). The
 optimizer state keeps torch's layout (the same tensors under the same names), so checkpoints, resume and the
-schedule-free average do not depend on the kernels, and a run may resume with the other setting.
+schedule-free average work as they do with the torch kernels.
 """
 
 from types import ModuleType

@@ -374,6 +374,7 @@ def _dual_segment_sum_kernel(
     D_OUT,
     K,
     K_ALL,
+    HAS_AUX_GRAD: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -402,7 +403,8 @@ def _dual_segment_sum_kernel(
         acc_enc += tl.sum(g[:, None] * x.to(tl.float32), axis=0)
         rows = tokens[:, None] * D_OUT + cols[None, :]
         up = tl.load(g_out_ptr + rows, mask=main[:, None] & in_dec[None, :], other=0.0).to(tl.float32)
-        up += tl.load(g_aux_ptr + rows, mask=aux[:, None] & in_dec[None, :], other=0.0).to(tl.float32)
+        if HAS_AUX_GRAD:  # else AuxK's output had no gradient: its slots add nothing to the decoder's
+            up += tl.load(g_aux_ptr + rows, mask=aux[:, None] & in_dec[None, :], other=0.0).to(tl.float32)
         acc_dec += tl.sum(a[:, None] * up, axis=0)
         g_acc += g
     tl.store(grad_enc_ptr + m * D_IN + cols, acc_enc.to(grad_enc_ptr.dtype.element_ty), mask=in_enc)
@@ -450,6 +452,7 @@ def dual_segment_sum(
         d_out,
         k,
         max(k_all, 1),
+        HAS_AUX_GRAD=g_aux is not None,
         BLOCK_E=BLOCKS["entries"],
         BLOCK_D=BLOCKS["d"],
     )

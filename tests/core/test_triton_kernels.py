@@ -195,7 +195,7 @@ def test_topk_encode_forward_and_backward_match_torch(compute_dtype):
         torch.testing.assert_close(got[name], ref[name], **TOL[torch.float32], msg=name)
 
 
-def encode_decode_results(fused: bool, leaves, k, dead, k_aux, compute_dtype, weights):
+def encode_decode_results(fused: bool, leaves, k, dead, k_aux, compute_dtype, weights, use_aux_out=True):
     """Outputs and gradients of encode + decode (+ AuxK's decode) under a loss weighing each output and each
     latent's activation by its index (so that the order of the selections does not matter)."""
     x, w_enc, b_enc, w_dec = (t.detach().clone().requires_grad_() for t in leaves)
@@ -209,7 +209,7 @@ def encode_decode_results(fused: bool, leaves, k, dead, k_aux, compute_dtype, we
         out = kernels.sparse_decode(acts, idx, w_dec)
         aux_out = kernels.sparse_decode(aux_acts, aux_idx, w_dec) if aux_idx.shape[1] else None
     loss = (out * up).sum() + (acts * per_latent[idx]).sum() + (aux_acts * per_aux_latent[aux_idx]).sum()
-    if aux_out is not None:
+    if aux_out is not None and use_aux_out:
         loss = loss + (aux_out * up_aux).sum()
     loss.backward()
     if aux_out is None:  # the torch path has no AuxK slot without dead latents: the same as a zero output
@@ -243,6 +243,22 @@ def test_fused_backward_matches_torch_encode_then_decode(compute_dtype, n_dead, 
         assert got[name].dtype == want.dtype, name
         torch.testing.assert_close(got[name], want, **TOL[torch.float32], msg=name)
     assert (got["aux_out"].abs().sum() > 0) == (n_dead > 0)
+
+
+@needs_kernels
+def test_fused_backward_without_a_gradient_on_auxk_output():
+    """AuxK selected latents, but the loss does not use its reconstruction (only its activations): AuxK's
+    slots must add nothing to the decoder's gradient."""
+    g = generator(9)
+    n, d, m, k, k_aux = 5, 19, 37, 4, 6
+    leaves = (randn(n, d, g=g), randn(m, d, g=g), randn(m, g=g), randn(m, d, g=g))
+    dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    dead[torch.randperm(m, generator=g).to(DEVICE)[:20]] = True
+    weights = (randn(n, d, g=g), randn(n, d, g=g), randn(m, g=g), randn(m, g=g))
+    ref = encode_decode_results(False, leaves, k, dead, k_aux, None, weights, use_aux_out=False)
+    got = encode_decode_results(True, leaves, k, dead, k_aux, None, weights, use_aux_out=False)
+    for name, want in ref.items():
+        torch.testing.assert_close(got[name], want, **TOL[torch.float32], msg=name)
 
 
 @needs_kernels
