@@ -7,8 +7,10 @@
 # sae_step and train_e2e on the GPU; the rows go to benchmarks/RESULTS.md. Each part runs even if one fails.
 #
 # Issue 17's side by side: our torch step, our Triton step (--kernels triton, compiled: the kernel tests run
-# first) and EleutherAI sparsify 1.3.3's step (benchmarks/sparsify_step.py) at the same shapes, dtypes and dead
-# fractions, with peak memory, then end to end with --kernels triton. The GPU image has torch 2.11,
+# first; the fused encode/decode backward and the fused decoder update, whose time sae_step prints as "update
+# ms") and EleutherAI sparsify 1.3.3's step (benchmarks/sparsify_step.py) at the same shapes, dtypes and dead
+# fractions, with peak memory; fp32 with TF32 (--tf32) for all three; the default optimizer's fused step; then
+# end to end with --kernels triton. The GPU image has torch 2.11,
 # transformers, pyarrow, triton and pytest but not sparsify's pure-Python wheels: carry them, uncommitted, in
 # tmp/wheels (git ignores /tmp/) and pass SPARSIFY_WHEELS=tmp/wheels; made on any machine with
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d tmp/wheels eai-sparsify==1.3.3 \
@@ -46,6 +48,12 @@ kernels() {  # issue 17: the same shapes, dtypes and dead fractions for the thre
     for impl in "sae_step.py --kernels torch" "sae_step.py --kernels triton" "sparsify_step.py"; do
         step $PY benchmarks/$impl $small
         step $PY benchmarks/$impl $big
+        step $PY benchmarks/$impl --n 4096 --d 576 --expansion 32 --k 32 --dtypes fp32 --tf32  # --tf32
+    done
+    # The default optimizer's fused decoder step (the rows above use Adam, as sparsify's step does): its
+    # "update ms" against the torch passes'.
+    for impl in "sae_step.py --kernels torch" "sae_step.py --kernels triton"; do
+        step $PY benchmarks/$impl $small --optimizer schedule_free_adam
     done
     step $PY benchmarks/train_e2e.py --device cuda --model "$MODEL" --tokens 262144 --extra --kernels triton
 }

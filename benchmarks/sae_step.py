@@ -1,12 +1,16 @@
-"""One SAE training step (forward, backward, Adam, decoder constraints) against the matmul roofline.
+"""One SAE training step (forward, backward, optimizer, decoder constraints) against the matmul roofline.
 
     python benchmarks/sae_step.py [--n 4096] [--d 576] [--expansion 32] [--k 32 64] [--repeat 5]
                                   [--device cuda]
                                   [--grad_w csr|index_add|embedding_bag] [--kernels torch|triton]
                                   [--dead 0 0.05 0.3] [--tf32] [--profile]
+                                  [--optimizer adam|schedule_free_adam]
 
---kernels triton times the Triton kernels (sae_core/triton_kernels.py); benchmarks/sparsify_step.py times
-sparsify's step at the same shapes. --dead marks that fraction of the latents dead: AuxK runs as in training.
+--kernels triton times the Triton kernels (sae_core/triton_kernels.py): the fused encode/decode backward and,
+as the trainer runs it, the decoder's one-pass optimizer step (sae_core/fused_optim.py). The script
+benchmarks/sparsify_step.py times sparsify's step at the same shapes. --dead marks that fraction of the
+latents dead: AuxK runs as in training. "update ms" is the optimizer step with the decoder constraints alone
+(fused with --kernels triton, three torch passes otherwise); the rest of the step is forward and backward.
 
 Roofline ratio = time of the single dense N x d x M product (same dtype, same process) / time of the step.
 The step cannot be faster than that product, which it must compute once.
@@ -22,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import append_row  # noqa: E402
 from sae_core import Sae, SaeConfig, kernels  # noqa: E402
-from sae_core.optim import make_adam  # noqa: E402
+from sae_core.fused_optim import fused_decoder_kernels, step_with_fused_decoder  # noqa: E402
+from sae_core.optim import SaeOptimizer  # noqa: E402
 
 
 def sync() -> None:
@@ -77,6 +82,7 @@ def main() -> None:
         "--dead", type=float, nargs="+", default=[0.0], help="fractions of latents marked dead (AuxK)"
     )
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls in fp32 mode (CUDA)")
+    ap.add_argument("--optimizer", choices=["adam", "schedule_free_adam"], default="adam")
     ap.add_argument(
         "--profile", action="store_true", help="also print the top operators of one step per dtype"
     )
@@ -104,17 +110,29 @@ def measure(args, dev: str, grad_w: str, k: int, dead_fraction: float) -> None:
         if name not in args.dtypes:
             continue
         sae = Sae(d, SaeConfig(expansion_factor=args.expansion, k=k, kernels=args.kernels), device=dev)
-        opt = make_adam(list(sae.parameters()), 1e-4)
+        opt = SaeOptimizer(args.optimizer, sae, 1e-4)
+        fused = fused_decoder_kernels(sae, opt)  # what the trainer runs with --kernels triton
         dead = torch.zeros(m, dtype=torch.bool, device=dev)
         dead[torch.randperm(m, device=dev)[: round(dead_fraction * m)]] = True
 
-        def step(sae=sae, opt=opt, dead=dead, compute=compute):
+        def forward_backward(sae=sae, dead=dead, compute=compute):
             out = sae(x, dead, compute_dtype=compute)
             (out.fvu + out.auxk_loss / 32).backward()
-            sae.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sae.set_decoder_norm_to_unit_norm()
+
+        def update(sae=sae, opt=opt, fused=fused, keep_grads=False):
+            if fused is not None:
+                step_with_fused_decoder(opt, sae.W_dec, fused)
+            else:
+                sae.remove_gradient_parallel_to_decoder_directions()
+                opt.step()
+            if not keep_grads:
+                opt.zero_grad()
+            if fused is None:
+                sae.set_decoder_norm_to_unit_norm()
+
+        def step(forward_backward=forward_backward, update=update):
+            forward_backward()
+            update()
 
         dt = compute or torch.float32
         xa, wa = x.to(dt), sae.encoder.weight.detach().to(dt)
@@ -124,27 +142,32 @@ def measure(args, dev: str, grad_w: str, k: int, dead_fraction: float) -> None:
             torch.cuda.reset_peak_memory_stats()
         t_step = timed(step, args.repeat, inner)
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else float("nan")
+        forward_backward()  # then the update alone, on those gradients
+        t_update = timed(lambda update=update: update(keep_grads=True), args.repeat, inner)
+        opt.zero_grad()
         gflops = 2 * n * d * m / t_mm / 1e9
         if args.profile:
             print_profile(step, dev, name)
-        rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops, peak))
-    setting = f"N={n}, d={d}, M={m}, k={k}, dead {dead_fraction:g}, {dev}, grad_w {grad_w}"
+        rows.append((name, n / t_step, t_mm, t_step, t_mm / t_step, gflops, peak, t_update))
+    setting = f"N={n}, d={d}, M={m}, k={k}, dead {dead_fraction:g}, {dev}, grad_w {grad_w}, {args.optimizer}"
     setting += ", TF32" if args.tf32 else ""
     print(f"SAE step, {setting}")
     print(
         f"{'dtype':6} {'tokens/s':>10} {'matmul ms':>10} {'step ms':>9} {'roofline':>9} {'GFLOP/s':>8} "
-        f"{'peak GiB':>8}"
+        f"{'peak GiB':>8} {'update ms':>9}"
     )
     for r in rows:
         print(
-            f"{r[0]:6} {r[1]:10,.0f} {r[2] * 1e3:10.4g} {r[3] * 1e3:9.4g} {r[4]:9.2f} {r[5]:8.0f} {r[6]:8.3g}"
+            f"{r[0]:6} {r[1]:10,.0f} {r[2] * 1e3:10.4g} {r[3] * 1e3:9.4g} {r[4]:9.2f} {r[5]:8.0f} "
+            f"{r[6]:8.3g} {r[7] * 1e3:9.4g}"
         )
     if not args.no_record:
         append_row(
             "sae_step",
             "; ".join(
                 f"{r[0]}: {r[1]:,.0f} tok/s, roofline {r[4]:.2f} "
-                f"(matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms, peak {r[6]:.3g} GiB)"
+                f"(matmul {r[2] * 1e3:.4g} ms, step {r[3] * 1e3:.4g} ms, update {r[7] * 1e3:.4g} ms, "
+                f"peak {r[6]:.3g} GiB)"
                 for r in rows
             )
             + f" [{setting}]",

@@ -216,6 +216,10 @@ class TrainConfig:
     """Compute dtype of the SAE encoder product: auto (bfloat16 on GPUs that have it, float32 elsewhere),
     bfloat16, float16, or float32 (exact)."""
 
+    tf32: bool = False
+    """TF32 tensor-core matmuls for the float32 products of training on CUDA (sparsify's default); off keeps
+    float32 exact (README, GPU speed); no effect on CPUs."""
+
     profile: bool = False
     """Record where time and memory go in run.json (syncs the GPU every batch; for benchmarks)."""
 

@@ -144,21 +144,22 @@ class PooledVariance:
         xd = x.double()
         # An empty batch (every token excluded) counts zero tokens; its mean would be 0/0 = NaN.
         mean = xd.mean(0) if x.shape[0] else xd.new_zeros(x.shape[-1])
-        # Pooled on the CPU (d + 2 numbers per batch), whatever device the activations are on.
-        self.parts.append((x.shape[0], mean.cpu(), (xd - mean).pow(2).sum().cpu()))
+        # Kept on x's device: a copy to the host per batch would make the step wait on the device.
+        self.parts.append((x.shape[0], mean, (xd - mean).pow(2).sum()))
 
-    def pooled(self, ctx: DistContext, reduce: bool) -> tuple[int, Tensor]:
-        """(token count, sum over tokens of ||x - global mean||^2) over this step's batches (and ranks)."""
-        d = self.parts[0][1].shape[0]
-        head = torch.zeros(d + 1, dtype=torch.float64)
+    def pooled(self, ctx: DistContext, reduce: bool) -> tuple[Tensor, Tensor]:
+        """(token count, sum over tokens of ||x - global mean||^2) over this step's batches (and ranks), as
+        float64 scalars on the activations' device (reading them is the caller's host synchronisation)."""
+        d, device = self.parts[0][1].shape[0], self.parts[0][1].device
+        head = torch.zeros(d + 1, dtype=torch.float64, device=device)
         for n, mean, _ in self.parts:
             head[0] += n
             head[1:] += n * mean
         if reduce:
             all_reduce_sum(head, ctx)
-        n_total = int(head[0].item())
-        gmean = head[1:] / max(n_total, 1)
-        m2 = torch.zeros(1, dtype=torch.float64)
+        n_total = head[0]
+        gmean = head[1:] / n_total.clamp_min(1)
+        m2 = torch.zeros(1, dtype=torch.float64, device=device)
         for n, mean, sq in self.parts:
             m2 += sq + n * (mean - gmean).pow(2).sum()
         if reduce:

@@ -193,14 +193,24 @@ class Sae(nn.Module):
                 f"this transcoder maps width {self.d_in} to {self.d_out}: pass target= (the module's output)"
             )
         y = x if target is None else target.reshape(-1, self.d_out).to(self.dtype)
-        wide = None
+        wide = aux_out = None
+        fused = triton_kernels(self.cfg.kernels)
         if multi_topk:  # one dense product: the top k are the largest k of the top 4k
             wide = self.encode(x, dead_mask, compute_dtype, k=min(4 * self.k, self.num_latents))
             acts, pos = wide.acts.topk(self.k, dim=1, sorted=False)
             enc = wide._replace(acts=acts, indices=wide.indices.gather(1, pos))
+            sae_out = self.decode(enc.acts, enc.indices) + self.skip(x)
+        elif fused is not None and self.W_dec is not None:
+            # Encoder and decoder in one autograd Function: one fused sparse backward for both.
+            source = x if self.cfg.transcode else x - self.b_dec
+            w, b = self.encoder.weight, self.encoder.bias
+            step = fused.encode_decode(source, w, b, self.W_dec, self.k, dead_mask, self.k_aux, compute_dtype)
+            enc = EncoderOutput(step.acts, step.indices, step.aux_acts, step.aux_indices)
+            sae_out = step.out + self.b_dec + self.skip(x)
+            aux_out = step.aux_out
         else:
             enc = self.encode(x, dead_mask, compute_dtype)
-        sae_out = self.decode(enc.acts, enc.indices) + self.skip(x)
+            sae_out = self.decode(enc.acts, enc.indices) + self.skip(x)
 
         e = (y - sae_out).float()
         if total_variance is None:
@@ -210,8 +220,9 @@ class Sae(nn.Module):
 
         n_aux = enc.aux_indices.shape[1]
         if n_aux > 0:
-            aux_out = self._sparse_decode()(enc.aux_acts, enc.aux_indices, self.W_dec)  # no b_dec
-            if triton_kernels(self.cfg.kernels) is None:
+            if aux_out is None:
+                aux_out = self._sparse_decode()(enc.aux_acts, enc.aux_indices, self.W_dec)  # no b_dec
+            if fused is None:
                 scale = min(int(dead_mask.sum()) / self.k_aux, 1.0)
             else:  # the same, without a host sync (its AuxK slots beyond the dead latents hold 0)
                 scale = (dead_mask.sum() / self.k_aux).clamp(max=1.0)

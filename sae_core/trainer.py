@@ -52,7 +52,8 @@ from .distributed import (
 from .e2e import AuxGradients, EndToEndLoss
 from .errors import CheckpointError, ConfigError
 from .finetune import start_from
-from .guards import DivergenceWatch, all_finite, refuse_nonfinite_weights
+from .fused_optim import fused_decoder_kernels, step_with_fused_decoder
+from .guards import DivergenceWatch, refuse_nonfinite_weights
 from .kernels import encoder_compute_dtype
 from .latent_shards import (
     ShardedSae,
@@ -72,6 +73,7 @@ from .models import (
     transcoder_widths,
 )
 from .optim import SaeOptimizer, decays, default_lr, lr_at, warmup_steps
+from .precision import tf32_matmuls
 from .sae import Sae
 from .utils import atomic_write_json
 from .version import __version__
@@ -95,6 +97,12 @@ def decayed_k(step: int, decay_steps: int, start: int, k: int) -> int:
         return k
     progress = step / decay_steps
     return round(start * (1 - progress) + k * progress)
+
+
+def count_fired(counts: Tensor, indices: Tensor, acts: Tensor) -> None:
+    """counts[m] += the selections of latent m that fired (activation > 0), on the device: boolean indexing
+    would make the host wait for the device to learn the result's size."""
+    counts.index_add_(0, indices.reshape(-1), (acts > 0).reshape(-1).to(counts.dtype))
 
 
 class TrainStep(NamedTuple):
@@ -273,9 +281,13 @@ class SaeTrainer:
             hookpoint: SaeOptimizer(cfg.optimizer, sae, self.lr) for hookpoint, sae in self.saes.items()
         }
         self.compute_dtype = encoder_compute_dtype(cfg.autocast, self.ctx.device)
+        # On the SAEs' device, so that the step never waits on a copy; `any_dead` mirrors on the host whether
+        # any latent is dead (read with the step's one transfer, _optimizer_step): whether AuxK runs.
         self.tokens_since_fired = {
-            hookpoint: torch.zeros(self.num_latents, dtype=torch.long) for hookpoint in self.local_hookpoints
+            hookpoint: torch.zeros(self.num_latents, dtype=torch.long, device=self.ctx.device)
+            for hookpoint in self.local_hookpoints
         }
+        self.any_dead = {hookpoint: False for hookpoint in self.local_hookpoints}
         # FVU of each SAE's last update: the residual's variance in units of the input's, AuxK's denominator.
         self.last_fvu = {hookpoint: 1.0 for hookpoint in self.local_hookpoints}
 
@@ -342,15 +354,25 @@ class SaeTrainer:
 
     # ------------------------------------------------------------------ one training step
     def _train_step(self) -> TrainStep:
-        """One optimizer step of every SAE over grad_acc_steps batches; every rank gets the step's metrics."""
+        """One optimizer step of every SAE over grad_acc_steps batches; every rank gets the step's metrics.
+        --tf32 holds within it only (CUDA; sweeps call it too), the process's setting before and after."""
+        with tf32_matmuls(self.cfg.tf32, self.ctx.device):
+            return self._step_every_sae()
+
+    def _step_every_sae(self) -> TrainStep:
         cfg = self.cfg
         local_hookpoints = self.local_hookpoints
         variance = {hookpoint: PooledVariance() for hookpoint in local_hookpoints}
-        fired = {hookpoint: torch.zeros(self.num_latents, dtype=torch.bool) for hookpoint in local_hookpoints}
-        sse = {hookpoint: 0.0 for hookpoint in local_hookpoints}
-        auxk = {hookpoint: 0.0 for hookpoint in local_hookpoints}
+        # Accumulated on the device (no host synchronisation per batch): how often each latent fired, and the
+        # sums of the losses in float64 (as the Python floats they replace).
+        device = self.ctx.device
+        fired = {h: torch.zeros(self.num_latents, dtype=torch.long, device=device) for h in local_hookpoints}
+        sse = {h: torch.zeros((), dtype=torch.float64, device=device) for h in local_hookpoints}
+        auxk = {h: torch.zeros((), dtype=torch.float64, device=device) for h in local_hookpoints}
         dead = {
-            hookpoint: (self.tokens_since_fired[hookpoint] >= self.dead_threshold).to(self.ctx.device)
+            hookpoint: self.tokens_since_fired[hookpoint] >= self.dead_threshold
+            if cfg.auxk_alpha > 0 and self.any_dead[hookpoint]
+            else None
             for hookpoint in local_hookpoints
         }
         first_batch = self.step * cfg.grad_acc_steps
@@ -399,7 +421,7 @@ class SaeTrainer:
                     # What the SAE reconstructs: x, or a transcoder's module output.
                     y = batch.targets[hookpoint] if batch.targets is not None else x
                     variance[hookpoint].add(y)
-                    dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
+                    dead_mask = dead[hookpoint]
                     # An empty batch (every token excluded or non-finite) has nothing to backward.
                     chunks = zip(x.chunk(cfg.micro_acc_steps), y.chunk(cfg.micro_acc_steps))
                     for chunk, target in chunks if x.shape[0] else ():
@@ -416,9 +438,9 @@ class SaeTrainer:
                         if out.multi_topk_fvu is not None:  # Gao et al. §5.3: FVU(k) + FVU(4k) / 8
                             loss = loss + out.multi_topk_fvu / 8
                         loss.backward()
-                        fired[hookpoint][out.latent_indices[out.latent_acts > 0].cpu()] = True
-                        sse[hookpoint] += out.fvu.item()
-                        auxk[hookpoint] += out.auxk_loss.item()
+                        count_fired(fired[hookpoint], out.latent_indices, out.latent_acts)
+                        sse[hookpoint] += out.fvu.detach().double()
+                        auxk[hookpoint] += out.auxk_loss.detach().double()
                     if batch_number == cfg.grad_acc_steps - 1:
                         # Update this SAE now and free its gradients before the next layer makes its
                         # own: only one layer's gradients are ever alive (with grad_acc_steps 1),
@@ -458,9 +480,9 @@ class SaeTrainer:
         first_batch: int,
         variance: dict[str, PooledVariance],
         fired: dict[str, Tensor],
-        sse: dict[str, float],
-        auxk: dict[str, float],
-        dead: dict[str, Tensor],
+        sse: dict[str, Tensor],
+        auxk: dict[str, Tensor],
+        dead: dict[str, Tensor | None],
         nonfinite: dict[str, int],
     ) -> tuple[int, dict[str, float], dict[str, str]]:
         """--loss_fn kl/ce (e2e.py): the spliced forward and backward of every batch of the step, then one
@@ -476,7 +498,7 @@ class SaeTrainer:
                 return y
             nonfinite[hookpoint] += int((~(x.isfinite().all(-1) & y.isfinite().all(-1))).sum())
             scale = self.input_scales[hookpoint]
-            dead_mask = dead[hookpoint] if cfg.auxk_alpha > 0 and dead[hookpoint].any() else None
+            dead_mask = dead[hookpoint]
             out = self.saes[hookpoint](
                 x * scale,
                 dead_mask,
@@ -485,9 +507,9 @@ class SaeTrainer:
                 residual_variance=self._auxk_denominator(hookpoint),
                 compute_dtype=self.compute_dtype,
             )
-            fired[hookpoint][out.latent_indices[out.latent_acts > 0].cpu()] = True
-            sse[hookpoint] += out.fvu.item()
-            auxk[hookpoint] += out.auxk_loss.item()
+            count_fired(fired[hookpoint], out.latent_indices, out.latent_acts)
+            sse[hookpoint] += out.fvu.detach().double()
+            auxk[hookpoint] += out.auxk_loss.detach().double()
             aux_grads.add(hookpoint, self.saes[hookpoint], cfg.auxk_alpha * out.auxk_loss)
             return out.sae_out / scale
 
@@ -557,13 +579,22 @@ class SaeTrainer:
 
     # ------------------------------------------------------------------ one optimizer step per SAE
     def _optimizer_step(
-        self, hookpoint: str, variance: PooledVariance, fired: Tensor, sse: float, auxk: float, nonfinite: int
+        self,
+        hookpoint: str,
+        variance: PooledVariance,
+        fired: Tensor,
+        sse: Tensor,
+        auxk: Tensor,
+        nonfinite: int,
     ) -> tuple[int, dict[str, float], str, int]:
         """Normalise, sum across ranks and apply one SAE's gradient of the step.
 
         Returns (step tokens, metrics, outcome, non-finite rows dropped on all ranks). The outcome is
         "stepped", or "nonfinite" / "empty" when the update was skipped (weights, Adam state and dead
-        counters untouched).
+        counters untouched). `fired` counts how often each latent fired; `sse` and `auxk` are the step's loss
+        sums (float64 on the device). Whether to skip is the step's one host synchronisation for this SAE:
+        everything the host needs (token count, finiteness, metrics, dead counts after either outcome) is
+        computed on the device first and read in one transfer.
         """
         sae = self.saes[hookpoint]
         n_tokens, total_variance = variance.pooled(self.ctx, reduce=self.ddp)
@@ -571,56 +602,71 @@ class SaeTrainer:
             if p.grad is None:  # every batch of this rank was empty: it adds nothing to the sum
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in sae.parameters()]
+        nonfinite_rows = sse.new_full((), float(nonfinite))
         if self.ddp:
             flat = torch.cat([g.reshape(-1) for g in grads])
             all_reduce_sum(flat, self.ctx)
-            fired = all_reduce_sum(fired.long(), self.ctx) > 0
-            sums = torch.tensor([sse, auxk, nonfinite], dtype=torch.float64)
-            sse, auxk, nonfinite = all_reduce_sum(sums, self.ctx).tolist()
+            fired = all_reduce_sum(fired, self.ctx)
+            sse, auxk, nonfinite_rows = all_reduce_sum(torch.stack([sse, auxk, nonfinite_rows]), self.ctx)
             offset = 0
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             del flat
-        scale = 1.0 / max(float(total_variance), 1e-30)
+        scale = 1.0 / total_variance.clamp_min(1e-30)
         for g in grads:
             g.mul_(scale)
-        metrics = {f"fvu/{hookpoint}": sse * scale, f"auxk/{hookpoint}": auxk * scale}
         # A NaN/Inf on any rank survives the sums above, so every rank decides on the same numbers and
         # skips together without a collective of its own (with --distribute_layers the owner decides alone).
-        finite = math.isfinite(sse) and math.isfinite(auxk) and bool(all_finite(grads))
+        finite = torch.stack([sse.isfinite(), auxk.isfinite(), *(g.isfinite().all() for g in grads)]).all()
+        counters, fired = self.tokens_since_fired[hookpoint], fired > 0
+        stepped_counters = (counters + n_tokens.long()).masked_fill_(fired, 0)
+        dead_if_stepped = (stepped_counters >= self.dead_threshold).float().mean()
+        dead_if_skipped = (counters >= self.dead_threshold).float().mean()
+        report = (
+            n_tokens,
+            finite,
+            sse * scale,
+            auxk * scale,
+            nonfinite_rows,
+            dead_if_stepped,
+            dead_if_skipped,
+        )
+        report = torch.stack([value.double() for value in report]).tolist()  # the host synchronisation
+        n_tokens, finite, fvu, auxk_loss, nonfinite, dead_if_stepped, dead_if_skipped = report
+        n_tokens, finite, nonfinite = int(n_tokens), bool(finite), int(nonfinite)
+        metrics = {f"fvu/{hookpoint}": fvu, f"auxk/{hookpoint}": auxk_loss}
         if self.shards is not None:  # each shard checked its own rows: skip together
             finite = all_shards_agree(finite, self.shards)
         if n_tokens == 0 or not finite:
             sae.zero_grad(set_to_none=True)
-            metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
-            return n_tokens, metrics, "empty" if finite else "nonfinite", int(nonfinite)
+            metrics[f"dead_pct/{hookpoint}"] = 100.0 * dead_if_skipped
+            return n_tokens, metrics, "empty" if finite else "nonfinite", nonfinite
         if self.step == 0 and sae.cfg.transcode and not self.cfg.finetune:
             # b_dec was just set to this step's mean output, where a transcoder (W_dec = 0) has a gradient of
             # 0 up to rounding; Adam would turn that rounding into a full step whose sign depends on the
             # order of the sums (rank count, accumulation).
             sae.b_dec.grad.zero_()
-        if sae.unit_norm_decoder:
-            sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizers[hookpoint].step()
+        fused = fused_decoder_kernels(sae, self.optimizers[hookpoint])  # --kernels triton (fused_optim.py)
+        if fused is not None:  # the decoder's radial removal, update and renormalisation in one pass
+            step_with_fused_decoder(self.optimizers[hookpoint], sae.W_dec, fused)
+        else:
+            if sae.unit_norm_decoder:
+                sae.remove_gradient_parallel_to_decoder_directions()
+            self.optimizers[hookpoint].step()
         self.optimizers[hookpoint].zero_grad()
-        if sae.unit_norm_decoder:
+        if sae.unit_norm_decoder and fused is None:
             sae.set_decoder_norm_to_unit_norm()
-        counters = self.tokens_since_fired[hookpoint]
-        counters += n_tokens
-        counters[fired] = 0
-        self.last_fvu[hookpoint] = metrics[f"fvu/{hookpoint}"]
-        metrics[f"dead_pct/{hookpoint}"] = self._dead_pct(hookpoint)
-        return n_tokens, metrics, "stepped", int(nonfinite)
+        counters.copy_(stepped_counters)
+        self.any_dead[hookpoint] = dead_if_stepped > 0
+        self.last_fvu[hookpoint] = fvu
+        metrics[f"dead_pct/{hookpoint}"] = 100.0 * dead_if_stepped
+        return n_tokens, metrics, "stepped", nonfinite
 
     def _auxk_denominator(self, hookpoint: str) -> float:
         """AuxK's error is normalised by the variance of the residual it predicts (Gao et al.), estimated by
         the previous update's FVU: a constant of the step, so accumulation and ranks still add up exactly."""
         return max(self.last_fvu[hookpoint], 1e-6)
-
-    def _dead_pct(self, hookpoint: str) -> float:
-        dead = self.tokens_since_fired[hookpoint] >= self.dead_threshold
-        return 100.0 * dead.float().mean().item()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -671,7 +717,7 @@ class SaeTrainer:
             "config": json.dumps(self._config_for_state(), sort_keys=True),
             "saes": {hookpoint: sae.state_dict() for hookpoint, sae in self.saes.items()},
             "optimizers": {hookpoint: opt.state_dict() for hookpoint, opt in self.optimizers.items()},
-            "tokens_since_fired": dict(self.tokens_since_fired),
+            "tokens_since_fired": {hookpoint: c.cpu() for hookpoint, c in self.tokens_since_fired.items()},
             "dead_threshold": self.dead_threshold,
             "last_fvu": dict(self.last_fvu),
             "b_dec_initialised": self.b_dec_initialised,
@@ -771,7 +817,9 @@ class SaeTrainer:
         for hookpoint in self.local_hookpoints:
             self.saes[hookpoint].load_state_dict(state["saes"][hookpoint])
             self.optimizers[hookpoint].load_state_dict(state["optimizers"][hookpoint])
-            self.tokens_since_fired[hookpoint] = state["tokens_since_fired"][hookpoint].clone()
+            counters = state["tokens_since_fired"][hookpoint].to(self.ctx.device, copy=True)
+            self.tokens_since_fired[hookpoint] = counters
+            self.any_dead[hookpoint] = bool((counters >= self.dead_threshold).any())
             # absent in states written before AuxK used it: 1.0 is the input-normalised AuxK they trained with
             self.last_fvu[hookpoint] = state.get("last_fvu", {}).get(hookpoint, 1.0)
         self.step = state["step"]

@@ -21,8 +21,14 @@ weight rows and the dense [N, d] inputs once, in fp32 registers, without any N x
   no atomics, every row written once (unselected rows get their zeros), and a fixed summation order, so runs
   are reproducible as the torch path's are. Atomics would skip the sort but make fp32 sums order-dependent and
   need a zeroed M x d buffer first.
-- the decoder's step in one pass per row: radial-gradient removal, ScheduleFreeAdam's update, renormalisation
-  (`decoder_schedule_free_step`; tested, not yet called by the trainer).
+- the fused SAE step (`encode_decode`, what Sae.forward runs with --kernels triton): top-k, decode (and AuxK's
+  decode) forward; one backward that makes the latents' gradients (row dots against W_dec), the input
+  gradient (gather-sum over W_enc) and, from one sort of the N*(k + k_aux) selected pairs, both weight
+  gradients and the encoder bias gradient in one kernel (`dual_segment_sum`): each program owns one latent
+  and reads each of its pairs' input row and output gradient row once.
+- the decoder's step in one pass per row: radial-gradient removal, the optimizer's update (ScheduleFreeAdam's:
+  `decoder_schedule_free_step`; torch's Adam's: `decoder_adam_step`), renormalisation; the trainer runs it
+  with --kernels triton (sae_core/fused_optim.py).
 
 Kernels accumulate in fp32 whatever the tensors' dtype. On CPU tensors they run only under Triton's
 interpreter (TRITON_INTERPRET=1 set before triton is first imported in the process), which is how CI checks
@@ -30,6 +36,7 @@ them against the torch path (tests/core/test_triton_kernels.py); on CUDA tensors
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -351,6 +358,107 @@ def segment_sum(
     return out, sums
 
 
+@triton.jit
+def _dual_segment_sum_kernel(
+    grad_enc_ptr,
+    grad_bias_ptr,
+    grad_dec_ptr,
+    order_ptr,
+    offsets_ptr,
+    g_ptr,
+    acts_ptr,
+    x_ptr,
+    g_out_ptr,
+    g_aux_ptr,
+    D_IN,
+    D_OUT,
+    K,
+    K_ALL,
+    HAS_AUX_GRAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Row m of both weight gradients from the pairs that selected latent m (slots j < K: the top-k, whose
+    output gradient is g_out; j >= K: AuxK's, whose output gradient is g_aux)."""
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_enc, in_dec = cols < D_IN, cols < D_OUT
+    start = tl.load(offsets_ptr + m)
+    end = tl.load(offsets_ptr + m + 1)
+    acc_enc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_dec = tl.zeros([BLOCK_D], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        e_in = e < end
+        flat = tl.load(order_ptr + e, mask=e_in, other=0)  # position in the [N, K_ALL] selections
+        g = tl.load(g_ptr + flat, mask=e_in, other=0.0).to(tl.float32)
+        a = tl.load(acts_ptr + flat, mask=e_in, other=0.0).to(tl.float32)
+        tokens = flat // K_ALL
+        main = e_in & (flat % K_ALL < K)
+        aux = e_in & (flat % K_ALL >= K)
+        x = tl.load(
+            x_ptr + tokens[:, None] * D_IN + cols[None, :], mask=e_in[:, None] & in_enc[None, :], other=0.0
+        )
+        acc_enc += tl.sum(g[:, None] * x.to(tl.float32), axis=0)
+        rows = tokens[:, None] * D_OUT + cols[None, :]
+        up = tl.load(g_out_ptr + rows, mask=main[:, None] & in_dec[None, :], other=0.0).to(tl.float32)
+        if HAS_AUX_GRAD:  # else AuxK's output had no gradient: its slots add nothing to the decoder's
+            up += tl.load(g_aux_ptr + rows, mask=aux[:, None] & in_dec[None, :], other=0.0).to(tl.float32)
+        acc_dec += tl.sum(a[:, None] * up, axis=0)
+        g_acc += g
+    tl.store(grad_enc_ptr + m * D_IN + cols, acc_enc.to(grad_enc_ptr.dtype.element_ty), mask=in_enc)
+    tl.store(grad_dec_ptr + m * D_OUT + cols, acc_dec.to(grad_dec_ptr.dtype.element_ty), mask=in_dec)
+    if tl.program_id(1) == 0:
+        tl.store(grad_bias_ptr + m, tl.sum(g_acc).to(grad_bias_ptr.dtype.element_ty))
+
+
+def dual_segment_sum(
+    ids: Tensor,
+    g: Tensor,
+    acts: Tensor,
+    x: Tensor,
+    g_out: Tensor,
+    g_aux: Tensor | None,
+    k: int,
+    num_rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both weight gradients of the SAE step from one sort of the selected pairs ids [N, K_ALL] (the first k
+    slots the top-k, the rest AuxK's):
+        grad_enc[m] = sum over (t, j) with ids[t, j] = m of g[t, j] * x[t],   grad_bias[m] = the sum of g,
+        grad_dec[m] = the same sum of acts[t, j] * (g_out[t] if j < k else g_aux[t]),
+    in x's dtype (grad_enc, grad_bias) and g_out's (grad_dec); g_aux may be None when no slot is AuxK's."""
+    k_all = ids.shape[1]
+    d_in, d_out = x.shape[1], g_out.shape[1]
+    grad_enc = x.new_empty(num_rows, d_in)
+    grad_bias = x.new_empty(num_rows)
+    grad_dec = g_out.new_empty(num_rows, d_out)
+    # Stable: each latent's pairs are summed in (token, slot) order, the same on every run.
+    sorted_rows, order = torch.sort(ids.reshape(-1), stable=True)
+    offsets = torch.searchsorted(sorted_rows, torch.arange(num_rows + 1, device=ids.device))
+    g_out = g_out.contiguous()
+    _dual_segment_sum_kernel[(num_rows, triton.cdiv(max(d_in, d_out), BLOCKS["d"]))](
+        grad_enc,
+        grad_bias,
+        grad_dec,
+        order,
+        offsets,
+        g.contiguous(),
+        acts.contiguous(),
+        x.contiguous(),
+        g_out,
+        g_aux.contiguous() if g_aux is not None else g_out,
+        d_in,
+        d_out,
+        k,
+        max(k_all, 1),
+        HAS_AUX_GRAD=g_aux is not None,
+        BLOCK_E=BLOCKS["entries"],
+        BLOCK_D=BLOCKS["d"],
+    )
+    return grad_enc, grad_bias, grad_dec
+
+
 # -------------------------------------------------------------------------------------------- decoder step
 @triton.jit
 def _decoder_schedule_free_kernel(
@@ -390,8 +498,8 @@ def decoder_schedule_free_step(
     """One pass per decoder row of what the trainer does in three: remove the radial part of the gradient,
     take optim.ScheduleFreeAdam's step (c and bias2: that step's averaging weight and second-moment bias
     correction), renormalise the row; y, z and exp_avg_sq are updated in place, grad is left as it is.
-    fp32 rows of at most a few thousand columns (one row per program). Not wired into the trainer yet: it is
-    measured against the three torch passes first (issue 17)."""
+    fp32 rows of at most a few thousand columns (one row per program). The trainer calls it through
+    fused_optim.step_with_fused_decoder with --kernels triton."""
     check_device(y)
     if y.dtype != torch.float32 or not all(t.is_contiguous() for t in (y, grad, z, exp_avg_sq)):
         raise ConfigError("decoder_schedule_free_step takes contiguous float32 tensors")
@@ -411,6 +519,67 @@ def decoder_schedule_free_step(
         torch.finfo(y.dtype).eps,
         BLOCK_D=_pow2(d),
     )
+
+
+@triton.jit
+def _decoder_adam_kernel(
+    y_ptr, g_ptr, m_ptr, v_ptr, step_ptr, D, lr, beta1, beta2, eps, norm_eps, BLOCK_D: tl.constexpr
+):
+    offsets = tl.program_id(0).to(tl.int64) * D + tl.arange(0, BLOCK_D)
+    inside = tl.arange(0, BLOCK_D) < D
+    y = tl.load(y_ptr + offsets, mask=inside, other=0.0)
+    g = tl.load(g_ptr + offsets, mask=inside, other=0.0)
+    m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
+    # Adam's step count lives on the device (torch's fused Adam keeps it there): read, not synchronised.
+    t = tl.load(step_ptr).to(tl.float32) + 1.0
+    g -= tl.sum(g * y) * y  # the radial part of the gradient (the row is at unit norm)
+    m = m * beta1 + (1 - beta1) * g
+    v = v * beta2 + (1 - beta2) * g * g
+    bias1 = 1 - tl.exp(t * tl.log(beta1))
+    bias2 = 1 - tl.exp(t * tl.log(beta2))
+    y -= (lr / bias1) * m / (tl.sqrt(v) / tl.sqrt(bias2) + eps)
+    y = y / (tl.sqrt(tl.sum(y * y)) + norm_eps)
+    tl.store(y_ptr + offsets, y, mask=inside)
+    tl.store(m_ptr + offsets, m, mask=inside)
+    tl.store(v_ptr + offsets, v, mask=inside)
+
+
+@torch.no_grad()
+def decoder_adam_step(
+    y: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """torch.optim.Adam's step (no weight decay) for the decoder in one pass per row, with the radial-gradient
+    removal before it and the renormalisation after it; y, exp_avg and exp_avg_sq are updated in place and
+    `step` (Adam's step count, a one-element tensor on any device) is incremented."""
+    check_device(y)
+    if y.dtype != torch.float32 or not all(t.is_contiguous() for t in (y, grad, exp_avg, exp_avg_sq)):
+        raise ConfigError("decoder_adam_step takes contiguous float32 tensors")
+    rows, d = y.shape
+    _decoder_adam_kernel[(rows,)](
+        y,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step.to(y.device),
+        d,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        torch.finfo(y.dtype).eps,
+        BLOCK_D=_pow2(d),
+    )
+    step += 1
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -490,3 +659,90 @@ def sparse_decode(acts: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | 
         out = acts.new_zeros(acts.shape[0], weight.shape[1], dtype=weight.dtype)
         return out + bias if bias is not None else out
     return _TritonSparseDecode.apply(acts, indices, weight, bias)
+
+
+class SaeStep(NamedTuple):
+    out: Tensor  # [N, d_out] sum_j acts[t, j] W_dec[idx[t, j]] (no bias)
+    acts: Tensor  # [N, k]
+    indices: Tensor  # [N, k]
+    aux_out: Tensor  # [N, d_out] the same from AuxK's selections ([0, d_out] without AuxK)
+    aux_acts: Tensor  # [N, min(k_aux, M)] ([N, 0] without AuxK)
+    aux_indices: Tensor
+
+
+class _TritonEncodeDecode(torch.autograd.Function):
+    """Encoder, top-k and decoder in one Function, so that its backward can share one sort of the selected
+    pairs between the two weight gradients."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, w_dec, k, dead_mask, k_aux, compute_dtype):
+        dtype = compute_dtype if compute_dtype is not None else x.dtype
+        check_device(x, w_enc, w_dec)
+        pre = torch.addmm(b_enc.to(dtype), x.to(dtype), w_enc.to(dtype).t())
+        acts, idx, aux_acts, aux_idx = topk_relu(pre, k, dead_mask, k_aux)
+        del pre
+        acts, aux_acts = acts.to(x.dtype), aux_acts.to(x.dtype)
+        out = gather_sum(acts.to(w_dec.dtype), idx, w_dec)
+        has_aux = aux_idx.shape[1] > 0
+        aux_out = gather_sum(aux_acts.to(w_dec.dtype), aux_idx, w_dec) if has_aux else w_dec.new_empty(0, 0)
+        ctx.save_for_backward(x, w_enc, w_dec, idx, acts, aux_idx, aux_acts)
+        ctx.device_type = x.device.type
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return out, acts, idx, aux_out, aux_acts, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_out, g_acts, _g_idx, g_aux_out, g_aux_acts, _g_aux_idx):
+        with _autocast_off(ctx.device_type):  # as the torch path: gradients in the parameters' dtype
+            x, w_enc, w_dec, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
+            n, k = idx.shape
+            has_aux = aux_idx.shape[1] > 0
+            g_out = w_dec.new_zeros(n, w_dec.shape[1]) if g_out is None else g_out.to(w_dec.dtype)
+            # The latents' gradients: the decoder's (row dots) plus any gradient the caller put on the acts.
+            g_lat = row_dots(g_out, idx, w_dec)
+            if g_acts is not None:
+                g_lat += g_acts
+            g_aux_out = g_aux_out.to(w_dec.dtype) if has_aux and g_aux_out is not None else None
+            g_aux_lat = (
+                row_dots(g_aux_out, aux_idx, w_dec)
+                if g_aux_out is not None
+                else aux_acts.new_zeros(aux_acts.shape)
+            )
+            if g_aux_acts is not None:
+                g_aux_lat = g_aux_lat + g_aux_acts
+            # ReLU: latents whose value was clamped to 0 pass no gradient to the encoder.
+            g = torch.cat([g_lat * (acts > 0), g_aux_lat * (aux_acts > 0)], dim=1).to(w_enc.dtype)
+            ids = torch.cat([idx, aux_idx], dim=1)
+            vals = torch.cat([acts, aux_acts], dim=1).to(w_dec.dtype)
+            grad_x = gather_sum(g, ids, w_enc).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w_enc = grad_b_enc = grad_w_dec = None
+            if any(ctx.needs_input_grad[1:4]):
+                grad_w_enc, grad_b_enc, grad_w_dec = dual_segment_sum(
+                    ids, g, vals, x.to(w_enc.dtype), g_out, g_aux_out, k, w_enc.shape[0]
+                )
+            return (
+                grad_x,
+                grad_w_enc if ctx.needs_input_grad[1] else None,
+                grad_b_enc if ctx.needs_input_grad[2] else None,
+                grad_w_dec if ctx.needs_input_grad[3] else None,
+                None,
+                None,
+                None,
+                None,
+            )
+
+
+def encode_decode(
+    x: Tensor,
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+    compute_dtype: torch.dtype | None = None,
+) -> SaeStep:
+    """topk_encode, then sparse_decode of its top-k and of its AuxK selections (without bias), with one fused
+    backward: no N x k x d intermediate, and one sort of the selected pairs for both weight gradients."""
+    compute_dtype = autocast_compute_dtype(x.device.type, compute_dtype)
+    with _autocast_off(x.device.type):
+        return SaeStep(*_TritonEncodeDecode.apply(x, w_enc, b_enc, w_dec, k, dead_mask, k_aux, compute_dtype))

@@ -21,12 +21,14 @@ if not ON_GPU and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # left set: triton's lazily imported parts assert it stays so
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' on Linux)")
 
-from sae_core import Sae, SaeConfig, TrainConfig, kernels  # noqa: E402
+from sae_core import Sae, SaeConfig, SaeTrainer, TrainConfig, kernels  # noqa: E402
 from sae_core import triton_kernels as tk  # noqa: E402
 from sae_core.errors import ConfigError  # noqa: E402
-from sae_core.optim import ScheduleFreeAdam  # noqa: E402
+from sae_core.fused_optim import fused_decoder_kernels, step_with_fused_decoder  # noqa: E402
+from sae_core.optim import SaeOptimizer, ScheduleFreeAdam  # noqa: E402
 from sae_core.run import parse_run_config  # noqa: E402
-from tests.support.tiny import child_env  # noqa: E402
+from tests.support.tiny import child_env, tiny_model  # noqa: E402
+from tests.support.training import Tok, params, token_data  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # False where triton was imported before this module without the interpreter (then only the fresh-process
@@ -193,6 +195,72 @@ def test_topk_encode_forward_and_backward_match_torch(compute_dtype):
         torch.testing.assert_close(got[name], ref[name], **TOL[torch.float32], msg=name)
 
 
+def encode_decode_results(fused: bool, leaves, k, dead, k_aux, compute_dtype, weights, use_aux_out=True):
+    """Outputs and gradients of encode + decode (+ AuxK's decode) under a loss weighing each output and each
+    latent's activation by its index (so that the order of the selections does not matter)."""
+    x, w_enc, b_enc, w_dec = (t.detach().clone().requires_grad_() for t in leaves)
+    up, up_aux, per_latent, per_aux_latent = weights
+    if fused:
+        step = tk.encode_decode(x, w_enc, b_enc, w_dec, k, dead, k_aux, compute_dtype)
+        out, acts, idx, aux_out, aux_acts, aux_idx = step
+    else:
+        enc = kernels.topk_encode(x, w_enc, b_enc, k, dead.nonzero().squeeze(1), k_aux, compute_dtype)
+        acts, idx, aux_acts, aux_idx = enc
+        out = kernels.sparse_decode(acts, idx, w_dec)
+        aux_out = kernels.sparse_decode(aux_acts, aux_idx, w_dec) if aux_idx.shape[1] else None
+    loss = (out * up).sum() + (acts * per_latent[idx]).sum() + (aux_acts * per_aux_latent[aux_idx]).sum()
+    if aux_out is not None and use_aux_out:
+        loss = loss + (aux_out * up_aux).sum()
+    loss.backward()
+    if aux_out is None:  # the torch path has no AuxK slot without dead latents: the same as a zero output
+        aux_out = torch.zeros_like(out)
+    return {
+        "out": out,
+        "aux_out": aux_out,
+        **{f"grad_{i}": t.grad for i, t in enumerate((x, w_enc, b_enc, w_dec))},
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "compute_dtype, n_dead, d_out",
+    [(None, 20, 19), (None, 0, 19), (None, 3, 11), (torch.bfloat16, 20, 19)],
+    ids=["fp32", "fp32-no-dead", "fp32-few-dead-transcoder", "bf16"],
+)
+def test_fused_backward_matches_torch_encode_then_decode(compute_dtype, n_dead, d_out):
+    """One fused backward (both weight gradients from one sort, the input gradient, the latents' gradients)
+    against the torch encoder and decoder: AuxK with more dead latents than k_aux, none, and fewer than k_aux
+    (the Triton AuxK slots beyond them hold 0); a transcoder's output width; uneven tiles everywhere."""
+    g = generator(7)
+    n, d, m, k, k_aux = 5, 19, 37, 4, 6
+    leaves = (randn(n, d, g=g), randn(m, d, g=g), randn(m, g=g), randn(m, d_out, g=g))
+    dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    dead[torch.randperm(m, generator=g).to(DEVICE)[:n_dead]] = True
+    weights = (randn(n, d_out, g=g), randn(n, d_out, g=g), randn(m, g=g), randn(m, g=g))
+    ref = encode_decode_results(False, leaves, k, dead, k_aux, compute_dtype, weights)
+    got = encode_decode_results(True, leaves, k, dead, k_aux, compute_dtype, weights)
+    for name, want in ref.items():
+        assert got[name].dtype == want.dtype, name
+        torch.testing.assert_close(got[name], want, **TOL[torch.float32], msg=name)
+    assert (got["aux_out"].abs().sum() > 0) == (n_dead > 0)
+
+
+@needs_kernels
+def test_fused_backward_without_a_gradient_on_auxk_output():
+    """AuxK selected latents, but the loss does not use its reconstruction (only its activations): AuxK's
+    slots must add nothing to the decoder's gradient."""
+    g = generator(9)
+    n, d, m, k, k_aux = 5, 19, 37, 4, 6
+    leaves = (randn(n, d, g=g), randn(m, d, g=g), randn(m, g=g), randn(m, d, g=g))
+    dead = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    dead[torch.randperm(m, generator=g).to(DEVICE)[:20]] = True
+    weights = (randn(n, d, g=g), randn(n, d, g=g), randn(m, g=g), randn(m, g=g))
+    ref = encode_decode_results(False, leaves, k, dead, k_aux, None, weights, use_aux_out=False)
+    got = encode_decode_results(True, leaves, k, dead, k_aux, None, weights, use_aux_out=False)
+    for name, want in ref.items():
+        torch.testing.assert_close(got[name], want, **TOL[torch.float32], msg=name)
+
+
 @needs_kernels
 @pytest.mark.parametrize("n_dead", [0, 3])
 def test_sae_step_with_triton_kernels_matches_torch(n_dead, monkeypatch):
@@ -256,6 +324,78 @@ def test_fused_decoder_step_matches_radial_removal_schedule_free_adam_and_renorm
         torch.testing.assert_close(y, w.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(z, opt.state[w]["z"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v, opt.state[w]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+def unit_rows(m, d, g):
+    w = randn(m, d, g=g)
+    return w / w.norm(dim=1, keepdim=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("optimizer", ["schedule_free_adam", "adam"])
+def test_step_with_fused_decoder_matches_the_torch_optimizer_step(optimizer):
+    """fused_optim.step_with_fused_decoder against what the trainer's torch path does (radial removal, the
+    optimizer's step, renormalisation) over three steps; the other parameters take the torch step; the state
+    keeps torch's layout."""
+    g = generator(8)
+    m, d = 6, 19
+    start = {"W_dec": unit_rows(m, d, g), "b_dec": randn(d, g=g)}
+    grads = [{name: randn(*t.shape, g=g) for name, t in start.items()} for _ in range(3)]
+    results = []
+    for fused in (False, True):
+        sae = torch.nn.Module()
+        sae.W_dec, sae.b_dec = (torch.nn.Parameter(start[name].clone()) for name in ("W_dec", "b_dec"))
+        sae.unit_norm_decoder, sae.cfg = True, SaeConfig(kernels="triton" if fused else "torch")
+        opt = SaeOptimizer(optimizer, sae, lr=0.05)
+        assert (fused_decoder_kernels(sae, opt) is not None) == fused
+        for step_grads in grads:
+            for name, grad in step_grads.items():
+                getattr(sae, name).grad = grad.clone()
+            if fused:
+                step_with_fused_decoder(opt, sae.W_dec, tk)
+            else:
+                sae.W_dec.grad -= (sae.W_dec.grad * sae.W_dec).sum(1, keepdim=True) * sae.W_dec.detach()
+                opt.step()
+                with torch.no_grad():
+                    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+            opt.zero_grad()
+        results.append((sae, opt.state_dict()))
+    (ref, ref_state), (got, got_state) = results
+    for name in ("W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+    for i, state in ref_state["state"].items():
+        assert got_state["state"][i].keys() == state.keys()
+        for key, value in state.items():
+            torch.testing.assert_close(got_state["state"][i][key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@needs_kernels
+def test_training_with_triton_kernels_gives_the_torch_weights(tmp_path, monkeypatch):
+    """Three trainer steps on a tiny model (schedule-free Adam, the default; AuxK on from the second step)
+    with --kernels triton (the fused encode/decode backward and the fused decoder step) end at the weights
+    --kernels torch reaches (Adam's: test_step_with_fused_decoder_matches_the_torch_optimizer_step).
+    """
+    for name, size in {"tokens": 16, "d": 32, "slots": 8, "entries": 16, "latents": 128}.items():
+        monkeypatch.setitem(tk.BLOCKS, name, size)  # the interpreter's cost is per program: few, large tiles
+    weights, metrics = [], []
+    for kernels_setting in ("torch", "triton"):
+        cfg = TrainConfig(
+            SaeConfig(expansion_factor=4, k=4, kernels=kernels_setting),
+            batch_size=2,
+            lr_warmup_steps=1,
+            save_dir=str(tmp_path),
+            run_name=kernels_setting,
+        )
+        data = token_data(n_seq=16, seq_len=8)  # 14 tokens a step (BOS excluded): 42 top-k programs in all
+        model = tiny_model(n_layers=1).to(DEVICE)  # the trainer follows the model's device
+        trainer = SaeTrainer(cfg, data, model, tokenizer=Tok(), progress=False)
+        metrics.append(trainer.fit(max_steps=3))
+        weights.append(params(trainer))
+    assert metrics[1]["auxk/layers.0"] > 0 and metrics[1]["skipped_steps"] == 0
+    torch.testing.assert_close(metrics[1]["fvu/layers.0"], metrics[0]["fvu/layers.0"], rtol=1e-5, atol=0)
+    assert weights[0].keys() == weights[1].keys()
+    for name, ref in weights[0].items():
+        torch.testing.assert_close(weights[1][name], ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ errors
