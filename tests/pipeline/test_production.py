@@ -7,7 +7,8 @@ a real torchrun of tests.support.fake_rank, which logs when it starts and ends. 
 
 - the instance deploy/dagster.yaml describes (storage, run queue and limits, pools, monitoring, retries,
   retention, compute logs, telemetry) is what Dagster loads;
-- a backfill of 2 partitions with the `gpu` pool at 1 slot never has two trainings at once;
+- (a backfill with the `gpu` pool at 1 slot, 2 models x 3 strides under `dagster dev` on this instance:
+  tests/pipeline/test_gpu_pool.py)
 - a run whose worker is killed while it holds the slot frees it (run monitoring), the queued run then gets it,
   and the crashed run is retried (run_retries);
 - PostgreSQL restarted while a training runs: the run goes on and its record is complete.
@@ -49,14 +50,6 @@ FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.Dagster
 
 LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries {
   name locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
-BACKFILL = """
-mutation Backfill($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message stack }
-  }
-}"""
 LAUNCH_RUN = """
 mutation Launch($params: ExecutionParams!) {
   launchRun(executionParams: $params) {
@@ -263,30 +256,6 @@ def assert_one_at_a_time(spans: list[tuple[float, float]]) -> None:
     ordered = sorted(spans)
     for (_, end), (next_start, _) in zip(ordered, ordered[1:]):
         assert end <= next_start, f"two trainings at once: {ordered}"
-
-
-def test_a_backfill_with_one_gpu_slot_trains_one_partition_at_a_time(services):
-    params = {
-        "partitionNames": [f"{MODEL}|1", f"{MODEL}|2"],
-        "assetSelection": [{"path": ["sae_checkpoints"]}],
-    }
-    launched = graphql(services.url, BACKFILL, {"params": params})["launchPartitionBackfill"]
-    assert launched["__typename"] == "LaunchBackfillSuccess", launched
-    backfill = launched["backfillId"]
-
-    runs = wait_for_runs(services, dg.RunsFilter(tags={"dagster/backfill": backfill}), 2, timeout_s=240)
-    # One run per partition, tagged with it (so the per-partition run limit of dagster.yaml applies).
-    assert sorted(r.tags.get("dagster/partition", "") for r in runs) == [f"{MODEL}|1", f"{MODEL}|2"], [
-        r.tags for r in runs
-    ]
-    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), services.log_tail()
-    spans = list(trainings(services.rank_events()).values())
-    assert len(spans) == 2 and all(end is not None for _, end in spans), spans
-    # Each fake training lasts 4 s, both runs were launched together, and still they never overlapped.
-    assert_one_at_a_time(spans)
-    with services.instance() as instance:
-        info = instance.event_log_storage.get_concurrency_info("gpu")
-    assert info.slot_count == 1 and not info.claimed_slots
 
 
 def launch_training(

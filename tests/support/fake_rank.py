@@ -4,7 +4,8 @@ It runs inside sae_pipeline.rank_entry.main (parent-death signal, failure record
 trains nothing: it logs when it starts and ends, sleeps, and rank 0 reports a materialization. What it does
 comes from the environment, so a test can set it per launch through the launcher's `extra_env`:
 
-    FAKE_RANK_DIR      folder for its records: events.jsonl (start/end of every rank), launches-<stride>
+    FAKE_RANK_DIR      folder for its records: events.jsonl (start/end of every rank, with the model and
+                       stride it trains), launches-<stride> (the torchrun of every launch at that stride)
     FAKE_RANK_SLEEP_S  seconds to "train" (default 1)
     FAKE_RANK_FIRST_SLEEP_S  seconds on the partition's first launch instead (default FAKE_RANK_SLEEP_S)
     FAKE_RANK_MODE     ok | python-error (rank 1 raises) | killed-once (rank 1 SIGKILLs itself on the
@@ -29,8 +30,10 @@ def fake_train(argv: list[str], pipes: Any | None) -> None:
     mode = os.environ.get("FAKE_RANK_MODE", "ok")
     rank = int(os.environ.get("RANK", "0"))
     stride = argv[argv.index("--layer_stride") + 1] if "--layer_stride" in argv else "?"
+    # The training step saves into <root>/runs/<model>/stride-<s>: --save_dir names the model.
+    model = Path(argv[argv.index("--save_dir") + 1]).name if "--save_dir" in argv else "?"
     attempt = _attempt(folder / f"launches-{stride}")
-    _record(folder, {"event": "start", "rank": rank, "stride": stride, "attempt": attempt})
+    _record(folder, {"event": "start", "rank": rank, "model": model, "stride": stride, "attempt": attempt})
     first = attempt == 1
     if mode == "python-error" and rank == 1:
         raise RuntimeError("a bug in the training code")
@@ -40,7 +43,7 @@ def fake_train(argv: list[str], pipes: Any | None) -> None:
         _collective_timeout(rank)
     sleep_s = os.environ.get("FAKE_RANK_SLEEP_S", "1")
     time.sleep(float(os.environ.get("FAKE_RANK_FIRST_SLEEP_S", sleep_s) if first else sleep_s))
-    _record(folder, {"event": "end", "rank": rank, "stride": stride, "attempt": attempt})
+    _record(folder, {"event": "end", "rank": rank, "model": model, "stride": stride, "attempt": attempt})
     if pipes is not None:
         pipes.report_asset_materialization(metadata={"fake": True, "attempt": attempt})
 
