@@ -136,8 +136,9 @@ def check_gpu_limits(manifest: Mapping[str, Any], gpus: int) -> None:
         raise ConfigError(f"pod manifest: {GPU_RESOURCE} limit {limit!r} is not a whole number") from None
     if granted < gpus:
         what = "no" if limit is None else f"a {granted}-GPU"
+        asked = f"{gpus} GPU" + ("s" if gpus > 1 else "")
         raise ConfigError(
-            f"pod manifest: the launcher asks for {gpus} GPUs but container {CONTAINER_NAME!r} has {what} "
+            f"pod manifest: the launcher asks for {asked} but container {CONTAINER_NAME!r} has {what} "
             f"{GPU_RESOURCE} limit; set resources.limits.{GPU_RESOURCE}: {gpus} "
             "(or launch on CPUs with gpus: false)"
         )
