@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -45,6 +44,7 @@ from tests.support.pipeline import (
 )
 from tests.support.processes import (
     free_port,
+    graphql,
     start_dagster_dev,
     training_processes,
     wait_until_gone,
@@ -82,15 +82,6 @@ query Status($runId: ID!) {
 }"""
 LOCATIONS = "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }"
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-def graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        answer = json.load(response)
-    assert "errors" not in answer, answer
-    return answer["data"]
 
 
 def run_status(url: str, run_id: str) -> str:

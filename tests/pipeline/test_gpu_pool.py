@@ -24,7 +24,13 @@ import yaml
 
 from tests.support.browser import stop_process_group
 from tests.support.pipeline import tiny_entry, write_registry
-from tests.support.processes import free_port, start_dagster_dev, training_processes, wait_until_serving
+from tests.support.processes import (
+    free_port,
+    graphql,
+    start_dagster_dev,
+    training_processes,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -43,15 +49,6 @@ mutation Backfill($params: LaunchBackfillParams!) {
     ... on PythonError { message stack }
   }
 }"""
-
-
-def graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        answer = json.load(response)
-    assert "errors" not in answer, answer
-    return answer["data"]
 
 
 def wait_for_location(url: str, log: Path, timeout_s: float = 120) -> None:

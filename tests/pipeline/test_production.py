@@ -34,7 +34,7 @@ import pytest
 
 from tests.support.browser import stop_process_group
 from tests.support.pipeline import MODEL, tiny_entry, write_registry
-from tests.support.processes import free_port, training_processes, wait_until_serving
+from tests.support.processes import free_port, graphql, training_processes, wait_until_serving
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -120,18 +120,6 @@ def unit_command(unit: str, env: dict[str, str], replace: dict[str, str]) -> lis
     assert executable.startswith(VENV_BIN), executable
     args = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in args]
     return [*EXECUTABLES[executable.removeprefix(VENV_BIN)], *(replace.get(a, a) for a in args)]
-
-
-def graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.load(response)
-    except urllib.error.HTTPError as error:
-        raise AssertionError(f"{error}: {error.read().decode(errors='replace')[:3000]}") from None
-    assert "errors" not in answer, answer
-    return answer["data"]
 
 
 @dataclass

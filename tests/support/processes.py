@@ -1,5 +1,6 @@
 """Finding and waiting for the processes a test started: `dagster dev` and training ranks."""
 
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    """POST a query to the Dagster webserver at `url`; its `data`, asserting no GraphQL errors (an HTTP error
+    is raised with the body the server sent)."""
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"{error}: {error.read().decode(errors='replace')[:3000]}") from None
+    assert "errors" not in answer, answer
+    return answer["data"]
 
 
 def start_dagster_dev(
