@@ -57,15 +57,12 @@ def step_with_fused_decoder(optimizer: SaeOptimizer, w_dec: Tensor, kernels: Mod
     finally:
         w_dec.grad = grad
     part, group = _owner(optimizer, w_dec)
-    state = part.state[w_dec]
     beta1, beta2 = group["betas"]
     grad = grad.contiguous()
     if isinstance(part, ScheduleFreeAdam):
         # The group's bookkeeping (steps, lr_max, weight_sum) was advanced by the step above.
-        if not state:
-            state["z"] = w_dec.detach().clone()
-            state["exp_avg_sq"] = torch.zeros_like(w_dec)
-        c = group["lr_max"] ** 2 / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+        state = part.param_state(w_dec)
+        c, bias2 = part.step_coefficients(group)
         kernels.decoder_schedule_free_step(
             w_dec.data,
             grad,
@@ -76,9 +73,10 @@ def step_with_fused_decoder(optimizer: SaeOptimizer, w_dec: Tensor, kernels: Mod
             beta2=beta2,
             eps=group["eps"],
             c=c,
-            bias2=1 - beta2 ** group["steps"],
+            bias2=bias2,
         )
         return
+    state = part.state[w_dec]
     if not state:  # torch's own lazy initialisation: the step count on the device for its fused Adam
         on_device = group["fused"] or group["capturable"]
         state["step"] = torch.zeros((), dtype=torch.float32, device=w_dec.device if on_device else "cpu")

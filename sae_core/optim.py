@@ -125,20 +125,31 @@ class ScheduleFreeAdam(optim.Optimizer):
             group["lr_max"] = max(group["lr_max"], lr)
             weight = group["lr_max"] ** 2
             group["weight_sum"] += weight
-            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
-            bias2 = 1 - beta2 ** group["steps"]
+            c, bias2 = self.step_coefficients(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["z"] = p.detach().clone()
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state = self.param_state(p)
                 z, v = state["z"], state["exp_avg_sq"]
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 u = p.grad / (v / bias2).sqrt_().add_(group["eps"])
                 p.lerp_(z, c).add_(u, alpha=lr * (beta1 * (1 - c) - 1))
                 z.add_(u, alpha=-lr)
+
+    @staticmethod
+    def step_coefficients(group: dict) -> tuple[float, float]:
+        """(c, bias2) of the step the group's bookkeeping was last advanced to (`step` advances it): the
+        weight of the new z in the average, and the second moment's bias correction 1 - beta2^t."""
+        c = group["lr_max"] ** 2 / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+        return c, 1 - group["betas"][1] ** group["steps"]
+
+    def param_state(self, p: Tensor) -> dict:
+        """p's state (z and the second moment), created at p's first step: z starts at p."""
+        state = self.state[p]
+        if not state:
+            state["z"] = p.detach().clone()
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
 
     @torch.no_grad()
     def average(self, p: Tensor) -> Tensor:
