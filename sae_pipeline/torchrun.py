@@ -232,7 +232,7 @@ def _run_in_pipes_session(
             finally:
                 stderr_tail.join(timeout=10)
             if returncode != 0:
-                raise _launch_failure(returncode, command, error_dir, stderr_tail.lines(), what)
+                raise launch_failure(returncode, command, rank_errors(error_dir), stderr_tail.lines(), what)
         return session
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
@@ -365,12 +365,6 @@ def rank_errors(error_dir: Path) -> list[tuple[int, str]]:
     return [(rank, text) for _, rank, text in sorted(found)]
 
 
-def _launch_failure(
-    returncode: int, command: Sequence[str], error_dir: Path, stderr_tail: list[str], what: str = "training"
-) -> dg.Failure:
-    return launch_failure(returncode, command, rank_errors(error_dir), stderr_tail, what)
-
-
 def launch_failure(
     returncode: int | None,
     command: Sequence[str],
@@ -385,12 +379,13 @@ def launch_failure(
     given the ranks' recorded `errors` (earliest first) and the end of its output. A backend that knows more
     (a pod's OOMKilled, an eviction) passes its own `diagnosis` and says how the launch `ended`; it may not
     know the returncode (None: the pod was evicted before its container ended)."""
-    if diagnosis is None or ended is None:
-        if returncode is None:
-            raise ValueError("launch_failure: without a returncode, pass the diagnosis and how it ended")
-        diagnosis = diagnosis or diagnose_launch_failure(returncode, errors, stderr_tail)
+    if returncode is None and (diagnosis is None or ended is None):
+        raise ValueError("launch_failure: without a returncode, pass the diagnosis and how it ended")
+    if ended is None:
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-        ended = ended or f"torchrun ended with {how}"
+        ended = f"torchrun ended with {how}"
+    if diagnosis is None:
+        diagnosis = diagnose_launch_failure(returncode, errors, stderr_tail)
     if errors:
         rank, text = errors[0]
         others = [r for r, _ in errors[1:]]

@@ -38,7 +38,7 @@ from sae_pipeline.k8s_launcher import (
     pod_failure,
 )
 from sae_pipeline.resources import K8sLauncher, TorchrunLauncher
-from sae_pipeline.torchrun import RANK_ERRORS_ENV, _launch_failure, rank_errors
+from sae_pipeline.torchrun import RANK_ERRORS_ENV, launch_failure, rank_errors
 from tests.support.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -314,7 +314,7 @@ def test_a_container_exit_fails_the_step_as_the_same_torchrun_exit_would(
         (tmp_path / f"rank{rank}.txt").write_text(text)
     command = ["python", "-m", "torch.distributed.run"]
     from_pod = pod_failure(pod(**status), rank_errors(tmp_path), tail, command)
-    from_torchrun = _launch_failure(torchrun_returncode, command, tmp_path, tail)
+    from_torchrun = launch_failure(torchrun_returncode, command, rank_errors(tmp_path), tail)
     assert verdict(from_pod) == verdict(from_torchrun)
     assert from_pod.metadata["exit_code"].value == torchrun_returncode
     assert (
