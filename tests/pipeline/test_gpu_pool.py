@@ -10,12 +10,9 @@ the backfill daemon submits all its runs, and the run queue and the pool alone k
 killed run freeing its slot, on the production services: tests/pipeline/test_production.py.)
 """
 
-import contextlib
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -29,6 +26,7 @@ from tests.support.processes import (
     graphql,
     start_dagster_dev,
     training_processes,
+    wait_for_code_location,
     wait_until_serving,
 )
 
@@ -39,8 +37,6 @@ STRIDES = ("1", "2", "4")  # the stride partitions of the code location ($SAE_PI
 PARTITIONS = sorted(f"{model}|{stride}" for model in MODELS for stride in STRIDES)
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
-LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries {
-  name locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 BACKFILL = """
 mutation Backfill($params: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $params) {
@@ -49,17 +45,6 @@ mutation Backfill($params: LaunchBackfillParams!) {
     ... on PythonError { message stack }
   }
 }"""
-
-
-def wait_for_location(url: str, log: Path, timeout_s: float = 120) -> None:
-    """Wait until the webserver has loaded the code location (it may serve before the location loads)."""
-    deadline = time.monotonic() + timeout_s
-    entry: dict = {}
-    while (entry.get("locationOrLoadError") or {}).get("__typename") != "RepositoryLocation":
-        assert time.monotonic() < deadline, (entry, log.read_text()[-5000:])
-        time.sleep(0.5)
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            [entry] = graphql(url, LOCATION)["workspaceOrError"]["locationEntries"]
 
 
 def rank_zero_spans(records: Path) -> dict[int, dict]:
@@ -111,7 +96,7 @@ def test_a_backfill_of_two_models_by_three_strides_with_one_gpu_slot_trains_one_
         left: list[str] = []
         try:
             wait_until_serving(server, url, log)
-            wait_for_location(url, log)
+            wait_for_code_location(url, [log])
             params = {"partitionNames": PARTITIONS, "assetSelection": [{"path": ["sae_checkpoints"]}]}
             launched = graphql(url, BACKFILL, {"params": params})["launchPartitionBackfill"]
             assert launched["__typename"] == "LaunchBackfillSuccess", launched

@@ -23,8 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,13 @@ import pytest
 
 from tests.support.browser import stop_process_group
 from tests.support.pipeline import MODEL, tiny_entry, write_registry
-from tests.support.processes import free_port, graphql, training_processes, wait_until_serving
+from tests.support.processes import (
+    free_port,
+    graphql,
+    training_processes,
+    wait_for_code_location,
+    wait_until_serving,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +52,6 @@ EXECUTABLES = {
 }
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
-LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries {
-  name locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 LAUNCH_RUN = """
 mutation Launch($params: ExecutionParams!) {
   launchRun(executionParams: $params) {
@@ -191,14 +193,8 @@ def services(postgres, tmp_path_factory, tiny_model_dir, corpus_file):
                 started.append(start_service(unit_command(f"{unit}.service", env, replace), env, logs[-1]))
             url = f"http://127.0.0.1:{web_port}"
             wait_until_serving(started[-1], url, logs[-1])
-            deadline = time.monotonic() + 120
             # The webserver may start before the code server serves: it reloads the location when it does.
-            entry: dict = {}
-            while (entry.get("locationOrLoadError") or {}).get("__typename") != "RepositoryLocation":
-                assert time.monotonic() < deadline, (entry, logs)
-                time.sleep(1)
-                with contextlib.suppress(urllib.error.URLError, OSError):
-                    [entry] = graphql(url, LOCATION)["workspaceOrError"]["locationEntries"]
+            wait_for_code_location(url, logs)
             yield Services(url, home, root, records, registry, env, logs, shared)
         finally:
             left = [line for server in reversed(started) for line in stop_process_group(server)]

@@ -1,5 +1,6 @@
 """Finding and waiting for the processes a test started: `dagster dev` and training ranks."""
 
+import contextlib
 import json
 import os
 import socket
@@ -32,6 +33,22 @@ def graphql(url: str, query: str, variables: dict | None = None) -> dict:
         raise AssertionError(f"{error}: {error.read().decode(errors='replace')[:3000]}") from None
     assert "errors" not in answer, answer
     return answer["data"]
+
+
+CODE_LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries {
+  name locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def wait_for_code_location(url: str, logs: list[Path], timeout_s: float = 120) -> None:
+    """Wait until the webserver at `url` has loaded its one code location (it may serve before the location
+    loads, e.g. before a separate code server is up); on a timeout, show the end of each of `logs`."""
+    deadline = time.monotonic() + timeout_s
+    entry: dict = {}
+    while (entry.get("locationOrLoadError") or {}).get("__typename") != "RepositoryLocation":
+        assert time.monotonic() < deadline, (entry, [log.read_text()[-5000:] for log in logs if log.exists()])
+        time.sleep(0.5)
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            [entry] = graphql(url, CODE_LOCATION)["workspaceOrError"]["locationEntries"]
 
 
 def start_dagster_dev(
